@@ -1,0 +1,200 @@
+"""Run configuration: YAML in, validated pydantic objects out.
+
+Everything is checked before any work starts: unknown keys, wrong types,
+impossible values and unknown teacher types are reported together with the
+path of the offending key (``teachers.0.image_size: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from labelmill.teachers.base import TeacherConfig, config_hash, validate_teacher_config
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputConfig(_Strict):
+    shards: str | list[str] = Field(
+        description="folder, glob, brace pattern, s3://bucket/prefix, or a list of those"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options, e.g. {endpoint_url: http://host:9000} for S3; credentials come "
+        "from the standard AWS chain unless given here",
+    )
+    max_image_pixels: int = Field(default=90_000_000, gt=0, description="decompression-bomb guard")
+    samples_per_block: int = Field(default=64, gt=0, description="rows per block the reader emits")
+
+
+class OutputConfig(_Strict):
+    path: str = Field(description="output folder (local or s3://)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    commit_every_shards: int = Field(default=4, gt=0, description="shards per atomic commit")
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        default=None, description="cluster address; default: $RAY_ADDRESS, else an embedded local Ray"
+    )
+    num_cpus: float | None = Field(default=None, gt=0, description="CPUs of the embedded local Ray")
+    teacher_actors: int | None = Field(default=None, gt=0, description="label actors; default: one per GPU, else 1")
+    gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 if the cluster has GPUs, else 0")
+    cpus_per_actor: float | None = Field(default=None, gt=0, description="CPU reservation of a label actor")
+    torch_threads: int | None = Field(default=None, gt=0, description="intra-op threads in a label actor")
+    batch_size: int = Field(default=32, gt=0, description="images per teacher forward")
+    read_cpus: float = Field(default=0.25, gt=0)
+    decode_cpus: float = Field(default=0.25, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FilterConfig(_Strict):
+    min_score: float = Field(default=0.0, ge=0, le=1)
+    per_class_min_score: dict[str, float] = Field(default_factory=dict)
+    min_area: float = Field(default=0.0, ge=0, description="minimum mask (or box) area in pixels")
+    max_labels_per_image: int | None = Field(default=None, gt=0)
+
+    @field_validator("per_class_min_score")
+    @classmethod
+    def _scores_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"thresholds must lie in [0, 1]: {bad}")
+        return value
+
+
+class RunConfig(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    teachers: list[SerializeAsAny[TeacherConfig]] = Field(min_length=1)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    allow_random_init: bool = Field(
+        default=False,
+        description="only the demo sets this; labels then record weights_sha256=random-init",
+    )
+    progress_interval_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("teachers", mode="before")
+    @classmethod
+    def _teachers(cls, value: Any) -> list[TeacherConfig]:
+        if not isinstance(value, list):
+            raise ValueError("teachers must be a list")
+        out = []
+        for i, section in enumerate(value):
+            if isinstance(section, TeacherConfig):
+                out.append(section)
+                continue
+            try:
+                out.append(validate_teacher_config(section))
+            except ValidationError as exc:
+                raise ValueError(_format_errors(exc, prefix=f"teachers.{i}")) from None
+            except ValueError as exc:
+                raise ValueError(f"teachers.{i}: {exc}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        names = [t.instance_name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique; give 'name' to tell apart {dupes}")
+        return self
+
+    def label_hash(self) -> str:
+        """Hash of everything that decides the labels (not where they go or how fast)."""
+        return config_hash(
+            {
+                "teachers": [t.model_dump(mode="json") for t in self.teachers],
+                "filter": self.filter.model_dump(mode="json"),
+                "max_image_pixels": self.input.max_image_pixels,
+                "allow_random_init": self.allow_random_init,
+            }
+        )
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        path = ".".join(p for p in (prefix, loc) if p)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.0.c=value`` -> (["a", "b", "0", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    path, _, raw = text.partition("=")
+    parts = [p for p in path.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            idx = _list_index(node, part, parts)
+            node = node[idx]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _list_index(node: list, part: str, parts: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {'.'.join(parts)}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config.  Raises :class:`ConfigError`."""
+    if isinstance(source, dict):
+        data = yaml.safe_load(yaml.safe_dump(source))  # deep copy
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping at the top level")
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(data, parts, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

@@ -1,0 +1,129 @@
+"""Image decoding that never surprises: every odd file becomes RGB or a reason.
+
+Handled: JPEG (with DCT-domain downscaling when the target is small), PNG,
+WebP, GIF/BMP/TIFF; greyscale, palette, CMYK, 16-bit and float images;
+alpha (composited over white); EXIF orientation; and a pixel-count guard
+against decompression bombs that is checked from the header, before any
+pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from labelmill.teachers.base import ImageRequest
+
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message is the reason."""
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray                 # (h, w, 3) uint8, the working-size image
+    orig_hw: tuple[int, int]           # original size after EXIF rotation
+    warnings: list[str] = field(default_factory=list)
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode == "F":
+            top = 1.0 if float(np.nanmax(arr, initial=0)) <= 1.0 else 255.0
+            arr = np.nan_to_num(arr) * (255.0 / top)
+        elif arr.dtype != np.uint8 and int(arr.max(initial=0)) > 255:
+            arr = arr.astype(np.float64) / 257.0
+        notes.append(f"{mode} image scaled to 8 bits")
+        grey = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode in ("P", "L", "RGB") and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append("alpha composited over white")
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def decode_image(data: bytes | None, request: ImageRequest, max_pixels: int) -> DecodedImage:
+    """Decode ``data`` to RGB at the resolution ``request`` asks for (never enlarged)."""
+    if not data:
+        raise ImageDecodeError("empty image file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"undecodable image: not a recognised format ({len(data)} bytes)") from None
+    except Exception as exc:
+        raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image too large: {width}x{height} = {width * height} pixels > limit {max_pixels} "
+            "(decompression-bomb guard, input.max_image_pixels)"
+        )
+    notes: list[str] = []
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:
+        orientation = 1
+        notes.append("unreadable EXIF ignored")
+    rotated = orientation in _ROTATING_ORIENTATIONS
+    orig_h, orig_w = (width, height) if rotated else (height, width)
+    scale = min(1.0, request.scale_for(orig_h, orig_w))
+
+    try:
+        if img.format == "JPEG" and scale < 1.0:
+            # decode straight at a reduced size (1/2, 1/4, 1/8) when the target allows
+            draft_mode = "RGB" if img.mode in ("RGB", "YCbCr") else img.mode
+            img.draft(draft_mode, (math.ceil(width * scale), math.ceil(height * scale)))
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+            notes.append(f"EXIF orientation {orientation} applied")
+        img = _to_rgb(img, notes)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # truncated data, corrupt stream
+        raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+
+    target = (max(1, round(orig_w * scale)), max(1, round(orig_h * scale)))
+    if img.size != target:
+        img = img.resize(target, Image.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ImageDecodeError(f"decoder produced an array of shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, orig_hw=(orig_h, orig_w), warnings=notes)
+
+
+def decode_caption(data: bytes | None) -> tuple[str | None, list[str]]:
+    """Caption text and warnings.  Invalid UTF-8 is kept with replacement characters."""
+    if data is None:
+        return None, ["missing caption"]
+    try:
+        return data.decode("utf-8").strip(), []
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace").strip()
+        return text, [f"caption is not valid UTF-8 (byte {exc.start}); undecodable bytes replaced by U+FFFD"]

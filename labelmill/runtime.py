@@ -1,0 +1,142 @@
+"""Ray start-up, the resource plan, and the progress line."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from labelmill.config import ConfigError, RayConfig
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How the run's stages share the cluster.
+
+    CPU-only machines are where naive plans deadlock: two label actors with
+    ``num_cpus=1`` on two CPUs leave nothing for the read tasks that feed
+    them.  The plan therefore reserves fractional CPUs for the read, decode
+    and filter tasks and gives the label actors the rest, while the actors'
+    torch thread count (what really uses the cores) is set separately.
+    """
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    torch_threads: int
+    read_cpus: float
+    decode_cpus: float
+    filter_cpus: float
+    total_cpus: float
+    total_gpus: float
+
+    def describe(self) -> str:
+        dev = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "CPU"
+        return (
+            f"{self.actors} label actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, {self.torch_threads} torch threads]; "
+            f"read {self.read_cpus:g} / decode {self.decode_cpus:g} / filter {self.filter_cpus:g} CPU per task; "
+            f"cluster {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
+        )
+
+
+def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False) -> ResourcePlan:
+    """Decide actor count and reservations; raise ConfigError on a plan that cannot run."""
+    read, decode = cfg.read_cpus, cfg.decode_cpus
+    filt = min(read, decode)
+    reserve = read + decode + filt
+    if cfg.device == "cpu":
+        gpus_per_actor = 0.0
+    elif cfg.gpus_per_actor is not None:
+        gpus_per_actor = cfg.gpus_per_actor
+    else:
+        gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
+    if cfg.device == "cuda" and gpus_per_actor == 0:
+        raise ConfigError("ray.device=cuda needs ray.gpus_per_actor > 0")
+
+    if gpus_per_actor > 0:
+        actors = cfg.teacher_actors or max(1, int(total_gpus // gpus_per_actor))
+        cpus = cfg.cpus_per_actor or 1.0
+        threads = cfg.torch_threads or max(1, int(cpus))
+        if not autoscaling and actors * gpus_per_actor > total_gpus + 1e-9:
+            raise ConfigError(
+                f"{actors} label actors x {gpus_per_actor:g} GPU need more than the cluster's {total_gpus:g} GPUs"
+            )
+    else:
+        actors = cfg.teacher_actors or 1
+        room = total_cpus - reserve
+        if room <= 0:
+            raise ConfigError(
+                f"the cluster's {total_cpus:g} CPUs cannot hold the read/decode/filter reservations ({reserve:g})"
+            )
+        cpus = cfg.cpus_per_actor or min(max(1.0, total_cpus / actors), room / actors)
+        threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / actors)))
+    if not autoscaling and actors * cpus + reserve > total_cpus + 1e-9:
+        raise ConfigError(
+            f"resource plan would deadlock: {actors} label actors x {cpus:g} CPU plus {reserve:g} CPU for "
+            f"read/decode/filter exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors or "
+            "ray.cpus_per_actor"
+        )
+    return ResourcePlan(actors, gpus_per_actor, cpus, threads, read, decode, filt, total_cpus, total_gpus)
+
+
+def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start an embedded local Ray.
+
+    Returns ``(started_here, remote_cluster)``.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    import ray
+
+    if ray.is_initialized():
+        return False, False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True, True
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    return True, False
+
+
+def quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    ctx.enable_auto_log_stats = False
+    ctx.verbose_stats_logs = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+
+
+class Progress:
+    """A one-line progress report on stderr every ``interval`` seconds."""
+
+    def __init__(self, interval: float, total_shards: int, stream=None):
+        self.interval = interval
+        self.total_shards = total_shards
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def line(self, counters, committed) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return (
+            f"[labelmill] {counters.samples:,} samples, {counters.samples / elapsed:.1f} samples/s | "
+            f"labelled {counters.labelled:,}  no_labels {counters.no_labels:,}  error {counters.error:,} | "
+            f"shards committed {committed.shards_committed}/{self.total_shards} | {elapsed:.0f}s"
+        )
+
+    def update(self, counters, committed, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            print(self.line(counters, committed), file=self.stream, flush=True)

@@ -1,0 +1,150 @@
+"""Loading official GLIP checkpoints into :class:`~labelmill.models.glip.model.GLIP`.
+
+The released files (``glip_tiny_model_o365_goldg.pth``,
+``glip_tiny_model_o365_goldg_cc_sbu.pth``) hold ``{"model": state_dict}``
+written from a ``DistributedDataParallel`` wrapper, so every key starts with
+``module.``.  Our module tree reproduces the official names, so the only
+mapping is that prefix: :func:`to_model_key` strips it and
+:func:`to_checkpoint_key` adds it back (round trip in both directions).
+
+Buffers: the checkpoint stores the Swin ``relative_position_index`` tables,
+the five ATSS ``rpn.anchor_generator.cell_anchors.<i>`` and BERT's
+``embeddings.position_ids`` (persistent in the transformers versions GLIP was
+trained with).  All are deterministic; if a file lacks ``position_ids``
+(e.g. one re-saved with a recent transformers) the model keeps its own copy
+and the report says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+DDP_PREFIX = "module."
+# Keys the model may supply itself when a file does not have them.
+REGENERABLE_KEYS = frozenset({"language_backbone.body.model.embeddings.position_ids"})
+
+DOWNLOAD_HINT = (
+    "GLIP-T weights are the official files 'glip_tiny_model_o365_goldg.pth' (O365+GoldG) or "
+    "'glip_tiny_model_o365_goldg_cc_sbu.pth' (O365+GoldG+CC3M+SBU), published at "
+    "https://huggingface.co/GLIPModel/GLIP, e.g. "
+    "'wget https://huggingface.co/GLIPModel/GLIP/resolve/main/glip_tiny_model_o365_goldg.pth'. "
+    "GLIP-L uses 'glip_large_model.pth' from the same place. A safetensors copy of the state dict "
+    "(see save_glip_weights) is accepted too."
+)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def to_model_key(key: str) -> str:
+    """Checkpoint key -> model key (drops one leading ``module.``)."""
+    return key[len(DDP_PREFIX) :] if key.startswith(DDP_PREFIX) else key
+
+
+def to_checkpoint_key(key: str, data_parallel: bool = True) -> str:
+    """Model key -> key as written in the official files (adds ``module.``)."""
+    return DDP_PREFIX + key if data_parallel and not key.startswith(DDP_PREFIX) else key
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    regenerated: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.missing and not self.unexpected
+
+
+def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read a GLIP ``.pth`` (``{"model": ...}`` or a bare state dict) or a ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GLIP checkpoint not found: {path}. {DOWNLOAD_HINT}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path), device="cpu"))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} contains objects other than tensors and plain containers, so it cannot be read with "
+            "weights_only=True. If you trust the file, pass allow_unsafe_pickle=True once and re-save it "
+            "with save_glip_weights(..., '*.safetensors')."
+        ) from exc
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return dict(obj)
+
+
+def load_glip_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    allow_unsafe_pickle: bool = False,
+) -> LoadReport:
+    """Load an official GLIP checkpoint (or one saved by :func:`save_glip_weights`).
+
+    With ``strict`` (default) any missing or unexpected key, or any shape
+    mismatch, raises :class:`CheckpointError`; keys in :data:`REGENERABLE_KEYS`
+    may be absent from the file.
+    """
+    raw = read_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    return load_state_dict_mapped(model, raw, strict=strict)
+
+
+def load_state_dict_mapped(model: nn.Module, raw: Mapping[str, torch.Tensor], *, strict: bool = True) -> LoadReport:
+    """Load a checkpoint-style state dict (``module.`` prefixes allowed) into ``model``."""
+    state = {to_model_key(k): v for k, v in raw.items()}
+    own = model.state_dict()
+    report = LoadReport()
+    report.unexpected = sorted(k for k in state if k not in own)
+    absent = sorted(k for k in own if k not in state)
+    report.regenerated = [k for k in absent if k in REGENERABLE_KEYS]
+    report.missing = [k for k in absent if k not in REGENERABLE_KEYS]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if mismatched:
+        raise CheckpointError("shape mismatch (wrong architecture config?):\n  " + "\n  ".join(mismatched[:20]))
+    if strict and not report.clean:
+        raise CheckpointError(
+            f"checkpoint does not match the model: {len(report.missing)} missing keys "
+            f"{report.missing[:10]}, {len(report.unexpected)} unexpected keys {report.unexpected[:10]}"
+        )
+    usable = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(usable, strict=False)
+    report.loaded = len(usable)
+    return report
+
+
+def save_glip_weights(model: nn.Module, path: str | os.PathLike, data_parallel: bool = True) -> None:
+    """Write the model's state dict with official key names.
+
+    ``*.safetensors`` -> a flat safetensors file; anything else -> ``torch.save({"model": ...})``
+    like the official ``.pth`` files.
+    """
+    state = {to_checkpoint_key(k, data_parallel): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state}, path)

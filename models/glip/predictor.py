@@ -1,0 +1,213 @@
+"""Batched GLIP inference: images + prompts in, detections in original pixels out.
+
+Batching and exactness
+----------------------
+GLIP's outputs depend on the padded input size, not only on the image:
+zero padding is seen by the convolutions near the border, by Swin's window
+partition and cyclic shift, by GroupNorm statistics and global average
+pooling in the DyHead, and by the text->image attention (which spans every
+pixel position).  Padding several images to a common size therefore changes
+their results.  This predictor never does that.  Each image is padded to the
+shape it would get on its own -- the next multiple of 32 (GLIP's
+``SIZE_DIVISIBILITY``), or, if ``canvas_sizes`` is given, the smallest listed
+canvas that holds it -- and only images with identical padded shapes share a
+forward pass.  Results are thus those of running each image alone on the same
+padded shape, up to floating-point reassociation.
+
+``canvas_sizes`` trades fidelity to GLIP's single-image behaviour for
+throughput: with a handful of canvases (e.g. ``(800, 1344)`` and
+``(1344, 800)``) most images fall into few groups, so batches are large.
+
+Text is batched with padding to the longest caption; padded tokens are
+masked out of every attention that reads text and their logits are never
+looked at, so they do not change results either.
+
+Prompts longer than the query length are handled by giving an image a list
+of prompts (chunks, e.g. from :func:`vocabulary_prompts`).  The image is
+encoded once, each chunk runs through the text encoder and fusion head, and
+the detections are concatenated with phrase indices offset so that they
+index the concatenated phrase list (GLIP's chunked LVIS evaluation also just
+concatenates the per-chunk results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from .model import GLIP
+from .postprocess import RawDetections, select_detections
+from .preprocess import PreparedImage, choose_canvas, pad_to, padded_size, prepare_image
+from .text import Prompt, encode_prompts, vocabulary_prompts
+
+PromptLike = Union[Prompt, Sequence[Prompt]]
+
+
+@dataclass
+class Detections:
+    """Detections for one image, sorted by descending score.
+
+    ``boxes`` are xyxy in original-image pixels (inclusive-extent convention
+    of GLIP); ``phrase_indices`` index ``phrases`` (for chunked prompts, the
+    concatenation of all chunks' phrases).
+    """
+
+    boxes: np.ndarray  # (N, 4) float32
+    scores: np.ndarray  # (N,) float32
+    phrase_indices: np.ndarray  # (N,) int64
+    phrases: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class GLIPPredictor:
+    """Runs :class:`GLIP` on lists of RGB uint8 images with one prompt (or chunk list) each."""
+
+    def __init__(
+        self,
+        model: GLIP,
+        tokenizer,
+        *,
+        device: str | torch.device | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        pre_nms_thresh: float | None = None,
+        pre_nms_top_n: int | None = None,
+        nms_thresh: float | None = None,
+        detections_per_prompt: int | None = None,
+        score_floor: float = 0.0,
+        max_detections_per_image: int | None = None,
+        max_batch_size: int = 8,
+        canvas_sizes: Sequence[tuple[int, int]] | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        pad_text_to_max_length: bool = False,
+    ):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.min_size = min_size or cfg.min_size
+        self.max_size = max_size or cfg.max_size
+        self.pre_nms_thresh = cfg.pre_nms_thresh if pre_nms_thresh is None else pre_nms_thresh
+        self.pre_nms_top_n = pre_nms_top_n or cfg.pre_nms_top_n
+        self.nms_thresh = cfg.nms_thresh if nms_thresh is None else nms_thresh
+        self.detections_per_prompt = detections_per_prompt or cfg.detections_per_image
+        self.score_floor = score_floor
+        self.max_detections_per_image = max_detections_per_image
+        self.max_batch_size = max(1, int(max_batch_size))
+        if canvas_sizes is not None:
+            canvas_sizes = [tuple(int(v) for v in c) for c in canvas_sizes]
+            div = cfg.size_divisibility
+            if any(h % div or w % div for h, w in canvas_sizes):
+                raise ValueError(f"canvas sizes must be multiples of {div}")
+        self.canvas_sizes = canvas_sizes
+        self.autocast_dtype = autocast_dtype
+        self.pad_text_to_max_length = pad_text_to_max_length
+
+    # ----------------------------------------------------------------- helpers
+    def prepare(self, image) -> PreparedImage:
+        return prepare_image(image, self.cfg.pixel_mean, self.cfg.pixel_std, self.min_size, self.max_size)
+
+    def padded_shape(self, resized: tuple[int, int]) -> tuple[int, int]:
+        if self.canvas_sizes:
+            return choose_canvas(resized[0], resized[1], self.canvas_sizes)
+        return padded_size(resized[0], resized[1], self.cfg.size_divisibility)
+
+    def vocabulary_prompts(self, class_names: Sequence[str], **kwargs) -> list[Prompt]:
+        return vocabulary_prompts(class_names, self.tokenizer, self.cfg.max_query_len, **kwargs)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # --------------------------------------------------------------- inference
+    def predict(self, images: Sequence, prompts: Sequence[PromptLike]) -> list[Detections]:
+        """Detect the phrases of ``prompts[i]`` in ``images[i]`` for every i."""
+        if len(images) != len(prompts):
+            raise ValueError("need exactly one prompt (or list of prompt chunks) per image")
+        chunks = [[p] if isinstance(p, Prompt) else list(p) for p in prompts]
+        if any(not c for c in chunks):
+            raise ValueError("empty prompt list")
+        prepared = [self.prepare(img) for img in images]
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, p in enumerate(prepared):
+            groups[self.padded_shape(p.resized_size)].append(i)
+
+        raw: dict[tuple[int, int], RawDetections] = {}
+        with torch.inference_mode(), self._autocast():
+            for shape, members in groups.items():
+                for image_batch in _batches(members, self.max_batch_size):
+                    self._run_images(shape, image_batch, prepared, chunks, raw)
+        return [self._merge(prepared[i], chunks[i], [raw[(i, j)] for j in range(len(chunks[i]))]) for i in range(len(images))]
+
+    def predict_vocabulary(self, images: Sequence, class_names: Sequence[str], **prompt_kwargs) -> list[Detections]:
+        """Detect a class list in every image; ``phrase_indices`` index ``class_names``."""
+        prompt_chunks = self.vocabulary_prompts(class_names, **prompt_kwargs)
+        return self.predict(images, [prompt_chunks] * len(images))
+
+    def _run_images(self, shape, image_batch, prepared, chunks, raw) -> None:
+        pixels = pad_to([prepared[i].tensor for i in image_batch], shape).to(self.device)
+        features = self.model.encode_images(pixels)
+        jobs = [(pos, i, j) for pos, i in enumerate(image_batch) for j in range(len(chunks[i]))]
+        for job_batch in _batches(jobs, self.max_batch_size):
+            positions = [pos for pos, _, _ in job_batch]
+            if positions == list(range(len(image_batch))):
+                job_features = features
+            else:
+                index = torch.tensor(positions, device=self.device)
+                job_features = [f.index_select(0, index) for f in features]
+            encoded = encode_prompts(
+                self.tokenizer,
+                [chunks[i][j] for _, i, j in job_batch],
+                self.cfg.max_query_len,
+                self.pad_text_to_max_length,
+            )
+            out = self.model.predict_from_features(
+                job_features, encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+            )
+            for b, (_, i, j) in enumerate(job_batch):
+                raw[(i, j)] = select_detections(
+                    [t[b] for t in out.box_deltas],
+                    [t[b] for t in out.centerness],
+                    [t[b] for t in out.token_logits],
+                    out.anchors,
+                    encoded.positive_maps[b],
+                    prepared[i].resized_size,
+                    pre_nms_thresh=self.pre_nms_thresh,
+                    pre_nms_top_n=self.pre_nms_top_n,
+                    nms_thresh=self.nms_thresh,
+                    max_detections=self.detections_per_prompt,
+                )
+
+    def _merge(self, image: PreparedImage, prompts: list[Prompt], parts: list[RawDetections]) -> Detections:
+        offsets = np.cumsum([0] + [len(p.phrases) for p in prompts])
+        boxes = torch.cat([r.boxes.float().cpu() for r in parts])
+        scores = torch.cat([r.scores.float().cpu() for r in parts])
+        labels = torch.cat([r.phrase_indices.cpu() + int(off) for r, off in zip(parts, offsets)])
+        sx, sy = image.scale
+        boxes = boxes * torch.tensor([sx, sy, sx, sy])
+        keep = scores >= self.score_floor
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        order = torch.argsort(scores, descending=True, stable=True)
+        if self.max_detections_per_image is not None:
+            order = order[: self.max_detections_per_image]
+        phrases = tuple(t for p in prompts for t in p.texts)
+        return Detections(
+            boxes[order].numpy().astype(np.float32),
+            scores[order].numpy().astype(np.float32),
+            labels[order].numpy().astype(np.int64),
+            phrases,
+        )

@@ -1,0 +1,104 @@
+"""Record types that move between labelmill's stages.
+
+Teachers return these plain dataclasses; :mod:`labelmill.schemas.tables`
+turns them into Arrow rows.  Nothing here imports torch or Ray, so the
+records can be built and inspected anywhere (tests, notebooks, writers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+
+class SampleStatus(str, Enum):
+    """Outcome of one input sample.  Every sample read ends in exactly one."""
+
+    LABELLED = "labelled"
+    NO_LABELS = "no_labels"
+    ERROR = "error"
+
+
+class RowKind(str, Enum):
+    """What a row flowing through the Ray stages stands for."""
+
+    SAMPLE = "sample"
+    # Emitted once per shard after its last sample; carries the number of
+    # sample rows the shard produced so the writer knows when it is complete.
+    SHARD_END = "shard_end"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which teacher, weights and configuration produced a label."""
+
+    teacher: str            # instance name in the run config, e.g. "maskclip"
+    teacher_type: str       # plug-in type, e.g. "maskclip" or "pkg.mod:Class"
+    weights: str            # human readable weights id, e.g. "ViT-B-16@openai"
+    weights_sha256: str     # sha256 of the weight file, or "random-init"
+    teacher_config_hash: str
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_sha256 == "random-init"
+
+
+@dataclass
+class Label:
+    """One pseudo-label: a mask (with its box) or a box.
+
+    Coordinates are always in pixels of the original image, after EXIF
+    rotation.  ``bbox`` is COCO style ``[x, y, width, height]``.
+    """
+
+    kind: str                               # "mask" | "box"
+    score: float
+    bbox: tuple[float, float, float, float]
+    class_name: str
+    class_id: int | None = None             # index in the teacher's vocabulary
+    area: float | None = None               # mask pixels, or box area
+    rle: dict[str, Any] | None = None       # COCO RLE {"size": [h, w], "counts": str}
+    phrase: str | None = None               # grounded phrase (GLIP)
+    tokens_positive: list[tuple[int, int]] | None = None  # character spans in the caption
+    caption: str | None = None              # the prompt the phrase spans index
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mask", "box"):
+            raise ValueError(f"label kind must be 'mask' or 'box', got {self.kind!r}")
+        if self.kind == "mask" and self.rle is None:
+            raise ValueError("a mask label needs its RLE")
+        if self.area is None:
+            self.area = float(self.bbox[2] * self.bbox[3])
+
+
+@dataclass
+class RegionSet:
+    """Region embeddings of one image (ViLD distillation targets)."""
+
+    boxes: np.ndarray          # (N, 4) float32, xyxy in original pixels
+    scores: np.ndarray         # (N,) float32
+    sources: list[str]         # which teacher / field proposed each box
+    embeddings: np.ndarray     # (N, D) float16, L2-normalised
+    mode: str                  # "crop" | "dense"
+
+    def __post_init__(self) -> None:
+        n = len(self.boxes)
+        if self.boxes.shape != (n, 4) or len(self.scores) != n or len(self.sources) != n:
+            raise ValueError("boxes, scores and sources must have one entry per region")
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != n:
+            raise ValueError("embeddings must be (num_regions, dim)")
+
+
+@dataclass
+class TeacherOutput:
+    """Everything one teacher produced for one image."""
+
+    labels: list[Label] = field(default_factory=list)
+    regions: RegionSet | None = None
+    warnings: list[str] = field(default_factory=list)
+    # Dense features a later teacher in the same run may reuse (e.g. the ViLD
+    # embedder pooling MaskCLIP's value-path features).  Never written out.
+    extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,287 @@
+"""Every Arrow schema labelmill reads or writes, defined once.
+
+Two families live here:
+
+* the **stored tables** (``labels``, ``samples``, ``regions``, ``stats``),
+  which users read with pandas, DuckDB, Ray Data or deltalake;
+* the **in-flight columns**: the names and meaning of the columns that the
+  Ray stages pass to each other.  Each stage declares which of these it
+  needs and which it adds (see :class:`labelmill.stages.base.Stage`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from labelmill.schemas.records import Label, Provenance, RegionSet
+
+# --------------------------------------------------------------------------
+# In-flight columns (between stages)
+# --------------------------------------------------------------------------
+
+
+class Col:
+    """Column names of the rows that flow through the stages."""
+
+    # written by the reader
+    KEY = "key"                  # sample key inside the shard (webdataset __key__)
+    SHARD = "shard"              # shard URL as listed
+    INDEX = "index"              # position of the sample in its shard (0-based)
+    KIND = "kind"                # RowKind value
+    IMAGE_BYTES = "image_bytes"  # encoded image (null when missing)
+    IMAGE_EXT = "image_ext"      # extension the image came with
+    CAPTION_BYTES = "caption_bytes"
+    META_JSON = "meta_json"      # the sample's .json member, verbatim text
+    SHARD_ROWS = "shard_rows"    # on shard_end rows: sample rows in the shard
+    ERROR = "error"              # reason the sample failed (null if fine)
+    WARNINGS = "warnings"        # list of handled oddities (missing caption, ...)
+    # written by the decoder
+    IMAGE = "image"              # uint8 canvas (S, S, 3), image at top-left
+    WORK_H = "work_h"            # valid rows of the canvas
+    WORK_W = "work_w"            # valid columns of the canvas
+    ORIG_H = "orig_h"            # original height after EXIF rotation
+    ORIG_W = "orig_w"
+    CAPTION = "caption"
+    # written by the label stage
+    LABELS = "labels"            # list<LABEL_STRUCT>
+    REGIONS = "regions"          # list<REGION_STRUCT>, one entry per region teacher
+    PROVENANCE = "provenance"    # JSON: {teacher name: Provenance fields} of the run's teachers
+    # written by the filter stage
+    DROPPED_LOW_SCORE = "dropped_low_score"
+    DROPPED_SMALL_AREA = "dropped_small_area"
+    DROPPED_OVER_MAX = "dropped_over_max"
+
+
+DROP_REASONS = {
+    Col.DROPPED_LOW_SCORE: "low_score",
+    Col.DROPPED_SMALL_AREA: "small_area",
+    Col.DROPPED_OVER_MAX: "over_max_per_image",
+}
+
+# --------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------
+
+RLE_STRUCT = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+LABEL_STRUCT = pa.struct(
+    [
+        ("teacher", pa.string()),
+        ("kind", pa.string()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("phrase", pa.string()),
+        ("tokens_positive", pa.list_(pa.list_(pa.int32()))),
+        ("caption", pa.string()),
+        ("score", pa.float32()),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.float64()),
+        ("segmentation", RLE_STRUCT),
+    ]
+)
+
+PROVENANCE_FIELDS = [
+    pa.field("teacher", pa.string()),
+    pa.field("teacher_type", pa.string()),
+    pa.field("weights", pa.string()),
+    pa.field("weights_sha256", pa.string()),
+    pa.field("teacher_config_hash", pa.string()),
+]
+
+RUN_FIELDS = [
+    pa.field("config_hash", pa.string()),
+    pa.field("run_id", pa.string()),
+    pa.field("labelmill_version", pa.string()),
+]
+
+SAMPLE_ID_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("index", pa.int64(), nullable=False),
+]
+
+IMAGE_SIZE_FIELDS = [
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+]
+
+# --------------------------------------------------------------------------
+# Stored tables
+# --------------------------------------------------------------------------
+
+#: One row per kept label (mask or box).
+LABELS = pa.schema(
+    SAMPLE_ID_FIELDS
+    + IMAGE_SIZE_FIELDS
+    + [
+        pa.field("kind", pa.string()),
+        pa.field("class_id", pa.int32()),
+        pa.field("class_name", pa.string()),
+        pa.field("phrase", pa.string()),
+        pa.field("tokens_positive", pa.list_(pa.list_(pa.int32()))),
+        pa.field("caption", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("bbox", pa.list_(pa.float32())),
+        pa.field("area", pa.float64()),
+        pa.field("segmentation", RLE_STRUCT),
+    ]
+    + PROVENANCE_FIELDS
+    + RUN_FIELDS
+)
+
+#: One row per input sample, whatever happened to it.
+SAMPLES = pa.schema(
+    SAMPLE_ID_FIELDS
+    + IMAGE_SIZE_FIELDS
+    + [
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("warnings", pa.list_(pa.string())),
+        pa.field("num_labels", pa.int32()),
+        pa.field("dropped_low_score", pa.int32()),
+        pa.field("dropped_small_area", pa.int32()),
+        pa.field("dropped_over_max", pa.int32()),
+        pa.field("meta_json", pa.string()),
+        pa.field("teachers", pa.list_(pa.string())),
+    ]
+    + RUN_FIELDS
+)
+
+#: One row per commit: what the group contained and what the filter dropped.
+STATS = pa.schema(
+    [
+        pa.field("run_id", pa.string()),
+        pa.field("commit", pa.int64()),
+        pa.field("committed_at", pa.timestamp("us", tz="UTC")),
+        pa.field("shards", pa.list_(pa.string())),
+        pa.field("samples", pa.int64()),
+        pa.field("labelled", pa.int64()),
+        pa.field("no_labels", pa.int64()),
+        pa.field("error", pa.int64()),
+        pa.field("labels_kept", pa.int64()),
+        pa.field("dropped_low_score", pa.int64()),
+        pa.field("dropped_small_area", pa.int64()),
+        pa.field("dropped_over_max", pa.int64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("config_hash", pa.string()),
+    ]
+)
+
+
+#: In-flight regions of one image from one teacher (embedding width free).
+REGION_STRUCT = pa.struct(
+    [
+        ("teacher", pa.string()),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("scores", pa.list_(pa.float32())),
+        ("sources", pa.list_(pa.string())),
+        ("embeddings", pa.list_(pa.list_(pa.float16()))),
+        ("mode", pa.string()),
+    ]
+)
+
+
+def regions_schema(dim: int) -> pa.Schema:
+    """One row per image: its proposals and their CLIP embeddings (ViLD)."""
+    return pa.schema(
+        SAMPLE_ID_FIELDS
+        + IMAGE_SIZE_FIELDS
+        + [
+            pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+            pa.field("boxes_norm", pa.list_(pa.list_(pa.float32(), 4))),
+            pa.field("scores", pa.list_(pa.float32())),
+            pa.field("sources", pa.list_(pa.string())),
+            pa.field("embeddings", pa.list_(pa.list_(pa.float16(), dim))),
+            pa.field("num_regions", pa.int32()),
+            pa.field("mode", pa.string()),
+        ]
+        + PROVENANCE_FIELDS
+        + RUN_FIELDS
+    )
+
+
+# --------------------------------------------------------------------------
+# Records -> Arrow
+# --------------------------------------------------------------------------
+
+
+def label_to_struct(label: Label, teacher: str) -> dict:
+    """A :class:`Label` as a python dict shaped like ``LABEL_STRUCT``."""
+    spans = None
+    if label.tokens_positive is not None:
+        spans = [[int(a), int(b)] for a, b in label.tokens_positive]
+    return {
+        "teacher": teacher,
+        "kind": label.kind,
+        "class_id": label.class_id,
+        "class_name": label.class_name,
+        "phrase": label.phrase,
+        "tokens_positive": spans,
+        "caption": label.caption,
+        "score": float(label.score),
+        "bbox": [float(v) for v in label.bbox],
+        "area": float(label.area) if label.area is not None else None,
+        "segmentation": label.rle,
+    }
+
+
+def labels_array(per_row: Sequence[Iterable[dict]]) -> pa.Array:
+    """A ``list<LABEL_STRUCT>`` array with one list per row."""
+    return pa.array([list(rows) for rows in per_row], type=pa.list_(LABEL_STRUCT))
+
+
+def region_to_struct(regions: RegionSet, teacher: str) -> dict:
+    emb = np.ascontiguousarray(regions.embeddings, dtype=np.float16)
+    return {
+        "teacher": teacher,
+        "boxes": regions.boxes.astype(np.float32).tolist(),
+        "scores": regions.scores.astype(np.float32).tolist(),
+        "sources": list(regions.sources),
+        "embeddings": list(emb),
+        "mode": regions.mode,
+    }
+
+
+def provenance_columns(prov: Provenance, n: int) -> dict[str, pa.Array]:
+    return {
+        "teacher": pa.array([prov.teacher] * n, pa.string()),
+        "teacher_type": pa.array([prov.teacher_type] * n, pa.string()),
+        "weights": pa.array([prov.weights] * n, pa.string()),
+        "weights_sha256": pa.array([prov.weights_sha256] * n, pa.string()),
+        "teacher_config_hash": pa.array([prov.teacher_config_hash] * n, pa.string()),
+    }
+
+
+def run_columns(config_hash: str, run_id: str, version: str, n: int) -> dict[str, pa.Array]:
+    return {
+        "config_hash": pa.array([config_hash] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "labelmill_version": pa.array([version] * n, pa.string()),
+    }
+
+
+def empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Reorder and cast ``table`` to ``schema``; a missing column is an error."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"table lacks columns {missing} required by the schema")
+    return pa.table([table[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+def meta_dict(meta_json: str | None) -> dict:
+    if not meta_json:
+        return {}
+    try:
+        value = json.loads(meta_json)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,79 @@
+"""Decode stage: encoded bytes -> RGB pixels at the teachers' working size.
+
+Runs as Ray CPU tasks.  Every teacher of the run states the resolution it
+needs (:class:`~labelmill.teachers.base.ImageRequest`); images are decoded
+once, at the largest of those, so several teachers share one decode.  A
+sample that cannot be decoded keeps flowing with its ``error`` set and a
+1x1 placeholder image, so it is still counted and written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from ray.data.extensions import ArrowVariableShapedTensorArray
+
+from labelmill.images import ImageDecodeError, decode_caption, decode_image
+from labelmill.schemas.records import RowKind
+from labelmill.schemas.tables import Col
+from labelmill.stages.base import Resources, Stage
+from labelmill.teachers.base import ImageRequest
+
+PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+
+def merge_requests(requests: list[ImageRequest]) -> ImageRequest:
+    """The request that satisfies all of ``requests`` (largest on both axes)."""
+    return ImageRequest(
+        short_side=max(r.short_side for r in requests),
+        max_long_side=max(r.max_long_side for r in requests),
+    )
+
+
+class DecodeImages(Stage):
+    name = "decode"
+    requires = (Col.KIND, Col.IMAGE_BYTES, Col.CAPTION_BYTES, Col.ERROR, Col.WARNINGS)
+    produces = (Col.IMAGE, Col.ORIG_H, Col.ORIG_W, Col.CAPTION)
+    drops = (Col.IMAGE_BYTES, Col.IMAGE_EXT, Col.CAPTION_BYTES)
+
+    def __init__(self, request: ImageRequest, max_pixels: int, cpus: float):
+        self.request = request
+        self.max_pixels = max_pixels
+        self.cpus = cpus
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        kinds = batch.column(Col.KIND).to_pylist()
+        errors = batch.column(Col.ERROR).to_pylist()
+        warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
+        blobs = batch.column(Col.IMAGE_BYTES).to_pylist()
+        cap_bytes = batch.column(Col.CAPTION_BYTES).to_pylist()
+        images, orig_h, orig_w, captions = [], [], [], []
+        for i, kind in enumerate(kinds):
+            pixels, hw, caption = PLACEHOLDER, (0, 0), None
+            if kind == RowKind.SAMPLE.value:
+                caption, cap_notes = decode_caption(cap_bytes[i])
+                warns[i].extend(cap_notes)
+                if errors[i] is None:
+                    try:
+                        decoded = decode_image(blobs[i], self.request, self.max_pixels)
+                        pixels, hw = decoded.pixels, decoded.orig_hw
+                        warns[i].extend(decoded.warnings)
+                    except ImageDecodeError as exc:
+                        errors[i] = str(exc)
+            images.append(pixels)
+            orig_h.append(hw[0])
+            orig_w.append(hw[1])
+            captions.append(caption)
+        out = batch.drop_columns([c for c in self.drops if c in batch.column_names])
+        out = out.set_column(out.schema.get_field_index(Col.ERROR), Col.ERROR, pa.array(errors, pa.string()))
+        out = out.set_column(
+            out.schema.get_field_index(Col.WARNINGS), Col.WARNINGS, pa.array(warns, pa.list_(pa.string()))
+        )
+        out = out.append_column(Col.CAPTION, pa.array(captions, pa.string()))
+        out = out.append_column(Col.ORIG_H, pa.array(orig_h, pa.int32()))
+        out = out.append_column(Col.ORIG_W, pa.array(orig_w, pa.int32()))
+        return out.append_column(Col.IMAGE, ArrowVariableShapedTensorArray.from_numpy(images))

@@ -1,0 +1,69 @@
+"""Filter stage: keep labels by confidence, area and count; count every drop.
+
+Rules, applied in this order to each image's labels:
+
+1. ``score < per_class_min_score[class]`` (or ``min_score`` for classes not
+   listed) -> dropped as ``low_score``;
+2. ``area < min_area`` -> ``small_area``;
+3. beyond the ``max_labels_per_image`` highest-scoring -> ``over_max_per_image``.
+
+Region embeddings are not labels and pass untouched.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from labelmill.config import FilterConfig
+from labelmill.schemas.tables import LABEL_STRUCT, Col
+from labelmill.stages.base import Resources, Stage
+
+
+def filter_labels(labels: list[dict], cfg: FilterConfig) -> tuple[list[dict], dict[str, int]]:
+    """Kept labels and drop counts keyed by the ``Col.DROPPED_*`` columns."""
+    dropped = {Col.DROPPED_LOW_SCORE: 0, Col.DROPPED_SMALL_AREA: 0, Col.DROPPED_OVER_MAX: 0}
+    kept = []
+    for lab in labels:
+        name = lab["class_name"]
+        if name is None:
+            name = lab.get("phrase")
+        threshold = cfg.per_class_min_score.get(name, cfg.min_score) if name is not None else cfg.min_score
+        if lab["score"] < threshold:
+            dropped[Col.DROPPED_LOW_SCORE] += 1
+        elif (lab["area"] or 0.0) < cfg.min_area:
+            dropped[Col.DROPPED_SMALL_AREA] += 1
+        else:
+            kept.append(lab)
+    if cfg.max_labels_per_image is not None and len(kept) > cfg.max_labels_per_image:
+        kept.sort(key=lambda lab: -lab["score"])
+        dropped[Col.DROPPED_OVER_MAX] += len(kept) - cfg.max_labels_per_image
+        kept = kept[: cfg.max_labels_per_image]
+    return kept, dropped
+
+
+class FilterLabels(Stage):
+    name = "filter"
+    requires = (Col.LABELS,)
+    produces = (Col.LABELS, Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
+
+    def __init__(self, config: FilterConfig, cpus: float):
+        self.config = config
+        self.cpus = cpus
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus)
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        kept_all = []
+        counts = {c: [] for c in (Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)}
+        for labels in batch.column(Col.LABELS).to_pylist():
+            kept, dropped = filter_labels(labels or [], self.config)
+            kept_all.append(kept)
+            for col, value in dropped.items():
+                counts[col].append(value)
+        out = batch.set_column(
+            batch.schema.get_field_index(Col.LABELS), Col.LABELS, pa.array(kept_all, pa.list_(LABEL_STRUCT))
+        )
+        for col, values in counts.items():
+            out = out.append_column(col, pa.array(values, pa.int32()))
+        return out

@@ -1,0 +1,236 @@
+"""The teacher plug-in interface.
+
+A teacher turns a batch of decoded images into labels.  labelmill ships
+``maskclip``, ``glip`` and ``vild``; a user adds their own without editing
+labelmill by writing a subclass of :class:`Teacher` and naming it in the run
+config by class path::
+
+    teachers:
+      - type: my_pkg.my_module:MyTeacher
+        my_option: 3
+
+or by registering it under the ``labelmill.teachers`` entry-point group and
+using the short name.
+
+Life cycle (the label stage drives it, once per Ray actor):
+
+1. ``Config`` (a pydantic model) validates the teacher's section of the run
+   config before any work starts.  Unknown keys are errors.
+2. ``__init__(config, device, allow_random_init)`` loads weights.  It must
+   raise :class:`WeightsError` when weights are missing, never fall back to
+   random initialisation unless ``allow_random_init`` is true.
+3. ``predict(batch, upstream)`` is called for every batch.  It returns one
+   :class:`~labelmill.schemas.records.TeacherOutput` per image, with boxes
+   and masks in original-image pixels.  ``upstream`` holds the outputs of the
+   teachers that ran before it on the same batch (the ViLD embedder uses
+   GLIP's boxes this way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from labelmill.schemas.records import Provenance, TeacherOutput
+
+
+class WeightsError(RuntimeError):
+    """Weights (or a tokenizer) a teacher needs are missing or unusable."""
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """The working resolution a teacher wants from the decoder.
+
+    The decoder resizes every image (keeping its aspect ratio) so that its
+    short side is at most ``short_side`` and its long side at most
+    ``max_long_side``; it never enlarges.  With several teachers the decoder
+    serves the largest request and each teacher resizes on the tensor side.
+    """
+
+    short_side: int
+    max_long_side: int
+
+    def scale_for(self, height: int, width: int) -> float:
+        short, long = min(height, width), max(height, width)
+        return min(self.short_side / short, self.max_long_side / long)
+
+
+class TeacherConfig(BaseModel):
+    """Fields every teacher accepts.  Subclasses add their own."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    type: str
+    name: str | None = Field(
+        default=None, description="instance name written with every label; defaults to the type"
+    )
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or self.type.rsplit(":", 1)[-1].lower()
+
+    def image_request(self) -> ImageRequest:
+        """Working resolution the decoder must deliver; plug-ins override this."""
+        return ImageRequest(short_side=800, max_long_side=1333)
+
+
+@dataclass
+class ImageBatch:
+    """Decoded images handed to teachers.
+
+    ``canvas`` is a uint8 tensor (B, S, S, 3) on the teacher's device; image
+    ``i`` occupies ``canvas[i, :work_hw[i][0], :work_hw[i][1]]``.  Original
+    sizes are after EXIF rotation; labels must be expressed in them.
+    """
+
+    canvas: torch.Tensor
+    work_hw: list[tuple[int, int]]
+    orig_hw: list[tuple[int, int]]
+    captions: list[str | None]
+    keys: list[str]
+    metas: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as a uint8 (H, W, 3) view of the canvas."""
+        h, w = self.work_hw[i]
+        return self.canvas[i, :h, :w]
+
+    def subset(self, idx: Sequence[int]) -> "ImageBatch":
+        idx = list(idx)
+        return ImageBatch(
+            canvas=self.canvas[idx],
+            work_hw=[self.work_hw[i] for i in idx],
+            orig_hw=[self.orig_hw[i] for i in idx],
+            captions=[self.captions[i] for i in idx],
+            keys=[self.keys[i] for i in idx],
+            metas=[self.metas[i] for i in idx],
+        )
+
+
+class Teacher(ABC):
+    """Base class of every teacher plug-in."""
+
+    #: pydantic model validating this teacher's config section
+    Config: ClassVar[type[TeacherConfig]] = TeacherConfig
+    #: short type name used in configs (``type: maskclip``)
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, config: TeacherConfig, device: torch.device, allow_random_init: bool = False):
+        self.config = config
+        self.device = device
+        self.allow_random_init = allow_random_init
+
+    @property
+    def name(self) -> str:
+        return self.config.instance_name
+
+    def image_request(self) -> ImageRequest:
+        """Resolution this teacher needs from the decoder (from its config)."""
+        return self.config.image_request()
+
+    @abstractmethod
+    def provenance(self) -> Provenance:
+        """Teacher name, weights id and hash, config hash."""
+
+    @abstractmethod
+    def predict(
+        self, batch: ImageBatch, upstream: dict[str, list[TeacherOutput]]
+    ) -> list[TeacherOutput]:
+        """Label every image of ``batch``; one output per image, in order."""
+
+    def needs_caption(self) -> bool:
+        """True if an image without a caption cannot be labelled."""
+        return False
+
+    def config_hash(self) -> str:
+        return config_hash(self.config.model_dump(mode="json"))
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of a JSON-able object."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+_BUILTIN = {
+    "maskclip": "labelmill.teachers.maskclip:MaskCLIPTeacher",
+    "glip": "labelmill.teachers.glip:GLIPTeacher",
+    "vild": "labelmill.teachers.vild:ViLDEmbedder",
+}
+
+
+def resolve_teacher_class(type_name: str) -> type[Teacher]:
+    """Find the class for ``type`` in a config: built-in, entry point or class path."""
+    target = _BUILTIN.get(type_name)
+    if target is None:
+        for ep in entry_points(group="labelmill.teachers"):
+            if ep.name == type_name:
+                cls = ep.load()
+                break
+        else:
+            if ":" not in type_name:
+                known = sorted(_BUILTIN)
+                raise ValueError(
+                    f"unknown teacher type {type_name!r}: use one of {known}, an entry point of "
+                    "group 'labelmill.teachers', or a class path 'package.module:ClassName'"
+                )
+            target = type_name
+            cls = None
+    else:
+        cls = None
+    if cls is None:
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"teacher {type_name!r}: cannot import module {module_name!r}: {exc}") from exc
+        try:
+            cls = getattr(module, attr)
+        except AttributeError:
+            raise ValueError(f"teacher {type_name!r}: module {module_name!r} has no {attr!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Teacher)):
+        raise ValueError(f"teacher {type_name!r} resolves to {cls!r}, which is not a labelmill Teacher")
+    return cls
+
+
+def validate_teacher_config(section: dict[str, Any]) -> TeacherConfig:
+    if not isinstance(section, dict) or "type" not in section:
+        raise ValueError("each teacher needs a 'type'")
+    cls = resolve_teacher_class(section["type"])
+    return cls.Config.model_validate(section)
+
+
+def build_teacher(config: TeacherConfig, device: torch.device, allow_random_init: bool = False) -> Teacher:
+    cls = resolve_teacher_class(config.type)
+    return cls(config, device, allow_random_init=allow_random_init)
+
+
+def boxes_xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    out = np.asarray(boxes, dtype=np.float32).copy()
+    out[:, 2:] -= out[:, :2]
+    return out
