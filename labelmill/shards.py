@@ -161,10 +161,11 @@ class _Assembler:
 def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[RawSample]:
     """Stream the samples of one shard, member by member (constant memory).
 
-    A shard that cannot be opened yields one error row; a truncated or
-    corrupt tar yields the samples before the damage, the sample being
-    assembled when it broke marked as an error, and (if no sample absorbed
-    the failure) one error row describing it.
+    A shard that cannot be opened yields one error row.  A truncated or
+    corrupt tar yields every sample completed before the damage; if the
+    damage cut a member of the sample being assembled, that sample is the
+    error row, otherwise one extra error row (keyed by the member being read,
+    or "" when the damage hit a header) records where the shard broke.
     """
     asm = _Assembler()
     try:
@@ -174,32 +175,36 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Itera
         yield RawSample(key="", index=0, error=f"cannot open shard: {type(exc).__name__}: {exc}")
         return
     members = 0
+    reading: str | None = None  # key of the member whose data is being read
     try:
         with handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
-                name = info.name
-                if posixpath.basename(name).startswith("__") or name.startswith("./__"):
+                name = info.name[2:] if info.name.startswith("./") else info.name
+                if posixpath.basename(name).startswith("__"):
                     continue
-                if name.startswith("./"):
-                    name = name[2:]
                 key, ext = base_plus_ext(name)
                 if key is None:
                     continue  # not part of any sample (no extension)
+                reading = key
                 extracted = tar.extractfile(info)
                 data = extracted.read() if extracted is not None else b""
+                reading = None
                 members += 1
                 done = asm.add(key, ext.lower(), data)
                 if done is not None:
                     yield done
     except Exception as exc:  # truncated tar, bad gzip, dropped connection
-        reason = f"shard broken after {members} members: {type(exc).__name__}: {exc}"
-        partial = asm.flush(error=reason)
-        if partial is not None:
-            yield partial
-        else:
-            yield RawSample(key="", index=asm.index, error=reason)
+        reason = f"shard broken after {members} complete members: {type(exc).__name__}: {exc}"
+        if reading is not None and reading == asm.key:
+            # the sample being assembled lost a member: it is incomplete
+            yield asm.flush(error=reason)
+            return
+        done = asm.flush()
+        if done is not None:
+            yield done
+        yield RawSample(key=reading or "", index=asm.index, error=reason)
         return
     last = asm.flush()
     if last is not None:

@@ -183,7 +183,8 @@ class DeltaTableStore(_Table):
     def committed_files(self) -> list[str]:
         if not self.exists():
             return []
-        return sorted(self._table().files())
+        actions = pa.table(self._table().get_add_actions(flatten=True))
+        return sorted(actions.column("path").to_pylist())
 
     def commit(self, add: list[StagedFile], remove: list[str], info: dict[str, Any]) -> None:
         from deltalake import CommitProperties, DeltaTable

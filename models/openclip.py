@@ -61,6 +61,49 @@ def register_arch(arch_config: dict[str, Any]) -> str:
     return name
 
 
+def resolve_weights(
+    arch: str, pretrained: str | None, *, allow_random_init: bool = False, cache_dir: str | None = None
+) -> tuple[str | None, str, dict[str, Any]]:
+    """Find the checkpoint file for ``arch`` without building the model.
+
+    Returns ``(path or None for random init, readable weights id, tag config)``;
+    raises :class:`WeightsError` with instructions when there are no weights.
+    """
+    import open_clip
+
+    if pretrained is None:
+        if not allow_random_init:
+            raise WeightsError(
+                f"no weights given for CLIP {arch!r}: set 'pretrained' to an open_clip tag "
+                f"(one of {open_clip.list_pretrained_tags_by_model(arch) or 'none known'}) or to a "
+                "local checkpoint file. Random weights are only allowed in `labelmill demo`."
+            )
+        return None, f"{arch}@{RANDOM_INIT}", {}
+    if os.path.exists(pretrained):
+        if not os.path.isfile(pretrained):
+            raise WeightsError(f"CLIP weights path {pretrained!r} is not a file")
+        return pretrained, f"{arch}@{os.path.basename(pretrained)}", {}
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not tag_cfg:
+        known = open_clip.list_pretrained_tags_by_model(arch)
+        raise WeightsError(
+            f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {arch!r} "
+            f"(known tags: {known or 'none'})"
+        )
+    try:
+        path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as exc:  # network, hub, permission: all mean "no weights here"
+        raise WeightsError(
+            f"could not download open_clip weights {arch}/{pretrained}: {type(exc).__name__}: {exc}. "
+            "If this machine is offline, fetch the checkpoint where the hub is reachable "
+            f"(open_clip.create_model('{arch}', pretrained='{pretrained}') caches it under "
+            "~/.cache/huggingface), copy that cache here, or set 'pretrained' to the file's path."
+        ) from exc
+    if not path or not os.path.isfile(path):
+        raise WeightsError(f"open_clip returned no file for {arch}/{pretrained}")
+    return path, f"{arch}@{pretrained}", tag_cfg
+
+
 def load_clip(
     arch: str,
     pretrained: str | None,
@@ -75,65 +118,29 @@ def load_clip(
 
     Returns ``(model, weights, preprocess_cfg)``; the model is in eval mode
     on the CPU.  Raises :class:`WeightsError` with instructions when the
-    weights cannot be had.
+    weights cannot be had.  Random initialisation happens only with
+    ``allow_random_init=True`` *and* ``pretrained=None``.
     """
     import open_clip
 
     if arch_config is not None:
         arch = register_arch(arch_config)
-    kwargs: dict[str, Any] = {}
-    if quick_gelu:
-        kwargs["force_quick_gelu"] = True
-
     if arch.startswith("hf-hub:"):
         return _load_hf_hub(arch, cache_dir)
-
     if arch not in open_clip.list_models():
         raise WeightsError(
             f"open_clip has no architecture {arch!r}; pick one of open_clip.list_models() "
             "or give an inline arch_config"
         )
-
-    if pretrained is None:
-        if not allow_random_init:
-            raise WeightsError(
-                f"no weights given for CLIP {arch!r}: set 'pretrained' to an open_clip tag "
-                f"(one of {open_clip.list_pretrained_tags_by_model(arch) or 'none known'}) or to a "
-                "local checkpoint file. Random weights are only allowed in `labelmill demo`."
-            )
+    path, label, tag_cfg = resolve_weights(arch, pretrained, allow_random_init=allow_random_init, cache_dir=cache_dir)
+    kwargs: dict[str, Any] = {}
+    if quick_gelu or (quick_gelu is None and tag_cfg.get("quick_gelu")):
+        kwargs["force_quick_gelu"] = True
+    if path is None:
         torch.manual_seed(seed)
         model = open_clip.create_model(arch, pretrained=None, **kwargs)
-        weights = LoadedWeights(weights=f"{arch}@{RANDOM_INIT}", sha256=RANDOM_INIT, path=None)
+        weights = LoadedWeights(weights=label, sha256=RANDOM_INIT, path=None)
         return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
-
-    if os.path.exists(pretrained):
-        path = pretrained
-        if not os.path.isfile(path):
-            raise WeightsError(f"CLIP weights path {path!r} is not a file")
-        label = f"{arch}@{os.path.basename(path)}"
-    else:
-        tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-        if not tag_cfg:
-            known = open_clip.list_pretrained_tags_by_model(arch)
-            raise WeightsError(
-                f"{pretrained!r} is neither a file nor an open_clip pretrained tag of {arch!r} "
-                f"(known tags: {known or 'none'})"
-            )
-        try:
-            path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-        except Exception as exc:  # network, hub, permission: all mean "no weights here"
-            raise WeightsError(
-                f"could not download open_clip weights {arch}/{pretrained}: {type(exc).__name__}: {exc}. "
-                "If this machine is offline, fetch the checkpoint where the hub is reachable "
-                f"(open_clip.create_model('{arch}', pretrained='{pretrained}') caches it under "
-                "~/.cache/huggingface), copy that cache here, or set 'pretrained' to the file's path."
-            ) from exc
-        if not path or not os.path.isfile(path):
-            raise WeightsError(f"open_clip returned no file for {arch}/{pretrained}")
-        if tag_cfg.get("quick_gelu") and quick_gelu is None:
-            kwargs["force_quick_gelu"] = True
-        label = f"{arch}@{pretrained}"
-
     try:
         model = open_clip.create_model(arch, pretrained=path, **kwargs)
     except Exception as exc:
@@ -283,3 +290,34 @@ class DenseCLIP(nn.Module):
         x, _, _ = self.tokens_before_last(pixels)
         x = self.visual.transformer.resblocks[-1](x)
         return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+
+def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` without the padding tail: same result, several times faster.
+
+    CLIP's text tower is causal and pools at the end-of-text token, so the
+    positions after the longest prompt's EOT cannot influence the output.
+    Prompts are short (about 10 tokens of a 77-token context), so the
+    transformer runs on the trimmed length.  Models without that structure
+    (custom/HF text towers, non-causal masks) go through ``encode_text``.
+    """
+    simple = (
+        hasattr(model, "token_embedding")
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+    )
+    if not simple:
+        return model.encode_text(tokens)
+    nonzero = (tokens != 0).any(dim=0).nonzero()
+    length = max(int(tokens.argmax(dim=-1).max()) + 1, int(nonzero.max()) + 1 if len(nonzero) else 1)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+    proj = model.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj

@@ -83,6 +83,12 @@ class TeacherConfig(BaseModel):
         """Working resolution the decoder must deliver; plug-ins override this."""
         return ImageRequest(short_side=800, max_long_side=1333)
 
+    def preflight(self, allow_random_init: bool) -> None:
+        """Cheap checks on the driver before Ray starts (weights exist, ...).
+
+        Raise :class:`WeightsError` (or ValueError) to stop the run early.
+        """
+
 
 @dataclass
 class ImageBatch:

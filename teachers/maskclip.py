@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from labelmill.models.openclip import DenseCLIP, load_clip
+from labelmill.models.openclip import DenseCLIP, encode_text_trimmed, load_clip
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
 from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
@@ -67,6 +67,15 @@ class CLIPModelFields(TeacherConfig):
     quick_gelu: bool | None = None
     cache_dir: str | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    def preflight(self, allow_random_init: bool) -> None:
+        from labelmill.models.openclip import resolve_weights
+
+        if self.arch_config is None and not self.model.startswith("hf-hub:"):
+            resolve_weights(self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir)
+        elif self.pretrained is None and not allow_random_init:
+            name = "inline arch_config" if self.arch_config is not None else self.model
+            resolve_weights(name, None, allow_random_init=False)
 
     def load(self, allow_random_init: bool):
         return load_clip(
@@ -168,7 +177,7 @@ class MaskCLIPTeacher(Teacher):
         import open_clip
 
         clip, self.weights, pp = config.load(allow_random_init)
-        self.clip = clip.to(device)
+        self.clip = clip.to(device).requires_grad_(False)
         self.dense = DenseCLIP(self.clip).to(device)
         self.patch = int(self.dense.patch_size[0])
         for name, size in (("slide_crop", config.slide_crop), ("slide_stride", config.slide_stride)):
@@ -185,7 +194,7 @@ class MaskCLIPTeacher(Teacher):
         arch = self.clip_arch_name()
         tokenizer = open_clip.get_tokenizer(arch)
         self.classifier = text_classifier(
-            self.clip.encode_text,
+            lambda tokens: encode_text_trimmed(self.clip, tokens),
             tokenizer,
             self.vocabulary,
             self.templates,
@@ -266,6 +275,7 @@ class MaskCLIPTeacher(Teacher):
         return windows, grids, extents
 
     # --------------------------------------------------------------- scores
+    @torch.inference_mode()
     def _window_probs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(N, 3, c, c) -> (N, C, g, g) class probabilities after the refinements."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

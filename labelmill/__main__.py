@@ -1,0 +1,5 @@
+import sys
+
+from labelmill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""The ``labelmill`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXIT_CONFIG = 2
+EXIT_WEIGHTS = 3
+EXIT_INPUT = 4
+EXIT_OUTPUT = 5
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from labelmill.config import load_config
+    from labelmill.pipelines.label import run
+    from labelmill.preflight import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(f"config OK, label hash {cfg.label_hash()}", file=sys.stderr)
+        return 0
+    preflight(cfg)
+    summary = run(cfg)
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from labelmill.pipelines.demo import run_demo
+
+    result = run_demo(args.out, teachers=args.teachers.split(","), overrides=args.overrides)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_export_coco(args: argparse.Namespace) -> int:
+    from labelmill.coco import export_coco
+
+    manifest = export_coco(
+        args.output, args.dest, images_per_file=args.images_per_file,
+        teachers=args.teacher or None,
+    )
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from labelmill.report import write_report
+
+    path = write_report(args.output, args.dest, max_images=args.max_images)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="labelmill",
+        description="Streaming pseudo-labelling of WebDataset image-caption shards with CLIP-family teachers on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="label shards as a config file describes (resumes where a previous run stopped)",
+        description="Run the pipeline. Overrides are key.path=value pairs applied to the YAML before "
+        "validation, e.g. output.path=/tmp/out teachers.0.image_size=448 filter.min_score=0.3",
+    )
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="build sample shards from scikit-image's photos and run the whole pipeline offline",
+        description="Offline demo on local Ray: writes sample shards, labels them with randomly initialised "
+        "teachers (no weights can be downloaded offline; a banner and every row say so), exports COCO "
+        "and writes an HTML report.",
+    )
+    p.add_argument("--out", default="labelmill-demo", help="output folder (default: ./labelmill-demo)")
+    p.add_argument("--teachers", default="maskclip", help="comma-separated: maskclip, glip, vild")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides of the demo config")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "export-coco",
+        help="write COCO instances (and grounding) JSON from a run's output",
+        description="Stream the committed labels of OUTPUT into sharded COCO JSON files under DEST.",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("dest", help="folder for the COCO files")
+    p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
+    p.add_argument("--teacher", action="append", help="only this teacher (repeatable)")
+    p.set_defaults(func=_cmd_export_coco)
+
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report with mask overlays and per-class counts",
+        description="Render the first images of OUTPUT with their labels, plus per-class and per-status counts.",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("dest", help="HTML file to write")
+    p.add_argument("--max-images", type=int, default=24)
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from labelmill.config import ConfigError
+    from labelmill.shards import ShardListError
+    from labelmill.store import OutputConflictError
+    from labelmill.teachers.base import WeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"labelmill: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WeightsError as exc:
+        print(f"labelmill: weights error: {exc}", file=sys.stderr)
+        return EXIT_WEIGHTS
+    except ShardListError as exc:
+        print(f"labelmill: input error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OutputConflictError as exc:
+        print(f"labelmill: output error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""COCO export of committed labels, streamed commit by commit.
+
+``export_coco(output, dest)`` writes, for each teacher of the run:
+
+* ``<teacher>/instances_00000.json, ...``: COCO ``instances`` files (images,
+  annotations with ``bbox``, ``area``, ``score``, ``iscrowd`` and, for masks,
+  an RLE ``segmentation``; ``categories``) of at most ``images_per_file``
+  images each, which ``pycocotools.coco.COCO`` loads as they are;
+* for grounding teachers (labels with phrases), ``grounding_00000.json, ...``
+  in the MDETR/GLIP style: every image carries its ``caption`` and every
+  annotation its ``tokens_positive`` character spans and ``phrase``.
+
+Image ids are assigned in commit order, then shard, then index, so they are
+stable for a given output; ``file_name`` is the sample key and ``shard`` /
+``index`` say where the image lives.  Samples that failed are left out;
+samples without labels are kept as images without annotations.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from labelmill.store import OutputStore
+
+
+@dataclass
+class _Writer:
+    fs: Any
+    folder: str
+    stem: str
+    images_per_file: int
+    categories: list[dict]
+    grounding: bool
+    files: list[str] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+    annotations: list[dict] = field(default_factory=list)
+    next_ann: int = 1
+
+    def add(self, image: dict, anns: list[dict]) -> None:
+        self.images.append(image)
+        for ann in anns:
+            ann["id"] = self.next_ann
+            self.next_ann += 1
+            self.annotations.append(ann)
+        if len(self.images) >= self.images_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.images:
+            return
+        name = f"{self.stem}_{len(self.files):05d}.json"
+        doc = {
+            "info": {"description": f"labelmill pseudo-labels ({self.stem})"},
+            "licenses": [],
+            "images": self.images,
+            "annotations": self.annotations,
+            "categories": self.categories,
+        }
+        self.fs.makedirs(self.folder, exist_ok=True)
+        with self.fs.open(posixpath.join(self.folder, name), "w") as fh:
+            json.dump(doc, fh)
+        self.files.append(name)
+        self.images, self.annotations = [], []
+
+
+def _commit_of(name: str) -> int:
+    return int(name.split("-")[1]) if name.startswith("part-") else -1
+
+
+def _files_by_commit(table) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for name in table.committed_files():
+        out.setdefault(_commit_of(name), []).append(name)
+    return out
+
+
+def _read_files(table, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
+    parts = []
+    for name in sorted(names):
+        with table.fs.open(posixpath.join(table.path, name), "rb") as fh:
+            parts.append(pq.read_table(fh, columns=columns))
+    return pa.concat_tables(parts) if parts else None
+
+
+@dataclass
+class TeacherCatalog:
+    """What a teacher's labels contain: categories (vocabulary labels) and phrases."""
+
+    categories: list[dict]
+    grounding: bool
+
+
+def catalog(store: OutputStore) -> dict[str, TeacherCatalog]:
+    """Per teacher: class names ordered by class id then name, and whether it grounds phrases."""
+    seen: dict[str, dict[str, int]] = {}
+    grounding: set[str] = set()
+    for commit, names in sorted(_files_by_commit(store.labels).items()):
+        table = _read_files(store.labels, names, ["teacher", "class_name", "class_id", "phrase"])
+        for teacher, name, cid, phrase in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            best = seen.setdefault(teacher, {})
+            if phrase is not None:
+                grounding.add(teacher)
+            if cid is None:
+                continue
+            best[name] = min(best.get(name, cid), cid)
+    out = {}
+    for teacher, names in seen.items():
+        ordered = sorted(names, key=lambda n: (names[n], n))
+        cats = [{"id": i + 1, "name": n, "supercategory": "pseudo"} for i, n in enumerate(ordered)]
+        out[teacher] = TeacherCatalog(cats, teacher in grounding)
+    return out
+
+
+def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storage_options: dict | None = None,
+                teachers: list[str] | None = None) -> dict[str, Any]:
+    """Write COCO files for the committed labels of ``output`` into ``dest``."""
+    import fsspec
+
+    store = OutputStore(output, storage_options)
+    if not store.samples.exists():
+        raise FileNotFoundError(f"{output} has no committed samples table (has `labelmill run` committed anything?)")
+    dest_fs, dest_root = fsspec.core.url_to_fs(dest, **(storage_options or {}))
+    cats = catalog(store)
+    names = sorted(cats) if teachers is None else list(teachers)
+    unknown = [t for t in names if t not in cats]
+    if unknown:
+        raise ValueError(f"no labels from teachers {unknown} in {output}; present: {sorted(cats)}")
+
+    instances: dict[str, _Writer] = {}
+    grounding: dict[str, _Writer] = {}
+    cat_ids: dict[str, dict[str, int]] = {}
+    for t in names:
+        folder = posixpath.join(dest_root, t)
+        if cats[t].categories:
+            instances[t] = _Writer(dest_fs, folder, "instances", images_per_file, cats[t].categories, False)
+            cat_ids[t] = {c["name"]: c["id"] for c in cats[t].categories}
+        if cats[t].grounding:
+            grounding[t] = _Writer(dest_fs, folder, "grounding", images_per_file, [GROUNDING_CATEGORY], True)
+
+    label_files = _files_by_commit(store.labels)
+    image_id = 0
+    for commit, sample_files in sorted(_files_by_commit(store.samples).items()):
+        samples = _read_files(store.samples, sample_files)
+        samples = samples.sort_by([("shard", "ascending"), ("index", "ascending")])
+        labels = _read_files(store.labels, label_files.get(commit, []))
+        grouped = _group_labels(labels) if labels is not None else {}
+        for row in samples.to_pylist():
+            if row["status"] == "error":
+                continue
+            image_id += 1
+            image = {
+                "id": image_id,
+                "file_name": row["key"],
+                "width": row["image_width"],
+                "height": row["image_height"],
+                "shard": row["shard"],
+                "index": row["index"],
+            }
+            if row["caption"] is not None:
+                image["caption"] = row["caption"]
+            rows = grouped.get((row["shard"], row["index"]), [])
+            for t in names:
+                mine = [r for r in rows if r["teacher"] == t]
+                if t in instances:
+                    anns = [_annotation(r, image_id, cat_ids[t]) for r in mine if r["class_id"] is not None]
+                    instances[t].add(dict(image), anns)
+                if t in grounding and row["caption"] is not None:
+                    anns = [_grounding_annotation(r, image_id) for r in mine if r["phrase"] is not None]
+                    grounding[t].add(dict(image), anns)
+    report: dict[str, dict[str, list[str]]] = {t: {} for t in names}
+    for kind, writers in (("instances", instances), ("grounding", grounding)):
+        for t, w in writers.items():
+            w.flush()
+            report[t][kind] = [posixpath.join(t, f) for f in w.files]
+    manifest = {"source": output, "images": image_id, "files": report}
+    dest_fs.makedirs(dest_root, exist_ok=True)
+    with dest_fs.open(posixpath.join(dest_root, "manifest.json"), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+    return manifest
+
+
+GROUNDING_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
+
+def _group_labels(labels: pa.Table) -> dict[tuple[str, int], list[dict]]:
+    grouped: dict[tuple[str, int], list[dict]] = {}
+    for row in labels.to_pylist():
+        grouped.setdefault((row["shard"], row["index"]), []).append(row)
+    return grouped
+
+
+def _annotation(row: dict, image_id: int, cat_ids: dict[str, int]) -> dict:
+    ann = {
+        "image_id": image_id,
+        "category_id": cat_ids[row["class_name"]],
+        "bbox": [round(float(v), 2) for v in row["bbox"]],
+        "area": float(row["area"]),
+        "score": round(float(row["score"]), 5),
+        "iscrowd": 0,
+    }
+    seg = row.get("segmentation")
+    if seg is not None:
+        ann["segmentation"] = {"size": [int(v) for v in seg["size"]], "counts": seg["counts"]}
+    return ann
+
+
+def _grounding_annotation(row: dict, image_id: int) -> dict:
+    return {
+        "image_id": image_id,
+        "category_id": 1,
+        "bbox": [round(float(v), 2) for v in row["bbox"]],
+        "area": float(row["area"]),
+        "score": round(float(row["score"]), 5),
+        "iscrowd": 0,
+        "phrase": row["phrase"],
+        "tokens_positive": [[int(a), int(b)] for a, b in (row["tokens_positive"] or [])],
+    }

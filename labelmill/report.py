@@ -1,0 +1,163 @@
+"""A self-contained HTML report of a run: overlays, per-class and per-status counts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import posixpath
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from labelmill.images import ImageDecodeError, decode_image
+from labelmill.shards import iter_shard
+from labelmill.store import OutputStore
+from labelmill.teachers.base import ImageRequest
+
+DISPLAY = ImageRequest(short_side=448, max_long_side=448)
+
+
+def _color(name: str) -> tuple[int, int, int]:
+    digest = hashlib.md5(name.encode()).digest()
+    return digest[0] // 2 + 96, digest[1] // 2 + 96, digest[2] // 2 + 96
+
+
+def _committed_rows(table, columns=None):
+    for name in sorted(table.committed_files()):
+        with table.fs.open(posixpath.join(table.path, name), "rb") as fh:
+            yield pq.read_table(fh, columns=columns)
+
+
+def _overlay(pixels: np.ndarray, orig_hw: tuple[int, int], labels: list[dict]) -> Image.Image:
+    from pycocotools import mask as mask_utils
+
+    img = Image.fromarray(pixels).convert("RGBA")
+    h, w = pixels.shape[:2]
+    sy, sx = h / orig_hw[0], w / orig_hw[1]
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for lab in labels:
+        color = _color(lab["class_name"] or lab["phrase"] or "?")
+        seg = lab.get("segmentation")
+        if seg is not None:
+            rle = {"size": list(seg["size"]), "counts": seg["counts"].encode()}
+            mask = Image.fromarray(mask_utils.decode(rle) * 255).resize((w, h), Image.NEAREST)
+            tint = Image.new("RGBA", img.size, color + (110,))
+            layer.paste(tint, (0, 0), mask)
+        x, y, bw, bh = lab["bbox"]
+        draw.rectangle([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy], outline=color + (255,), width=2)
+        text = f"{lab['class_name'] or lab['phrase']} {lab['score']:.2f}"
+        draw.text((x * sx + 3, y * sy + 2), text, fill=(255, 255, 255, 255))
+    return Image.alpha_composite(img, layer).convert("RGB")
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(output: str, dest: str, max_images: int = 24, storage_options: dict | None = None) -> str:
+    store = OutputStore(output, storage_options)
+    status: Counter = Counter()
+    drops: Counter = Counter()
+    errors: list[tuple[str, str, str]] = []
+    shown: list[dict] = []
+    for table in _committed_rows(store.samples):
+        for row in table.to_pylist():
+            status[row["status"]] += 1
+            for k in ("dropped_low_score", "dropped_small_area", "dropped_over_max"):
+                drops[k.removeprefix("dropped_")] += row[k] or 0
+            if row["status"] == "error":
+                errors.append((row["shard"], row["key"], row["error"]))
+            elif len(shown) < max_images:
+                shown.append(row)
+    per_class: Counter = Counter()
+    provenance: dict[str, tuple] = {}
+    wanted = {(r["shard"], r["index"]) for r in shown}
+    labels_of: dict[tuple[str, int], list[dict]] = {}
+    for table in _committed_rows(store.labels):
+        for row in table.to_pylist():
+            per_class[(row["teacher"], row["class_name"] or row["phrase"])] += 1
+            provenance[row["teacher"]] = (row["teacher_type"], row["weights"], row["weights_sha256"])
+            if (row["shard"], row["index"]) in wanted:
+                labels_of.setdefault((row["shard"], row["index"]), []).append(row)
+
+    pictures = []
+    by_shard: dict[str, set[int]] = {}
+    for r in shown:
+        by_shard.setdefault(r["shard"], set()).add(r["index"])
+    decoded: dict[tuple[str, int], np.ndarray] = {}
+    for shard, indices in by_shard.items():
+        for sample in iter_shard(shard, store.storage_options):
+            if sample.index in indices and sample.image is not None:
+                try:
+                    decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
+                except ImageDecodeError:
+                    pass
+    for r in shown:
+        pix = decoded.get((r["shard"], r["index"]))
+        if pix is None:
+            continue
+        labs = labels_of.get((r["shard"], r["index"]), [])
+        img = _overlay(pix, (r["image_height"], r["image_width"]), labs)
+        pictures.append((r, labs, _png_b64(img)))
+
+    random_init = any(p[2] == "random-init" for p in provenance.values())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>labelmill report</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}.grid{display:flex;flex-wrap:wrap;gap:12px}"
+        ".card{width:460px}.banner{background:#c00;color:#fff;padding:1em;font-weight:bold}"
+        "figcaption{font-size:13px}</style></head><body>",
+        f"<h1>labelmill report</h1><p>output: <code>{html.escape(output)}</code></p>",
+    ]
+    if random_init:
+        parts.append(
+            "<div class='banner'>RANDOM WEIGHTS: these labels come from randomly initialised teachers "
+            "(weights_sha256 = random-init). They show the pipeline working, not real predictions.</div>"
+        )
+    parts.append("<h2>Teachers</h2><table><tr><th>teacher</th><th>type</th><th>weights</th><th>sha256</th></tr>")
+    for name, (ttype, weights, sha) in sorted(provenance.items()):
+        parts.append(f"<tr><td>{html.escape(name)}</td><td>{ttype}</td><td>{html.escape(weights)}</td><td>{sha[:16]}</td></tr>")
+    parts.append("</table><h2>Samples</h2><table><tr><th>status</th><th>count</th></tr>")
+    for k in ("labelled", "no_labels", "error"):
+        parts.append(f"<tr><td>{k}</td><td>{status.get(k, 0)}</td></tr>")
+    parts.append(f"<tr><th>total</th><th>{sum(status.values())}</th></tr></table>")
+    parts.append("<h2>Labels dropped by the filter</h2><table>")
+    for k, v in sorted(drops.items()):
+        parts.append(f"<tr><td>{k}</td><td>{v}</td></tr>")
+    parts.append("</table><h2>Labels per class</h2><table><tr><th>teacher</th><th>class</th><th>labels</th></tr>")
+    for (teacher, name), n in per_class.most_common():
+        parts.append(f"<tr><td>{html.escape(teacher)}</td><td>{html.escape(str(name))}</td><td>{n}</td></tr>")
+    parts.append("</table>")
+    if errors:
+        parts.append("<h2>Errors</h2><table><tr><th>shard</th><th>key</th><th>reason</th></tr>")
+        for shard, key, reason in errors[:200]:
+            parts.append(
+                f"<tr><td>{html.escape(posixpath.basename(shard))}</td><td>{html.escape(key)}</td>"
+                f"<td>{html.escape(reason or '')}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append(f"<h2>First {len(pictures)} images</h2><div class='grid'>")
+    for row, labs, b64 in pictures:
+        caption = html.escape(row["caption"] or "(no caption)")
+        names = ", ".join(sorted({html.escape(str(lab["class_name"] or lab["phrase"])) for lab in labs})) or "none"
+        parts.append(
+            f"<figure class='card'><img src='data:image/png;base64,{b64}' width='448'>"
+            f"<figcaption><b>{html.escape(row['key'])}</b> ({row['status']}): {caption}<br>labels: {names}"
+            "</figcaption></figure>"
+        )
+    parts.append("</div></body></html>")
+    fs, path = fsspec.core.url_to_fs(dest)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as fh:
+        fh.write("\n".join(parts))
+    return dest

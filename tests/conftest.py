@@ -1,0 +1,28 @@
+"""Shared fixtures: isolated caches, one Ray session for the whole run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Never touch the network from tests, never leave a Ray auth token behind.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LABELMILL_CACHE", str(tmp_path_factory.getbasetemp() / "lm-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

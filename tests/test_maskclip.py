@@ -1,0 +1,196 @@
+"""MaskCLIP teacher: the dense value path, refinements, resampling and masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from helpers import TINY_CLIP, photo
+from labelmill.models.openclip import DenseCLIP, encode_text_trimmed, load_clip
+from labelmill.teachers.base import ImageBatch, WeightsError
+from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher, _starts, resample
+from labelmill.teachers.vocab import load_templates, load_vocabulary
+
+VOCAB = ["cat", "dog", "grass", "sky", "road"]
+
+
+def teacher(**kw) -> MaskCLIPTeacher:
+    cfg = MaskCLIPConfig(type="maskclip", pretrained=None, arch_config=TINY_CLIP, vocabulary=VOCAB,
+                         templates="single", image_size=64, logit_scale=100.0, **kw)
+    return MaskCLIPTeacher(cfg, torch.device("cpu"), allow_random_init=True)
+
+
+def batch_of(*arrays, orig=None) -> ImageBatch:
+    side = max(max(a.shape[:2]) for a in arrays)
+    canvas = torch.zeros(len(arrays), side, side, 3, dtype=torch.uint8)
+    for i, a in enumerate(arrays):
+        canvas[i, : a.shape[0], : a.shape[1]] = torch.from_numpy(a)
+    hw = [a.shape[:2] for a in arrays]
+    return ImageBatch(canvas, hw, orig or hw, [None] * len(arrays), [str(i) for i in range(len(arrays))],
+                      [{}] * len(arrays))
+
+
+def test_dense_value_path_matches_direct_computation():
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True)
+    dense = DenseCLIP(model)
+    v = model.visual
+    sd = {k: t.detach() for k, t in v.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = dense(x, with_global=True)
+        # direct computation from the state dict
+        t = F.conv2d(x, sd["conv1.weight"], stride=16).flatten(2).transpose(1, 2)
+        t = torch.cat([sd["class_embedding"].expand(2, 1, -1), t], 1) + sd["positional_embedding"]
+        t = F.layer_norm(t, (64,), sd["ln_pre.weight"], sd["ln_pre.bias"])
+        t = v.transformer.resblocks[0](t)
+        p = "transformer.resblocks.1."
+        y = F.layer_norm(t[:, 1:], (64,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+        w_v, b_v = sd[p + "attn.in_proj_weight"][128:], sd[p + "attn.in_proj_bias"][128:]
+        val = y @ w_v.T + b_v
+        out = t[:, 1:] + val @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]
+        h = F.layer_norm(out, (64,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+        h = F.gelu(h @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"])
+        out = out + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
+        out = F.layer_norm(out, (64,), sd["ln_post.weight"], sd["ln_post.bias"]) @ sd["proj"]
+        expected = out.transpose(1, 2).reshape(2, 32, 4, 4)
+        keys = y @ sd[p + "attn.in_proj_weight"][64:128].T + sd[p + "attn.in_proj_bias"][64:128]
+    assert torch.allclose(got.features, expected, atol=1e-5)
+    assert torch.allclose(got.keys, keys, atol=1e-5)
+    # the class-token path is open_clip's own image embedding
+    assert torch.allclose(got.global_embedding, model.encode_image(x), atol=1e-5)
+
+
+def test_positional_embedding_is_resized_for_other_grids():
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True)
+    dense = DenseCLIP(model)
+    out = dense(torch.randn(1, 3, 96, 128))
+    assert out.features.shape == (1, 32, 6, 8)
+
+
+def test_trimmed_text_encoder_equals_open_clip():
+    import open_clip
+
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True)
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    tokens = tok(["a photo of a cat.", "the embroidered hot dog in a video game."])
+    assert torch.allclose(encode_text_trimmed(model, tokens), model.encode_text(tokens), atol=1e-5)
+
+
+def test_random_weights_need_explicit_permission():
+    with pytest.raises(WeightsError, match="no weights"):
+        load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=False)
+    with pytest.raises(WeightsError, match="neither an existing file nor"):
+        load_clip("ViT-B-32", "no-such-tag")
+
+
+def test_local_checkpoint_is_loaded_and_hashed(tmp_path):
+    import hashlib
+
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True, seed=3)
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    loaded, weights, _ = load_clip("x", str(path), arch_config=TINY_CLIP)
+    assert weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_templates_and_vocabularies(tmp_path):
+    assert len(load_templates("maskclip85")) == 85
+    assert len(load_vocabulary("coco-stuff-171")) == 171
+    assert len(load_vocabulary("pascal-context-59")) == 59
+    f = tmp_path / "v.txt"
+    f.write_text("# my classes\nperson, human\n\ncar\n")
+    v = load_vocabulary({"file": str(f)})
+    assert v.names == ("person", "car") and v.synonyms[0] == ("person", "human")
+    with pytest.raises(ValueError, match="repeats"):
+        load_vocabulary(["a", "a"])
+
+
+def test_resample_matches_bilinear_interpolation():
+    probs = torch.rand(3, 4, 5)
+    ours = resample(probs, (4.0, 5.0), (37, 29))
+    ref = F.interpolate(probs[None], size=(37, 29), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_class_scores_are_distributions_at_original_size():
+    t = teacher()
+    b = batch_of(photo(64, 48, 1), photo(40, 64, 2), orig=[(480, 640), (640, 400)])
+    scores = t.class_scores(b)
+    assert [s.shape for s in scores] == [(5, 480, 640), (5, 640, 400)]
+    for s in scores:
+        assert torch.allclose(s.sum(0), torch.ones(1), atol=1e-4)
+    grid = t.class_scores(b, size="grid")
+    assert grid[0].shape == (5, 3, 4)  # 48x64 letterboxed: 3 x 4 patches of 16
+
+
+def test_masks_partition_the_argmax_of_the_scores():
+    t = teacher(key_smoothing={"enabled": False, "threshold": 1.0}, candidate_topk=0, label_resolution=0,
+                prompt_denoising={"enabled": False, "threshold": 0.5})
+    b = batch_of(photo(64, 48, 5), orig=[(96, 128)])
+    (out,) = t.predict(b, {})
+    (scores,) = t.class_scores(b)
+    argmax = scores.argmax(0).numpy()
+    assert out.labels, "random weights still produce an argmax map"
+    total = 0
+    for lab in out.labels:
+        m = mask_utils.decode({"size": lab.rle["size"], "counts": lab.rle["counts"].encode()})
+        cls = VOCAB.index(lab.class_name)
+        assert np.array_equal(m.astype(bool), argmax == cls)
+        assert lab.area == m.sum()
+        ys, xs = np.nonzero(m)
+        assert lab.bbox == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        assert abs(lab.score - float(scores[cls][argmax == cls].mean())) < 1e-4
+        total += m.sum()
+    assert total == 96 * 128
+
+
+def test_background_classes_produce_no_masks():
+    t = teacher(background=VOCAB, prompt_denoising={"enabled": False, "threshold": 0.5})
+    (out,) = t.predict(batch_of(photo(64, 48, 5)), {})
+    assert out.labels == []
+
+
+def test_prompt_denoising_removes_weak_classes():
+    b = batch_of(photo(64, 64, 9))
+    plain = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
+                    prompt_denoising={"enabled": False, "threshold": 0.5})
+    (p,) = plain.class_scores(b, size="grid")
+    best = p.flatten(1).amax(1)
+    cut = float(best.sort().values[2])  # keep the top three classes
+    denoised = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
+                       prompt_denoising={"enabled": True, "threshold": cut})
+    (d,) = denoised.class_scores(b, size="grid")
+    dropped = best < cut
+    assert dropped.any()
+    assert torch.all(d[dropped] == 0)
+    assert torch.allclose(d.sum(0), torch.ones(1), atol=1e-5)
+
+
+def test_key_smoothing_averages_over_similar_keys():
+    t = teacher(key_smoothing={"enabled": True, "threshold": 1.0},
+                prompt_denoising={"enabled": False, "threshold": 0.5})
+    raw = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
+                  prompt_denoising={"enabled": False, "threshold": 0.5})
+    x = torch.randn(1, 3, 64, 64)
+    smoothed = t._window_probs(x, [(4, 4)])[0].flatten(1)
+    plain = raw._window_probs(x, [(4, 4)])[0].flatten(1)
+    keys = F.normalize(t.dense(x).keys[0], dim=-1)
+    w = (keys @ keys.T).clamp_min(0)
+    w = w / w.sum(1, keepdim=True)
+    assert torch.allclose(smoothed, plain @ w.T, atol=1e-5)
+
+
+def test_slide_windows_cover_the_image():
+    assert _starts(100, 64, 32) == [0, 32, 36]
+    assert _starts(64, 64, 32) == [0]
+    t = teacher(mode="slide", slide_short_side=80, slide_max_long_side=160, slide_crop=64, slide_stride=32)
+    b = batch_of(photo(96, 64, 3), orig=[(300, 450)])
+    windows, grids, extents = t._windows(b)
+    assert len(windows) == 6  # 80 x 128 resized: rows start at 0, 16; columns at 0, 32, 64
+    (s,) = t.class_scores(b)
+    assert s.shape == (5, 300, 450) and torch.allclose(s.sum(0), torch.ones(1), atol=1e-4)

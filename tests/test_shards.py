@@ -1,0 +1,107 @@
+"""Shard listing and tar reading, including every malformed-shard case."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from helpers import good_sample, make_shards
+from labelmill.shards import ShardListError, iter_shard, list_shards, unsafe_key_reason, write_shard
+
+
+def test_listing_forms(tmp_path):
+    paths = make_shards(tmp_path / "d", 3, 1)
+    (tmp_path / "d" / "notes.txt").write_text("not a shard")
+    assert list_shards(str(tmp_path / "d")) == paths
+    assert list_shards(str(tmp_path / "d" / "*.tar")) == paths
+    assert list_shards(str(tmp_path / "d" / "shard-{00000..00001}.tar")) == paths[:2]
+    assert list_shards([paths[2], paths[0], paths[2]]) == [paths[2], paths[0]]
+
+
+def test_listing_nothing_is_an_error(tmp_path):
+    with pytest.raises(ShardListError, match="matches no shard"):
+        list_shards(str(tmp_path / "missing-*.tar"))
+    with pytest.raises(ShardListError):
+        list_shards(str(tmp_path))
+
+
+def test_samples_are_grouped_by_key(tmp_path):
+    path = write_shard(str(tmp_path / "a.tar"), [good_sample("x1"), good_sample("x2", caption="two")])
+    rows = list(iter_shard(path))
+    assert [(r.key, r.index, r.error) for r in rows] == [("x1", 0, None), ("x2", 1, None)]
+    assert rows[1].caption == b"two" and rows[1].image_ext == "jpg" and '"seed"' in rows[1].meta
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "cut, broken_key, first_ok",
+    [
+        (4200, "", True),    # inside a.txt's padding: 'a' is whole, the next header breaks
+        (6000, "b", True),   # inside b.jpg's data: 'a' is whole, 'b' is the error row
+        (2000, "a", False),  # inside a.jpg's data: 'a' itself is cut
+    ],
+)
+def test_truncated_tar_keeps_complete_samples_and_reports_the_break(tmp_path, cut, broken_key, first_ok):
+    full = _tar_bytes([("a.jpg", b"A" * 3000), ("a.txt", b"cap"), ("b.jpg", b"B" * 3000), ("b.txt", b"cap")])
+    path = tmp_path / "cut.tar"
+    path.write_bytes(full[:cut])
+    rows = list(iter_shard(str(path)))
+    if first_ok:
+        assert rows[0].key == "a" and rows[0].error is None and rows[0].caption == b"cap"
+        assert len(rows) == 2
+    else:
+        assert len(rows) == 1
+    assert rows[-1].key == broken_key and "shard broken" in rows[-1].error
+    assert [r.index for r in rows] == list(range(len(rows)))
+
+
+def test_garbage_file_is_one_error_row(tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"\x00garbage" * 200)
+    rows = list(iter_shard(str(bad)))
+    assert len(rows) == 1 and rows[0].error
+
+
+def test_missing_shard_is_one_error_row(tmp_path):
+    rows = list(iter_shard(str(tmp_path / "nope.tar")))
+    assert len(rows) == 1 and "cannot open shard" in rows[0].error
+
+
+def test_duplicate_keys_adjacent_and_not(tmp_path):
+    data = _tar_bytes(
+        [("k.jpg", b"1"), ("k.txt", b"a"), ("k.jpg", b"2"), ("m.jpg", b"3"), ("k.jpg", b"4")]
+    )
+    path = tmp_path / "dup.tar"
+    path.write_bytes(data)
+    rows = list(iter_shard(str(path)))
+    assert [r.key for r in rows] == ["k", "k", "m", "k"]
+    assert rows[0].error is None and rows[2].error is None
+    assert "duplicate key" in rows[1].error and "duplicate key" in rows[3].error
+
+
+def test_unsafe_and_slashed_keys(tmp_path):
+    data = _tar_bytes([("dir/ok.jpg", b"1"), ("../evil.jpg", b"2"), ("a/../b.jpg", b"3")])
+    path = tmp_path / "keys.tar"
+    path.write_bytes(data)
+    rows = list(iter_shard(str(path)))
+    assert rows[0].key == "dir/ok" and rows[0].error is None
+    assert "unsafe key" in rows[1].error and "unsafe key" in rows[2].error
+    assert unsafe_key_reason("/abs") and unsafe_key_reason("") and not unsafe_key_reason("a/b/c")
+
+
+def test_sample_without_image(tmp_path):
+    path = tmp_path / "noimg.tar"
+    path.write_bytes(_tar_bytes([("a.txt", b"caption only"), ("a.json", b"{}")]))
+    (row,) = list(iter_shard(str(path)))
+    assert "no image member" in row.error and "txt" in row.error
