@@ -76,3 +76,31 @@ def run_config(shards: str, out: str, **overrides) -> dict:
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
+
+
+def rect_annotations(h: int, w: int, seed: int, n: int = 2) -> list[dict]:
+    """Non-overlapping rectangle masks as COCO RLE, with categories."""
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    anns = []
+    for j in range(n):
+        m = np.zeros((h, w), np.uint8, order="F")
+        x0 = j * w // n + int(rng.integers(0, w // (2 * n)))
+        y0 = int(rng.integers(0, h // 2))
+        m[y0 : y0 + h // 3, x0 : x0 + w // (2 * n)] = 1
+        rle = mask_utils.encode(m)
+        cid = int(rng.integers(1, 4))
+        anns.append({"category": f"block{cid}", "category_id": cid,
+                     "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}})
+    return anns
+
+
+def gt_sample(key: str, seed: int, w: int = 96, h: int = 64):
+    meta = {"annotations": rect_annotations(h, w, seed)}
+    return key, {"png": encode(photo(w, h, seed), "PNG"), "txt": f"sample {key}".encode(),
+                 "json": json.dumps(meta).encode()}
+
+
+def gt_teacher(**kw) -> dict:
+    return {"type": "plugin_teacher:GroundTruthTeacher", "name": "gt", **kw}

@@ -88,6 +88,7 @@ def test_strict_loading_reports_problems(tmp_path, tiny_pair):
     state = {to_checkpoint_key(k): v for k, v in a.state_dict().items()}
     del state["module.language_backbone.body.model.embeddings.position_ids"]  # regenerable
     state["module.language_backbone.body.model.pooler.dense.bias"] = torch.zeros(32)
+    state["module.language_backbone.body.model.embeddings.token_type_ids"] = torch.zeros(1, 64, dtype=torch.long)
     path = tmp_path / "extra.pth"
     torch.save({"model": state}, path)
     with pytest.raises(CheckpointError, match="unexpected"):
@@ -95,6 +96,7 @@ def test_strict_loading_reports_problems(tmp_path, tiny_pair):
     report = load_glip_weights(GLIP(GLIPConfig.tiny()), path, strict=False)
     assert report.unexpected == ["language_backbone.body.model.pooler.dense.bias"]
     assert report.regenerated == ["language_backbone.body.model.embeddings.position_ids"]
+    assert report.ignored == ["language_backbone.body.model.embeddings.token_type_ids"]
     assert report.missing == []
     del state["module.rpn.head.bias0"]
     torch.save({"model": state}, path)

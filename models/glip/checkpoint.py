@@ -12,7 +12,9 @@ the five ATSS ``rpn.anchor_generator.cell_anchors.<i>`` and BERT's
 ``embeddings.position_ids`` (persistent in the transformers versions GLIP was
 trained with).  All are deterministic; if a file lacks ``position_ids``
 (e.g. one re-saved with a recent transformers) the model keeps its own copy
-and the report says so.
+and the report says so.  BERT's all-zero ``embeddings.token_type_ids``
+buffer (non-persistent in GLIP's era, persistent in some other versions) is
+dropped if a file happens to contain it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from torch import nn
 DDP_PREFIX = "module."
 # Keys the model may supply itself when a file does not have them.
 REGENERABLE_KEYS = frozenset({"language_backbone.body.model.embeddings.position_ids"})
+# Constant buffers that some transformers versions persist and GLIP-T's
+# module tree does not keep; dropped (and reported) if a file has them.
+IGNORABLE_KEYS = frozenset({"language_backbone.body.model.embeddings.token_type_ids"})
 
 DOWNLOAD_HINT = (
     "GLIP-T weights are the official files 'glip_tiny_model_o365_goldg.pth' (O365+GoldG) or "
@@ -59,6 +64,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     regenerated: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
     loaded: int = 0
 
     @property
@@ -101,7 +107,7 @@ def load_glip_weights(
 
     With ``strict`` (default) any missing or unexpected key, or any shape
     mismatch, raises :class:`CheckpointError`; keys in :data:`REGENERABLE_KEYS`
-    may be absent from the file.
+    may be absent from the file and keys in :data:`IGNORABLE_KEYS` may be extra.
     """
     raw = read_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
     return load_state_dict_mapped(model, raw, strict=strict)
@@ -112,7 +118,8 @@ def load_state_dict_mapped(model: nn.Module, raw: Mapping[str, torch.Tensor], *,
     state = {to_model_key(k): v for k, v in raw.items()}
     own = model.state_dict()
     report = LoadReport()
-    report.unexpected = sorted(k for k in state if k not in own)
+    report.ignored = sorted(k for k in state if k not in own and k in IGNORABLE_KEYS)
+    report.unexpected = sorted(k for k in state if k not in own and k not in IGNORABLE_KEYS)
     absent = sorted(k for k in own if k not in state)
     report.regenerated = [k for k in absent if k in REGENERABLE_KEYS]
     report.missing = [k for k in absent if k not in REGENERABLE_KEYS]
