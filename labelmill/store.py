@@ -201,6 +201,10 @@ class DeltaTableStore(_Table):
         if not self.exists():
             DeltaTable.create(self.uri, schema=self.schema, storage_options=self.storage)
         self._table().create_write_transaction(actions, mode="append", schema=self.schema, commit_properties=props)
+        # Removed files only ever held rows of uncommitted groups: delete them so
+        # plain-Parquet readers (pandas, DuckDB, Ray read_parquet) agree with Delta.
+        for name in remove:
+            self.fs.rm(posixpath.join(self.path, name))
 
 
 class ManifestTableStore(_Table):
