@@ -1,6 +1,7 @@
 """State-dict naming: official key evidence, prefix mapping, save/load round trips."""
 
 import gzip
+import re
 import json
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def test_full_size_keys_and_shapes_match_official(name, factory):
     assert sorted(set(got) - set(expected)) == []
     assert {k: v for k, v in got.items() if expected[k] != v} == {}
     assert len(expected) == {"glip_t": 746, "glip_l": 1022}[name]
+
+
+def test_tiny_config_uses_the_same_naming_scheme():
+    def scheme(keys):
+        return {re.sub(r"\.\d+(?=\.|$)", ".#", k) for k in keys}
+
+    assert scheme(GLIP(GLIPConfig.tiny()).state_dict()) == scheme(evidence("glip_t"))
 
 
 def test_key_mapping_round_trip():

@@ -72,7 +72,19 @@ def _batches(items: list, size: int):
 
 
 class GLIPPredictor:
-    """Runs :class:`GLIP` on lists of RGB uint8 images with one prompt (or chunk list) each."""
+    """Runs :class:`GLIP` on lists of RGB uint8 images with one prompt (or chunk list) each.
+
+    The model is moved to ``device`` (default: where its parameters are) and
+    put in eval mode.  ``min_size``/``max_size`` override the config's resize
+    (smaller is faster); ``pre_nms_thresh``, ``pre_nms_top_n``, ``nms_thresh``
+    and ``detections_per_prompt`` override GLIP's ATSS settings (0.05, 1000,
+    0.6, 100).  ``score_floor`` drops final detections scoring below it and
+    ``max_detections_per_image`` caps the merged list (``None``: keep all,
+    as GLIP does when it concatenates vocabulary chunks).  ``autocast_dtype``
+    (e.g. ``torch.float16`` on CUDA) enables autocast; by default everything
+    runs in float32.  ``max_batch_size`` bounds images per backbone pass and
+    prompts per head pass.
+    """
 
     def __init__(
         self,
