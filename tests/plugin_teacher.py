@@ -16,6 +16,7 @@ from labelmill.teachers.base import ImageRequest, Teacher, TeacherConfig
 class GroundTruthConfig(TeacherConfig):
     score: float = 1.0
     fail_on_key: str | None = None
+    delay_s: float = 0.0  # per batch, to make runs slow enough to interrupt
 
     def image_request(self) -> ImageRequest:
         return ImageRequest(short_side=64, max_long_side=128)
@@ -28,6 +29,9 @@ class GroundTruthTeacher(Teacher):
         return Provenance(self.name, self.config.type, "ground-truth", "0" * 64, self.config_hash())
 
     def predict(self, batch, upstream):
+        import time
+
+        time.sleep(self.config.delay_s)
         outs = []
         for key, meta, (h, w) in zip(batch.keys, batch.metas, batch.orig_hw):
             if key == self.config.fail_on_key:
