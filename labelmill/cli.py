@@ -114,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.store import OutputConflictError
     from labelmill.teachers.base import WeightsError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides given after an option (argparse cannot intermix them)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:
