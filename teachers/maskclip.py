@@ -145,6 +145,9 @@ class ScoreMap:
     probs: torch.Tensor
     extent: tuple[float, float]
     orig_hw: tuple[int, int]
+    #: (D, Gh, Gw) value-path features in CLIP's joint space (not normalised), on the
+    #: same grid; a later teacher (ViLD dense mode) pools region embeddings from them.
+    features: torch.Tensor | None = None
 
 
 def bilinear_weights(out_len: int, grid_len: int, extent: float, device) -> torch.Tensor:
@@ -278,9 +281,15 @@ class MaskCLIPTeacher(Teacher):
     @torch.inference_mode()
     def _window_probs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(N, 3, c, c) -> (N, C, g, g) class probabilities after the refinements."""
+        return self._window_outputs(pixels, valid)[0]
+
+    @torch.inference_mode()
+    def _window_outputs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]):
+        """Class probabilities (N, C, g, g) and raw dense features (N, D, g, g) of windows."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.dense(pixels)
-        feats = F.normalize(out.features.float(), dim=1)
+        raw = out.features.float()
+        feats = F.normalize(raw, dim=1)
         logits = torch.einsum("ndhw,cd->nchw", feats, self.classifier.float()) * self.logit_scale
         n, c, gh, gw = logits.shape
         cell_mask = torch.zeros(n, gh * gw, dtype=torch.bool, device=logits.device)
@@ -304,28 +313,31 @@ class MaskCLIPTeacher(Teacher):
             smoothed = torch.bmm(probs, sim.transpose(1, 2))  # (n, C, L)
             unsure = probs.amax(dim=1, keepdim=True) < cfg.key_smoothing.threshold
             probs = torch.where(unsure, smoothed, probs)
-        return probs.view(n, c, gh, gw)
+        return probs.view(n, c, gh, gw), raw
 
     @torch.inference_mode()
     def score_maps(self, batch: ImageBatch) -> list[ScoreMap]:
         """Class probabilities on the patch grid, one :class:`ScoreMap` per image."""
         windows, grids, extents = self._windows(batch)
-        c = len(self.vocabulary)
+        c, d = len(self.vocabulary), self.dense.embed_dim
         sums = [torch.zeros(c, gh, gw, device=self.device) for gh, gw in grids]
+        feats = [torch.zeros(d, gh, gw, device=self.device) for gh, gw in grids]
         counts = [torch.zeros(1, gh, gw, device=self.device) for gh, gw in grids]
         step = self.config.window_batch_size if self.config.mode == "slide" else max(1, len(windows))
         for start in range(0, len(windows), step):
             chunk = windows[start : start + step]
-            probs = self._window_probs(torch.stack([w.pixels for w in chunk]), [w.valid for w in chunk])
-            for win, pr in zip(chunk, probs):
+            probs, raw = self._window_outputs(torch.stack([w.pixels for w in chunk]), [w.valid for w in chunk])
+            for win, pr, fe in zip(chunk, probs, raw):
                 oy, ox = win.offset
                 gh, gw = pr.shape[1:]
                 sums[win.image][:, oy : oy + gh, ox : ox + gw] += pr
+                feats[win.image][:, oy : oy + gh, ox : ox + gw] += fe
                 counts[win.image][:, oy : oy + gh, ox : ox + gw] += 1
         maps = []
         for i in range(len(batch)):
-            probs = sums[i] / counts[i].clamp_min(1)
-            maps.append(ScoreMap(probs=probs, extent=extents[i], orig_hw=tuple(batch.orig_hw[i])))
+            n = counts[i].clamp_min(1)
+            maps.append(ScoreMap(probs=sums[i] / n, extent=extents[i], orig_hw=tuple(batch.orig_hw[i]),
+                                 features=feats[i] / n))
         return maps
 
     def class_scores(self, batch: ImageBatch, size: Literal["grid", "original"] | tuple[int, int] = "original"):
