@@ -6,9 +6,10 @@
   annotations with ``bbox``, ``area``, ``score``, ``iscrowd`` and, for masks,
   an RLE ``segmentation``; ``categories``) of at most ``images_per_file``
   images each, which ``pycocotools.coco.COCO`` loads as they are;
-* for grounding teachers (labels with phrases), ``grounding_00000.json, ...``
-  in the MDETR/GLIP style: every image carries its ``caption`` and every
-  annotation its ``tokens_positive`` character spans and ``phrase``.
+* for grounding teachers (labels with a phrase and no class id, i.e. GLIP in
+  caption mode), ``grounding_00000.json, ...`` in the MDETR/GLIP style: every
+  image carries its ``caption`` and every annotation its ``tokens_positive``
+  character spans into it and its ``phrase``.
 
 Image ids are assigned in commit order, then shard, then index, so they are
 stable for a given output; ``file_name`` is the sample key and ``shard`` /
@@ -104,7 +105,7 @@ def catalog(store: OutputStore) -> dict[str, TeacherCatalog]:
         table = _read_files(store.labels, names, ["teacher", "class_name", "class_id", "phrase"])
         for teacher, name, cid, phrase in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             best = seen.setdefault(teacher, {})
-            if phrase is not None:
+            if phrase is not None and cid is None:
                 grounding.add(teacher)
             if cid is None:
                 continue
@@ -171,7 +172,8 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
                     anns = [_annotation(r, image_id, cat_ids[t]) for r in mine if r["class_id"] is not None]
                     instances[t].add(dict(image), anns)
                 if t in grounding and row["caption"] is not None:
-                    anns = [_grounding_annotation(r, image_id) for r in mine if r["phrase"] is not None]
+                    anns = [_grounding_annotation(r, image_id) for r in mine
+                            if r["phrase"] is not None and r["class_id"] is None]
                     grounding[t].add(dict(image), anns)
     report: dict[str, dict[str, list[str]]] = {t: {} for t in names}
     for kind, writers in (("instances", instances), ("grounding", grounding)):

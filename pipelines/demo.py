@@ -66,11 +66,15 @@ def demo_config(out: str, teachers: list[str]) -> dict:
                     "vocabulary": "coco-stuff-171",
                     "templates": "short",
                     "image_size": 224,
+                    # a trained CLIP's temperature; random weights with their own (about 14) give flat maps
+                    "logit_scale": 100.0,
                 }
             )
         elif name == "glip":
-            sections.append({"type": "glip", "config": "glip_t", "weights": None, "tokenizer": "bundled-test",
-                             "min_size": 320, "max_size": 512})
+            # the real GLIP-T architecture, random weights, a small input size for CPU speed;
+            # the offline demo cannot download bert-base-uncased, so it builds a small WordPiece vocab
+            sections.append({"type": "glip", "architecture": "glip_t", "weights": None, "tokenizer": "builtin-test",
+                             "min_size": 320, "max_size": 512, "max_detections_per_image": 10})
         elif name == "vild":
             sections.append({"type": "vild", "model": "ViT-B-16", "pretrained": None})
         else:
@@ -79,7 +83,7 @@ def demo_config(out: str, teachers: list[str]) -> dict:
         "input": {"shards": os.path.join(out, "shards")},
         "output": {"path": os.path.join(out, "output"), "commit_every_shards": 1},
         "teachers": sections,
-        "filter": {"min_score": 0.2, "min_area": 64, "max_labels_per_image": 20},
+        "filter": {"min_score": 0.0, "min_area": 256, "max_labels_per_image": 12},
         "ray": {"batch_size": 8},
         "allow_random_init": True,
     }
