@@ -54,6 +54,11 @@ class RayConfig(_Strict):
     cpus_per_actor: float | None = Field(default=None, gt=0, description="CPU reservation of a label actor")
     torch_threads: int | None = Field(default=None, gt=0, description="intra-op threads in a label actor")
     batch_size: int = Field(default=32, gt=0, description="images per teacher forward")
+    object_store_budget_mb: int | None = Field(
+        default=None, gt=0,
+        description="cap on Ray Data's object-store use (backpressure keeps memory flat); "
+        "default 512 MB plus 512 MB per label actor",
+    )
     read_cpus: float = Field(default=0.25, gt=0)
     decode_cpus: float = Field(default=0.25, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -17,8 +17,8 @@ class ResourcePlan:
 
     CPU-only machines are where naive plans deadlock: two label actors with
     ``num_cpus=1`` on two CPUs leave nothing for the read tasks that feed
-    them.  The plan therefore reserves fractional CPUs for the read, decode
-    and filter tasks and gives the label actors the rest, while the actors'
+    them.  The plan therefore reserves fractional CPUs for the read and
+    decode tasks and gives the label actors the rest, while the actors'
     torch thread count (what really uses the cores) is set separately.
     """
 
@@ -28,7 +28,6 @@ class ResourcePlan:
     torch_threads: int
     read_cpus: float
     decode_cpus: float
-    filter_cpus: float
     total_cpus: float
     total_gpus: float
 
@@ -36,7 +35,7 @@ class ResourcePlan:
         dev = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "CPU"
         return (
             f"{self.actors} label actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, {self.torch_threads} torch threads]; "
-            f"read {self.read_cpus:g} / decode {self.decode_cpus:g} / filter {self.filter_cpus:g} CPU per task; "
+            f"read {self.read_cpus:g} / decode {self.decode_cpus:g} CPU per task (filter runs in the label actors); "
             f"cluster {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
         )
 
@@ -44,8 +43,7 @@ class ResourcePlan:
 def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False) -> ResourcePlan:
     """Decide actor count and reservations; raise ConfigError on a plan that cannot run."""
     read, decode = cfg.read_cpus, cfg.decode_cpus
-    filt = min(read, decode)
-    reserve = read + decode + filt
+    reserve = read + decode
     if cfg.device == "cpu":
         gpus_per_actor = 0.0
     elif cfg.gpus_per_actor is not None:
@@ -68,17 +66,17 @@ def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autosca
         room = total_cpus - reserve
         if room <= 0:
             raise ConfigError(
-                f"the cluster's {total_cpus:g} CPUs cannot hold the read/decode/filter reservations ({reserve:g})"
+                f"the cluster's {total_cpus:g} CPUs cannot hold the read/decode reservations ({reserve:g})"
             )
         cpus = cfg.cpus_per_actor or min(max(1.0, total_cpus / actors), room / actors)
         threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / actors)))
     if not autoscaling and actors * cpus + reserve > total_cpus + 1e-9:
         raise ConfigError(
             f"resource plan would deadlock: {actors} label actors x {cpus:g} CPU plus {reserve:g} CPU for "
-            f"read/decode/filter exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors or "
+            f"read/decode exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors or "
             "ray.cpus_per_actor"
         )
-    return ResourcePlan(actors, gpus_per_actor, cpus, threads, read, decode, filt, total_cpus, total_gpus)
+    return ResourcePlan(actors, gpus_per_actor, cpus, threads, read, decode, total_cpus, total_gpus)
 
 
 def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
@@ -105,10 +103,20 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     return True, False
 
 
-def quiet_ray_data() -> None:
+def configure_ray_data(plan: ResourcePlan, budget_mb: int | None) -> None:
+    """Quiet Ray Data's own output and cap its object-store use.
+
+    Without the cap, reading and decoding race ahead of the label actors
+    until half the object store holds decoded images: memory then grows
+    with the dataset.  The cap makes Ray Data's backpressure hold the
+    readers back, so memory stays flat whatever the number of shards.
+    """
     from ray.data import DataContext
+    from ray.data._internal.execution.interfaces import ExecutionResources
 
     ctx = DataContext.get_current()
+    budget = (budget_mb or 512 * (1 + plan.actors)) * 2**20
+    ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=budget)
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     ctx.enable_auto_log_stats = False

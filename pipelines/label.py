@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from labelmill import __version__
 from labelmill.config import RunConfig
-from labelmill.runtime import Progress, ResourcePlan, plan_resources, quiet_ray_data, start_ray
+from labelmill.runtime import Progress, ResourcePlan, configure_ray_data, plan_resources, start_ray
 from labelmill.shards import list_shards
-from labelmill.stages.base import apply_stage, check_contract
+from labelmill.stages.base import apply_stages, check_contract, fuse
 from labelmill.stages.decode import DecodeImages, merge_requests
 from labelmill.stages.filter import FilterLabels
 from labelmill.stages.label import LabelImages
@@ -75,7 +75,7 @@ def build_stages(cfg: RunConfig, plan: ResourcePlan):
         torch_threads=plan.torch_threads,
         device=cfg.ray.device,
     )
-    filt = FilterLabels(cfg.filter, plan.filter_cpus)
+    filt = FilterLabels(cfg.filter, plan.cpus_per_actor)
     return read, [decode, label, filt]
 
 
@@ -85,10 +85,12 @@ def dataset(read: ReadShards, stages, urls: list[str], cfg: RunConfig, plan: Res
     ds = ray.data.read_datasource(
         read.datasource(urls), override_num_blocks=len(urls), **read.resources().ray_args()
     )
-    decode, label, filt = stages
-    ds = apply_stage(ds, decode, batch_size=None)
-    ds = apply_stage(ds, label, batch_size=cfg.ray.batch_size, concurrency=plan.actors)
-    return apply_stage(ds, filt, batch_size=None)
+    for group in fuse(stages):  # decode | label+filter (the filter runs inside the label actors)
+        if group[0].stateful:
+            ds = apply_stages(ds, group, batch_size=cfg.ray.batch_size, concurrency=plan.actors)
+        else:
+            ds = apply_stages(ds, group, batch_size=None)
+    return ds
 
 
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
@@ -120,9 +122,9 @@ def run(cfg: RunConfig, *, stream=None) -> RunSummary:
         import ray
 
         try:
-            quiet_ray_data()
             res = ray.cluster_resources()
             plan = plan_resources(cfg.ray, res.get("CPU", 0.0), res.get("GPU", 0.0), autoscaling=remote)
+            configure_ray_data(plan, cfg.ray.object_store_budget_mb)
             plan_text = plan.describe()
             print(f"[labelmill] plan: {plan_text}", file=stream)
             read, stages = build_stages(cfg, plan)

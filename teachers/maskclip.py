@@ -393,43 +393,40 @@ class MaskCLIPTeacher(Teacher):
             return []
         probs = resample(sm.probs[cand], sm.extent, (lh, lw))  # (K, lh, lw)
         best, arg = probs.max(dim=0)
-        arg = arg.to(torch.int32)
         if cfg.pixel_threshold > 0:
-            arg[best < cfg.pixel_threshold] = -1
-        cand_list = cand.tolist()
-        present = torch.unique(arg).tolist()
-        label_map = arg.cpu().numpy()
-        if (lh, lw) != (H, W):
+            arg = torch.where(best < cfg.pixel_threshold, len(cand), arg)  # K = "unlabelled"
+        arg_np = arg.to(torch.int32).flatten().cpu().numpy()
+        counts = np.bincount(arg_np, minlength=len(cand) + 1)
+        # a pixel's label is its argmax, so the mean probability of class k over
+        # its mask is the mean of the per-pixel maximum over those pixels
+        sums = np.bincount(arg_np, weights=best.flatten().cpu().numpy().astype(np.float64), minlength=len(cand) + 1)
+        present = [k for k in np.nonzero(counts[: len(cand)])[0] if int(cand[k]) not in self.background]
+        if not present:
+            return []
+        label_map = arg_np.reshape(lh, lw).astype(np.uint8 if len(cand) < 255 else np.uint16)
+        if (lh, lw) != (H, W):  # nearest-neighbour upsampling to the original size
             rows = ((np.arange(H) + 0.5) * lh / H).astype(np.int64)
             cols = ((np.arange(W) + 0.5) * lw / W).astype(np.int64)
-            full = label_map[rows[:, None], cols[None, :]]
-        else:
-            full = label_map
-        full = np.asfortranarray(full)
+            label_map = np.take(np.take(label_map, rows, axis=0), cols, axis=1)
+        full = np.asfortranarray(label_map)  # masks derived from it stay column-major for RLE
+        cand_list = cand.tolist()
         labels = []
         for k in present:
-            if k < 0:
-                continue
             class_id = cand_list[k]
-            if class_id in self.background:
-                continue
-            low = arg == k
-            score = float(probs[k][low].mean())
-            rle = mask_utils.encode(np.asfortranarray((full == k).astype(np.uint8)))
+            rle = mask_utils.encode((full == k).view(np.uint8))
             area = float(mask_utils.area(rle))
             if area <= 0:
                 continue
             bbox = tuple(float(v) for v in mask_utils.toBbox(rle))
-            rle["counts"] = rle["counts"].decode("ascii")
             labels.append(
                 Label(
                     kind="mask",
-                    score=score,
+                    score=float(sums[k] / counts[k]),
                     bbox=bbox,
                     class_name=self.vocabulary.names[class_id],
                     class_id=class_id,
                     area=area,
-                    rle={"size": [int(H), int(W)], "counts": rle["counts"]},
+                    rle={"size": [int(H), int(W)], "counts": rle["counts"].decode("ascii")},
                 )
             )
         return labels

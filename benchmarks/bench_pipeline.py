@@ -1,0 +1,273 @@
+"""Pipeline throughput against the bare teacher forward, and peak memory.
+
+    python benchmarks/bench_pipeline.py --images 1024 --shards 16
+    python benchmarks/bench_pipeline.py --memory   # 4 vs 40 shards, same shard size
+
+Three numbers on the same images, batch size and torch threads:
+
+* **bare forward**: MaskCLIP's dense forward plus the text classifier on
+  already-decoded, already-normalised 224x224 batches (what a hand-written
+  loop over open_clip would do);
+* **teacher in-process**: ``MaskCLIPTeacher.predict`` on decoded batches,
+  masks and RLE included, no Ray;
+* **pipeline**: ``labelmill run`` end to end on local Ray: tar shards on
+  disk -> read -> decode -> label -> filter -> Delta commits.  Reported as
+  steady-state images/s (first to last committed sample) and as total wall
+  time including Ray start-up and model load.
+
+Peak memory is the peak, over the run, of the summed proportional set size
+(PSS: shared pages split between processes, so Ray's shared-memory object
+store is counted once) of the driver and every process it started.
+
+Weights are random (no hub here); ``logit_scale`` 100 makes the score maps
+as peaked as a trained CLIP's so mask post-processing does realistic work.
+Images: the 128 COCO photos in ../shared/data/coco128 repeated, or
+synthetic photos if that folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "images"
+
+
+def photos() -> list[bytes]:
+    files = sorted(glob.glob(str(COCO128 / "*.jpg")))
+    if files:
+        return [Path(f).read_bytes() for f in files]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(32):
+        arr = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def build_shards(folder: Path, n_images: int, n_shards: int) -> list[str]:
+    from labelmill.shards import write_shard
+
+    blobs = photos()
+    per = -(-n_images // n_shards)
+    paths, k = [], 0
+    for s in range(n_shards):
+        samples = []
+        for _ in range(per):
+            if k >= n_images:
+                break
+            samples.append((f"{k:08d}", {"jpg": blobs[k % len(blobs)], "txt": b"a photo"}))
+            k += 1
+        paths.append(write_shard(str(folder / f"bench-{s:05d}.tar"), samples))
+    return paths
+
+
+def teacher_section(arch: str, size: int) -> dict:
+    return {
+        "type": "maskclip",
+        "model": arch,
+        "pretrained": None,
+        "vocabulary": "coco-stuff-171",
+        "templates": "maskclip85",
+        "image_size": size,
+        "logit_scale": 100.0,
+    }
+
+
+class MemorySampler:
+    """Peak summed PSS of this process and all its descendants."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak = 0
+        self.peak_driver_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+            self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, threads: int) -> dict:
+    """Decode every image once (not timed), then time the forward and the teacher."""
+    import torch
+
+    from labelmill.images import decode_image
+    from labelmill.shards import iter_shard
+    from labelmill.teachers.base import ImageBatch, ImageRequest
+    from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher
+
+    torch.set_num_threads(threads)
+    teacher = MaskCLIPTeacher(MaskCLIPConfig(**teacher_section(arch, size)), torch.device("cpu"),
+                              allow_random_init=True)
+    request = ImageRequest(size, size)
+    decoded = [decode_image(s.image, request, 10**9) for url in shards for s in iter_shard(url)]
+    n = len(decoded)
+
+    def image_batch(items):
+        canvas = torch.zeros(len(items), size, size, 3, dtype=torch.uint8)
+        for j, d in enumerate(items):
+            h, w = d.pixels.shape[:2]
+            canvas[j, :h, :w] = torch.from_numpy(d.pixels)
+        return ImageBatch(canvas, [d.pixels.shape[:2] for d in items], [d.orig_hw for d in items],
+                          [None] * len(items), [""] * len(items), [{}] * len(items))
+
+    batches = [image_batch(decoded[i : i + batch]) for i in range(0, n, batch)]
+    pixels = []
+    for b in batches:  # exactly the tensors the teacher builds (letterboxed, normalised)
+        windows, _, _ = teacher._windows(b)
+        pixels.append((torch.stack([w.pixels for w in windows]), [w.valid for w in windows]))
+
+    teacher._window_probs(*pixels[0])  # warm-up
+    start = time.perf_counter()
+    for px, valid in pixels:
+        teacher._window_probs(px, valid)
+    bare = time.perf_counter() - start
+
+    start = time.perf_counter()
+    labels = 0
+    for b in batches:
+        labels += sum(len(o.labels) for o in teacher.predict(b, {}))
+    taught = time.perf_counter() - start
+    return {"images": n, "bare_forward_img_s": n / bare, "teacher_in_process_img_s": n / taught,
+            "labels_per_image": labels / n}
+
+
+def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, threads: int,
+             commit_every: int) -> dict:
+    from labelmill.config import load_config
+    from labelmill.pipelines.label import run
+    from labelmill.runtime import Progress
+
+    cfg = load_config(
+        {
+            "input": {"shards": str(shards_dir)},
+            "output": {"path": str(out), "commit_every_shards": commit_every},
+            "teachers": [teacher_section(arch, size)],
+            "ray": {"batch_size": batch, "torch_threads": threads},
+            "allow_random_init": True,
+            "progress_interval_s": 5,
+        }
+    )
+    marks: list[tuple[float, int]] = []
+    original = Progress.update
+
+    def spy(self, counters, committed, force=False):
+        marks.append((time.monotonic(), counters.samples))
+        return original(self, counters, committed, force)
+
+    Progress.update = spy
+    try:
+        with MemorySampler() as mem:
+            start = time.monotonic()
+            summary = run(cfg, stream=open(os.devnull, "w"))
+            wall = time.monotonic() - start
+    finally:
+        Progress.update = original
+    first = next((t, n) for t, n in marks if n > 0)
+    last = marks[-1]
+    steady = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+    return {
+        "images": summary.counters.samples,
+        "errors": summary.counters.error,
+        "pipeline_steady_img_s": steady,
+        "pipeline_wall_s": wall,
+        "pipeline_wall_img_s": summary.counters.samples / wall,
+        "peak_pss_mb": mem.peak / 2**20,
+        "peak_driver_rss_mb": mem.peak_driver_rss / 2**20,
+        "plan": summary.plan,
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--arch", default="ViT-B-32")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--commit-every", type=int, default=4)
+    ap.add_argument("--memory", action="store_true", help="compare peak memory of 4 and 40 shards")
+    ap.add_argument("--per-shard", type=int, default=25, help="images per shard in --memory mode")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="labelmill-bench-"))
+    result: dict = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args)}
+    try:
+        if args.memory:
+            for n in (4, 40):
+                folder = work / f"shards-{n}"
+                build_shards(folder, n * args.per_shard, n)
+                res = pipeline(folder, work / f"out-{n}", args.arch, args.size, args.batch, args.threads,
+                               args.commit_every)
+                result[f"{n}_shards"] = res
+                print(json.dumps({n: res}), file=sys.stderr, flush=True)
+            a, b = result["4_shards"]["peak_pss_mb"], result["40_shards"]["peak_pss_mb"]
+            result["peak_ratio_40_vs_4"] = b / a
+        else:
+            folder = work / "shards"
+            paths = build_shards(folder, args.images, args.shards)
+            # warm the text-embedding cache so every measurement starts from the same state
+            result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            result.update(pipeline(folder, work / "out", args.arch, args.size, args.batch, args.threads,
+                                   args.commit_every))
+            result["pipeline_vs_bare"] = result["pipeline_steady_img_s"] / result["bare_forward_img_s"]
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
