@@ -99,19 +99,24 @@ class MemorySampler:
         self.interval = interval
         self.peak = 0
         self.peak_driver_rss = 0
+        self.breakdown: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total, parts = 0, {}
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_full_info().pss
+                    pss = p.memory_full_info().pss
+                    name = " ".join(p.cmdline()[:2])[-60:] if p.pid != me.pid else "driver"
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                total += pss
+                parts[name] = parts.get(name, 0) + pss / 2**20
+            if total > self.peak:
+                self.peak, self.breakdown = total, parts
             self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
             self._stop.wait(self.interval)
 
@@ -170,7 +175,7 @@ def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, thread
 
 
 def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, threads: int,
-             commit_every: int) -> dict:
+             commit_every: int, budget_mb: int | None = None) -> dict:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
     from labelmill.runtime import Progress
@@ -180,7 +185,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
             "input": {"shards": str(shards_dir)},
             "output": {"path": str(out), "commit_every_shards": commit_every},
             "teachers": [teacher_section(arch, size)],
-            "ray": {"batch_size": batch, "torch_threads": threads},
+            "ray": {"batch_size": batch, "torch_threads": threads, "object_store_budget_mb": budget_mb},
             "allow_random_init": True,
             "progress_interval_s": 5,
         }
@@ -211,6 +216,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
         "pipeline_wall_img_s": summary.counters.samples / wall,
         "peak_pss_mb": mem.peak / 2**20,
         "peak_driver_rss_mb": mem.peak_driver_rss / 2**20,
+        "peak_breakdown_mb": {k: round(v) for k, v in sorted(mem.breakdown.items(), key=lambda kv: -kv[1])},
         "plan": summary.plan,
     }
 
@@ -238,6 +244,7 @@ def main() -> None:
     ap.add_argument("--commit-every", type=int, default=4)
     ap.add_argument("--memory", action="store_true", help="compare peak memory of 4 and 40 shards")
     ap.add_argument("--per-shard", type=int, default=25, help="images per shard in --memory mode")
+    ap.add_argument("--budget-mb", type=int, default=None, help="ray.object_store_budget_mb (default: auto)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -249,7 +256,7 @@ def main() -> None:
                 folder = work / f"shards-{n}"
                 build_shards(folder, n * args.per_shard, n)
                 res = pipeline(folder, work / f"out-{n}", args.arch, args.size, args.batch, args.threads,
-                               args.commit_every)
+                               args.commit_every, args.budget_mb)
                 result[f"{n}_shards"] = res
                 print(json.dumps({n: res}), file=sys.stderr, flush=True)
             a, b = result["4_shards"]["peak_pss_mb"], result["40_shards"]["peak_pss_mb"]
@@ -261,7 +268,7 @@ def main() -> None:
             result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))
             print(json.dumps(result), file=sys.stderr, flush=True)
             result.update(pipeline(folder, work / "out", args.arch, args.size, args.batch, args.threads,
-                                   args.commit_every))
+                                   args.commit_every, args.budget_mb))
             result["pipeline_vs_bare"] = result["pipeline_steady_img_s"] / result["bare_forward_img_s"]
     finally:
         if args.workdir is None:

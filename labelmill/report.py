@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from labelmill.images import ImageDecodeError, decode_image
 from labelmill.shards import iter_shard
 from labelmill.store import OutputStore
-from labelmill.teachers.base import ImageRequest
+from labelmill.schemas.records import ImageRequest
 
 DISPLAY = ImageRequest(short_side=448, max_long_side=448)
 

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 
 import fsspec
 from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -42,6 +41,20 @@ class RawSample:
     meta: str | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+
+
+def split_member(name: str) -> tuple[str | None, str | None]:
+    """``dir/KEY.a.b`` -> (``dir/KEY``, ``a.b``): the webdataset grouping rule.
+
+    The key is the member path up to the first dot of its file name; a
+    file name without a dot belongs to no sample.  (Implemented here so the
+    read workers need neither the webdataset package nor torch.)
+    """
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or not ext:
+        return None, None
+    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 def _fs(url: str, storage_options: dict[str, Any]):
@@ -184,7 +197,7 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Itera
                 name = info.name[2:] if info.name.startswith("./") else info.name
                 if posixpath.basename(name).startswith("__"):
                     continue
-                key, ext = base_plus_ext(name)
+                key, ext = split_member(name)
                 if key is None:
                     continue  # not part of any sample (no extension)
                 reading = key

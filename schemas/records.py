@@ -102,3 +102,21 @@ class TeacherOutput:
     # Dense features a later teacher in the same run may reuse (e.g. the ViLD
     # embedder pooling MaskCLIP's value-path features).  Never written out.
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """The working resolution a teacher wants from the decoder.
+
+    The decoder resizes every image (keeping its aspect ratio) so that its
+    short side is at most ``short_side`` and its long side at most
+    ``max_long_side``; it never enlarges.  With several teachers the decoder
+    serves the largest request and each teacher resizes on the tensor side.
+    """
+
+    short_side: int
+    max_long_side: int
+
+    def scale_for(self, height: int, width: int) -> float:
+        short, long = min(height, width), max(height, width)
+        return min(self.short_side / short, self.max_long_side / long)

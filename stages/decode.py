@@ -17,7 +17,7 @@ from labelmill.images import ImageDecodeError, decode_caption, decode_image
 from labelmill.schemas.records import RowKind
 from labelmill.schemas.tables import Col
 from labelmill.stages.base import Resources, Stage
-from labelmill.teachers.base import ImageRequest
+from labelmill.schemas.records import ImageRequest
 
 PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 

@@ -40,29 +40,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from labelmill.schemas.records import Provenance, TeacherOutput
+from labelmill.schemas.records import ImageRequest, Provenance, TeacherOutput
 
 
 class WeightsError(RuntimeError):
     """Weights (or a tokenizer) a teacher needs are missing or unusable."""
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """The working resolution a teacher wants from the decoder.
-
-    The decoder resizes every image (keeping its aspect ratio) so that its
-    short side is at most ``short_side`` and its long side at most
-    ``max_long_side``; it never enlarges.  With several teachers the decoder
-    serves the largest request and each teacher resizes on the tensor side.
-    """
-
-    short_side: int
-    max_long_side: int
-
-    def scale_for(self, height: int, width: int) -> float:
-        short, long = min(height, width), max(height, width)
-        return min(self.short_side / short, self.max_long_side / long)
 
 
 class TeacherConfig(BaseModel):

@@ -105,3 +105,19 @@ def test_sample_without_image(tmp_path):
     path.write_bytes(_tar_bytes([("a.txt", b"caption only"), ("a.json", b"{}")]))
     (row,) = list(iter_shard(str(path)))
     assert "no image member" in row.error and "txt" in row.error
+
+
+def test_grouping_agrees_with_the_webdataset_library(tmp_path):
+    """Our reader and webdataset's own iterators see the same samples in our shards."""
+    import fsspec
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    samples = [good_sample(f"dir/k{i}", seed=i) for i in range(4)] + [("plain", {"png": b"p", "txt": b"t"})]
+    path = write_shard(str(tmp_path / "w.tar"), samples)
+    ours = [(s.key, s.image, s.caption) for s in iter_shard(path)]
+    with fsspec.open(path, "rb") as fh:
+        theirs = [
+            (s["__key__"], s.get("jpg", s.get("png")), s["txt"])
+            for s in group_by_keys(tar_file_expander([{"url": path, "stream": fh}]))
+        ]
+    assert ours == theirs
