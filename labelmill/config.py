@@ -57,10 +57,14 @@ class RayConfig(_Strict):
     object_store_budget_mb: int | None = Field(
         default=None, gt=0,
         description="cap on Ray Data's object-store use (backpressure keeps memory flat); "
-        "default 512 MB plus 512 MB per label actor",
+        "default: room for eight forward batches of decoded images per label actor, at least 256 MB",
     )
-    read_cpus: float = Field(default=0.25, gt=0)
-    decode_cpus: float = Field(default=0.25, gt=0)
+    read_tasks: int | None = Field(
+        default=None, gt=0,
+        description="concurrent read+decode tasks (each streams whole shards); "
+        "default one per label actor, two per GPU actor",
+    )
+    read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of one read+decode task")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

@@ -11,6 +11,8 @@ from collections import Counter
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
@@ -28,6 +30,7 @@ def _color(name: str) -> tuple[int, int, int]:
 
 
 def _committed_rows(table, columns=None):
+    """Committed files one at a time (memory stays bounded by one commit group)."""
     for name in sorted(table.committed_files()):
         with table.fs.open(posixpath.join(table.path, name), "rb") as fh:
             yield pq.read_table(fh, columns=columns)
@@ -68,25 +71,39 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
     drops: Counter = Counter()
     errors: list[tuple[str, str, str]] = []
     shown: list[dict] = []
+    drop_cols = ["dropped_low_score", "dropped_small_area", "dropped_over_max"]
+    for table in _committed_rows(store.samples, ["status", "error", "shard", "key", "index"] + drop_cols):
+        for value, n in zip(*pc.value_counts(table.column("status")).flatten()):
+            status[value.as_py()] += n.as_py()
+        for col in drop_cols:
+            drops[col.removeprefix("dropped_")] += pc.sum(table.column(col)).as_py() or 0
+        if len(errors) < 200:
+            bad = table.filter(pc.equal(table.column("status"), "error")).slice(0, 200 - len(errors))
+            errors += [(r["shard"], r["key"], r["error"]) for r in bad.to_pylist()]
     for table in _committed_rows(store.samples):
-        for row in table.to_pylist():
-            status[row["status"]] += 1
-            for k in ("dropped_low_score", "dropped_small_area", "dropped_over_max"):
-                drops[k.removeprefix("dropped_")] += row[k] or 0
-            if row["status"] == "error":
-                errors.append((row["shard"], row["key"], row["error"]))
-            elif len(shown) < max_images:
-                shown.append(row)
+        if len(shown) >= max_images:
+            break
+        good = table.filter(pc.not_equal(table.column("status"), "error")).slice(0, max_images - len(shown))
+        shown += good.to_pylist()
     per_class: Counter = Counter()
     provenance: dict[str, tuple] = {}
     wanted = {(r["shard"], r["index"]) for r in shown}
     labels_of: dict[tuple[str, int], list[dict]] = {}
     for table in _committed_rows(store.labels):
-        for row in table.to_pylist():
-            per_class[(row["teacher"], row["class_name"] or row["phrase"])] += 1
-            provenance[row["teacher"]] = (row["teacher_type"], row["weights"], row["weights_sha256"])
-            if (row["shard"], row["index"]) in wanted:
-                labels_of.setdefault((row["shard"], row["index"]), []).append(row)
+        names = pc.coalesce(table.column("class_name"), table.column("phrase"))
+        keyed = pa.table({"teacher": table.column("teacher"), "name": names})
+        for row in keyed.group_by(["teacher", "name"]).aggregate([([], "count_all")]).to_pylist():
+            per_class[(row["teacher"], row["name"])] += row["count_all"]
+        for t in table.column("teacher").unique().to_pylist():
+            if t not in provenance:
+                first = table.filter(pc.equal(table.column("teacher"), t)).slice(0, 1).to_pylist()[0]
+                provenance[t] = (first["teacher_type"], first["weights"], first["weights_sha256"])
+        mask = pc.is_in(
+            pc.binary_join_element_wise(table.column("shard"), pc.cast(table.column("index"), pa.string()), "#"),
+            pa.array([f"{s}#{i}" for s, i in wanted], pa.string()),
+        )
+        for row in table.filter(mask).to_pylist():
+            labels_of.setdefault((row["shard"], row["index"]), []).append(row)
 
     pictures = []
     by_shard: dict[str, set[int]] = {}

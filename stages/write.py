@@ -77,6 +77,7 @@ class CommitWriter:
         self.version = version
         self.buffers: dict[str, list[pa.Table]] = defaultdict(list)
         self.received: dict[str, int] = defaultdict(int)
+        self.seen: dict[str, set[int]] = defaultdict(set)  # row indices per shard, to drop replays
         self.expected: dict[str, int] = {}
         self.complete: list[str] = []
         self.counters = RunCounters()   # rows seen this run (committed or buffered)
@@ -92,19 +93,34 @@ class CommitWriter:
         ends = batch.filter(pc.equal(kinds, RowKind.SHARD_END.value))
         rows = batch.filter(pc.equal(kinds, RowKind.SAMPLE.value))
         if rows.num_rows:
-            self._count(rows, self.counters)
             shards = rows.column(Col.SHARD)
             for shard in pc.unique(shards).to_pylist():
                 part = rows.filter(pc.equal(shards, shard))
+                part = self._drop_replays(shard, part)
+                if part.num_rows == 0:
+                    continue
+                self._count(part, self.counters)
                 self.buffers[shard].append(part)
                 self.received[shard] += part.num_rows
                 self._check(shard)
         for shard, n in zip(ends.column(Col.SHARD).to_pylist(), ends.column(Col.SHARD_ROWS).to_pylist()):
+            if shard in self.done:
+                continue
             self.expected[shard] = int(n)
             self._check(shard)
         while len(self.complete) >= self.commit_every:
             group, self.complete = self.complete[: self.commit_every], self.complete[self.commit_every :]
             self._commit(group)
+
+    def _drop_replays(self, shard: str, part: pa.Table) -> pa.Table:
+        """Rows of a shard already received (a retried Ray task replays them) are dropped."""
+        if shard in self.done:
+            return part.slice(0, 0)
+        seen = self.seen[shard]
+        idx = part.column(Col.INDEX).to_pylist()
+        fresh = [i not in seen for i in idx]
+        seen.update(idx)
+        return part if all(fresh) else part.filter(pa.array(fresh))
 
     def _check(self, shard: str) -> None:
         exp = self.expected.get(shard)
@@ -291,6 +307,7 @@ class CommitWriter:
             self.buffers.pop(s, None)
             self.received.pop(s, None)
             self.expected.pop(s, None)
+            self.seen.pop(s, None)
         self.done.update(shards)
         self.committed.samples += group.samples
         self.committed.labelled += group.labelled

@@ -73,11 +73,11 @@ def test_config_file_errors(tmp_path):
 def test_resource_plan_never_starves_readers_on_two_cpus():
     plan = plan_resources(RayConfig(), total_cpus=2, total_gpus=0)
     assert plan.actors == 1 and plan.torch_threads == 2
-    assert plan.actors * plan.cpus_per_actor + plan.read_cpus + plan.decode_cpus <= 2
+    assert plan.actors * plan.cpus_per_actor + plan.read_tasks * plan.read_cpus <= 2
     with pytest.raises(ConfigError, match="deadlock"):
         plan_resources(RayConfig(teacher_actors=2, cpus_per_actor=1), total_cpus=2, total_gpus=0)
     two = plan_resources(RayConfig(teacher_actors=2), total_cpus=2, total_gpus=0)
-    assert two.actors == 2 and 2 * two.cpus_per_actor + 0.5 <= 2 and two.torch_threads == 1
+    assert two.actors == 2 and two.read_tasks == 2 and 2 * two.cpus_per_actor + 0.5 <= 2 and two.torch_threads == 1
 
 
 def test_resource_plan_on_gpus():

@@ -143,3 +143,13 @@ def test_plugin_teacher_by_class_path_and_per_sample_failure(tmp_path, ray_sessi
     labels = read(str(tmp_path / "out"), "labels")
     assert set(labels.teacher) == {"gt"} and set(labels.teacher_type) == {"plugin_teacher:GroundTruthTeacher"}
     assert len(labels) == 10 and (labels.weights == "ground-truth").all()
+
+    from labelmill.report import write_report
+
+    html = (tmp_path / "report.html")
+    write_report(str(tmp_path / "out"), str(html), max_images=4)
+    text = html.read_text()
+    assert text.count("<figure") == 4 and text.count("data:image/png;base64,") == 4
+    assert "cannot label g3" in text and "RANDOM WEIGHTS" not in text
+    for name in set(labels.class_name):
+        assert f"<td>{name}</td>" in text

@@ -158,3 +158,17 @@ def test_output_belongs_to_one_config(tmp_path):
     store.claim({"a": 1}, "hash1")
     with pytest.raises(OutputConflictError, match="hash1"):
         store.claim({"a": 2}, "hash2")
+
+
+def test_replayed_rows_are_dropped(tmp_path):
+    """A retried Ray task may deliver a shard's rows again: they must not be written twice."""
+    store = OutputStore(str(tmp_path / "out"))
+    w = writer(store, every=1)
+    w.add(rows("s1", 3, end=False))
+    w.add(rows("s1", 3, end=False))        # replay of the same three rows
+    w.add(rows("s1", 2, start=3))          # the rest and the end marker
+    w.add(rows("s1", 5))                   # a full replay after the commit
+    w.finish()
+    samples = DeltaTable(str(tmp_path / "out" / "samples")).to_pandas()
+    assert sorted(samples["index"]) == [0, 1, 2, 3, 4]
+    assert w.committed.samples == 5
