@@ -148,6 +148,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.start = time.monotonic()
         self.last = 0.0
+        self.last_counts: tuple | None = None
 
     def line(self, counters, committed) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
@@ -159,6 +160,7 @@ class Progress:
 
     def update(self, counters, committed, force: bool = False) -> None:
         now = time.monotonic()
-        if force or now - self.last >= self.interval:
-            self.last = now
+        counts = (counters.samples, committed.shards_committed)
+        if (force and counts != self.last_counts) or now - self.last >= self.interval:
+            self.last, self.last_counts = now, counts
             print(self.line(counters, committed), file=self.stream, flush=True)
