@@ -119,6 +119,13 @@ class RunConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"teacher names must be unique; give 'name' to tell apart {dupes}")
+        earlier: dict[str, TeacherConfig] = {}
+        for i, teacher in enumerate(self.teachers):
+            try:
+                teacher.check_upstream(dict(earlier))
+            except ValueError as exc:
+                raise ValueError(f"teachers.{i}: {exc}") from None
+            earlier[teacher.instance_name] = teacher
         return self
 
     def label_hash(self) -> str:

@@ -96,6 +96,9 @@ class StagedFile:
 class _Table:
     """Shared parts of a committed table: staging, footers, orphan cleanup."""
 
+    #: rows per Parquet row group; the unit a reader of one image fetches
+    row_group_rows = 4096
+
     def __init__(self, fs, root: str, name: str, schema: pa.Schema, compression: str):
         self.fs = fs
         self.name = name
@@ -116,7 +119,7 @@ class _Table:
         self.fs.makedirs(self.staging, exist_ok=True)
         target = posixpath.join(self.staging, name)
         with self.fs.open(target, "wb") as fh:
-            pq.write_table(table, fh, compression=self.compression, row_group_size=4096)
+            pq.write_table(table, fh, compression=self.compression, row_group_size=self.row_group_rows)
         return StagedFile(name=name, size=int(self.fs.size(target)), stats=_file_stats(table), shards=shards)
 
     def publish(self, staged: Iterable[StagedFile]) -> None:
@@ -212,8 +215,12 @@ class ManifestTableStore(_Table):
 
     Used for tables with types Delta Lake cannot express (float16 vectors).
     ``_manifest/00000012.json`` holds ``{"add": [...], "remove": [...]}``;
-    the committed set is the replay of all manifests in order.
+    the committed set is the replay of all manifests in order.  Row groups
+    are small (a few MB of embeddings) so one image can be read without its
+    neighbours.
     """
+
+    row_group_rows = 32
 
     @property
     def manifest_dir(self) -> str:

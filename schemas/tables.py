@@ -173,14 +173,17 @@ STATS = pa.schema(
 )
 
 
-#: In-flight regions of one image from one teacher (embedding width free).
+#: In-flight regions of one image from one teacher.  The embeddings travel
+#: as one flat float16 list (regions x dim, row-major) with their width in
+#: ``dim``, so no per-value Python objects are ever made.
 REGION_STRUCT = pa.struct(
     [
         ("teacher", pa.string()),
         ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
         ("scores", pa.list_(pa.float32())),
         ("sources", pa.list_(pa.string())),
-        ("embeddings", pa.list_(pa.list_(pa.float16()))),
+        ("embeddings", pa.list_(pa.float16())),
+        ("dim", pa.int32()),
         ("mode", pa.string()),
     ]
 )
@@ -235,16 +238,34 @@ def labels_array(per_row: Sequence[Iterable[dict]]) -> pa.Array:
     return pa.array([list(rows) for rows in per_row], type=pa.list_(LABEL_STRUCT))
 
 
-def region_to_struct(regions: RegionSet, teacher: str) -> dict:
-    emb = np.ascontiguousarray(regions.embeddings, dtype=np.float16)
-    return {
-        "teacher": teacher,
-        "boxes": regions.boxes.astype(np.float32).tolist(),
-        "scores": regions.scores.astype(np.float32).tolist(),
-        "sources": list(regions.sources),
-        "embeddings": list(emb),
-        "mode": regions.mode,
-    }
+def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Array:
+    """A ``list<REGION_STRUCT>`` array: for every row, its ``(teacher, RegionSet)`` pairs."""
+    items = [item for row in per_row for item in row]
+    counts = [len(r.boxes) for _, r in items]
+    region_offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    boxes = np.concatenate([r.boxes.reshape(-1, 4) for _, r in items]) if items else np.zeros((0, 4))
+    scores = np.concatenate([r.scores.reshape(-1) for _, r in items]) if items else np.zeros(0)
+    emb = [np.ascontiguousarray(r.embeddings, dtype=np.float16).reshape(-1) for _, r in items]
+    emb_offsets = np.concatenate([[0], np.cumsum([e.size for e in emb])]).astype(np.int32)
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array([t for t, _ in items], pa.string()),
+            pa.ListArray.from_arrays(
+                region_offsets,
+                pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1).astype(np.float32)), 4),
+            ),
+            pa.ListArray.from_arrays(region_offsets, pa.array(scores.astype(np.float32))),
+            pa.ListArray.from_arrays(region_offsets, pa.array([s for _, r in items for s in r.sources], pa.string())),
+            pa.ListArray.from_arrays(
+                pa.array(emb_offsets), pa.array(np.concatenate(emb) if emb else np.zeros(0, np.float16))
+            ),
+            pa.array([int(r.embeddings.shape[1]) for _, r in items], pa.int32()),
+            pa.array([r.mode for _, r in items], pa.string()),
+        ],
+        fields=list(REGION_STRUCT),
+    )
+    row_offsets = np.concatenate([[0], np.cumsum([len(row) for row in per_row])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(row_offsets), struct)
 
 
 def provenance_columns(prov: Provenance, n: int) -> dict[str, pa.Array]:

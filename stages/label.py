@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from labelmill.schemas.records import RowKind, TeacherOutput
-from labelmill.schemas.tables import LABEL_STRUCT, REGION_STRUCT, Col, label_to_struct, meta_dict, region_to_struct
+from labelmill.schemas.tables import LABEL_STRUCT, Col, label_to_struct, meta_dict, regions_array
 from labelmill.stages.base import Resources, Stage
 from labelmill.teachers.base import ImageBatch, Teacher, TeacherConfig, build_teacher
 
@@ -117,7 +117,7 @@ class LabelImages(Stage):
         warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
         todo = [i for i in range(n) if kinds[i] == RowKind.SAMPLE.value and errors[i] is None]
         labels: list[list[dict]] = [[] for _ in range(n)]
-        regions: list[list[dict]] = [[] for _ in range(n)]
+        regions: list[list[tuple]] = [[] for _ in range(n)]
         if todo:
             images = batch.column(Col.IMAGE).combine_chunks().to_numpy()
             orig_h = batch.column(Col.ORIG_H).to_pylist()
@@ -135,7 +135,7 @@ class LabelImages(Stage):
             out.schema.get_field_index(Col.WARNINGS), Col.WARNINGS, pa.array(warns, pa.list_(pa.string()))
         )
         out = out.append_column(Col.LABELS, pa.array(labels, pa.list_(LABEL_STRUCT)))
-        out = out.append_column(Col.REGIONS, pa.array(regions, pa.list_(REGION_STRUCT)))
+        out = out.append_column(Col.REGIONS, regions_array(regions))
         return out.append_column(Col.PROVENANCE, pa.array([self.provenance_json] * n, pa.string()))
 
     def _label(self, ib: ImageBatch, rows: list[int], labels, regions, errors, warns) -> None:
@@ -162,7 +162,7 @@ class LabelImages(Stage):
                 r = rows[j]
                 labels[r].extend(label_to_struct(lab, teacher.name) for lab in out.labels)
                 if out.regions is not None:
-                    regions[r].append(region_to_struct(out.regions, teacher.name))
+                    regions[r].append((teacher.name, out.regions))
                 warns[r].extend(out.warnings)
         for j, r in enumerate(rows):
             if errors[r] is not None:  # a failed sample keeps no partial labels

@@ -223,45 +223,44 @@ class CommitWriter:
         return conform(pa.table(cols), LABELS)
 
     def regions_table(self, rows: pa.Table) -> pa.Table | None:
+        """One row per (image, region teacher); embeddings as fixed-size float16 lists."""
         regions = rows.column(Col.REGIONS).combine_chunks()
         flat = pc.list_flatten(regions)
         if len(flat) == 0:
             return None
         owners = rows.take(pc.list_parent_indices(regions))
-        records = flat.to_pylist()
-        dims = {len(e) for r in records for e in r["embeddings"]}
+        dims = set(pc.unique(pc.struct_field(flat, "dim")).to_pylist())
         if len(dims) > 1:
             raise RuntimeError(f"region embeddings of different widths in one run: {sorted(dims)}")
-        dim = dims.pop() if dims else 1
+        dim = int(dims.pop())
         schema = regions_schema(dim)
-        widths = owners.column(Col.ORIG_W).to_pylist()
-        heights = owners.column(Col.ORIG_H).to_pylist()
-        provs = [self._provenance(p) for p in owners.column(Col.PROVENANCE).to_pylist()]
-        box_norm = []
-        for rec, w, h in zip(records, widths, heights):
-            scale = np.array([w, h, w, h], dtype=np.float32)
-            boxes = np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4)
-            box_norm.append((boxes / np.maximum(scale, 1)).tolist())
-        emb_type = schema.field("embeddings").type
-        embeddings = pa.array(
-            [np.asarray(rec["embeddings"], dtype=np.float16).reshape(-1, dim).tolist() for rec in records],
-            pa.list_(pa.list_(pa.float32(), dim)),
-        ).cast(emb_type)
+        boxes = pc.struct_field(flat, "boxes")
+        counts = pc.list_value_length(boxes).fill_null(0)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(counts.to_numpy())]).astype(np.int32))
+        emb_values = pc.list_flatten(pc.struct_field(flat, "embeddings"))
+        embeddings = pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(emb_values, dim))
+        # boxes divided by (w, h, w, h) of their image
+        box_values = pc.list_flatten(pc.list_flatten(boxes)).to_numpy().reshape(-1, 4)
+        per_box = np.repeat(np.arange(len(flat)), counts.to_numpy())
+        wh = np.stack([owners.column(Col.ORIG_W).to_numpy(), owners.column(Col.ORIG_H).to_numpy()], 1)
+        scale = np.maximum(np.tile(wh, 2)[per_box], 1).astype(np.float32)
+        norm = pa.FixedSizeListArray.from_arrays(pa.array((box_values / scale).reshape(-1).astype(np.float32)), 4)
         cols = {
             "key": owners.column(Col.KEY),
             "shard": owners.column(Col.SHARD),
             "index": owners.column(Col.INDEX),
             "image_width": owners.column(Col.ORIG_W),
             "image_height": owners.column(Col.ORIG_H),
-            "boxes": pc.struct_field(flat, "boxes"),
-            "boxes_norm": pa.array(box_norm, schema.field("boxes_norm").type),
+            "boxes": boxes,
+            "boxes_norm": pa.ListArray.from_arrays(offsets, norm),
             "scores": pc.struct_field(flat, "scores"),
             "sources": pc.struct_field(flat, "sources"),
             "embeddings": embeddings,
-            "num_regions": pc.list_value_length(pc.struct_field(flat, "scores")).cast(pa.int32()),
+            "num_regions": counts.cast(pa.int32()),
             "mode": pc.struct_field(flat, "mode"),
         }
         teacher_names = pc.struct_field(flat, "teacher").to_pylist()
+        provs = [self._provenance(p) for p in owners.column(Col.PROVENANCE).to_pylist()]
         cols["teacher"] = pa.array(teacher_names, pa.string())
         for field in ("teacher_type", "weights", "weights_sha256", "teacher_config_hash"):
             cols[field] = pa.array([pv[t][field] for pv, t in zip(provs, teacher_names)], pa.string())

@@ -71,6 +71,14 @@ class TeacherConfig(BaseModel):
         Raise :class:`WeightsError` (or ValueError) to stop the run early.
         """
 
+    def check_upstream(self, earlier: dict[str, "TeacherConfig"]) -> None:
+        """Validate references to teachers that run before this one.
+
+        ``earlier`` maps instance names to the configs of the teachers listed
+        before this one in the run.  A teacher that reads ``upstream``
+        outputs raises ValueError here when it names one that is missing.
+        """
+
 
 @dataclass
 class ImageBatch:
@@ -138,6 +146,16 @@ class Teacher(ABC):
         self, batch: ImageBatch, upstream: dict[str, list[TeacherOutput]]
     ) -> list[TeacherOutput]:
         """Label every image of ``batch``; one output per image, in order."""
+
+    def clip_provenance(self, weights: str, sha256: str) -> Provenance:
+        """Provenance of a teacher whose weights are one file (or random init)."""
+        return Provenance(
+            teacher=self.name,
+            teacher_type=self.config.type,
+            weights=weights,
+            weights_sha256=sha256,
+            teacher_config_hash=self.config_hash(),
+        )
 
     def needs_caption(self) -> bool:
         """True if an image without a caption cannot be labelled."""

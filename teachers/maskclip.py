@@ -148,6 +148,8 @@ class ScoreMap:
     #: (D, Gh, Gw) value-path features in CLIP's joint space (not normalised), on the
     #: same grid; a later teacher (ViLD dense mode) pools region embeddings from them.
     features: torch.Tensor | None = None
+    #: ``weights@sha256`` of the CLIP that computed ``features``
+    weights_id: str | None = None
 
 
 def bilinear_weights(out_len: int, grid_len: int, extent: float, device) -> torch.Tensor:
@@ -171,7 +173,33 @@ def resample(probs: torch.Tensor, extent: tuple[float, float], size: tuple[int, 
     return torch.einsum("yh,chw,xw->cyx", ay, probs.float(), ax)
 
 
-class MaskCLIPTeacher(Teacher):
+class CLIPTeacher(Teacher):
+    """A teacher built on one open_clip model (MaskCLIP, the ViLD embedder).
+
+    Loads the model once, keeps its normalisation constants as (3, 1, 1)
+    tensors, an id of the exact weights, and the autocast dtype the
+    ``precision`` setting asks for.
+    """
+
+    def __init__(self, config: CLIPModelFields, device: torch.device, allow_random_init: bool = False):
+        super().__init__(config, device, allow_random_init)
+        clip, self.weights, self.preprocess_cfg = config.load(allow_random_init)
+        self.clip = clip.to(device).requires_grad_(False)
+        self.weights_id = f"{self.weights.weights}@{self.weights.sha256}"
+        pp = self.preprocess_cfg
+        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(3, 1, 1)
+        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(3, 1, 1)
+        self.autocast_dtype = _autocast_dtype(config.precision, device)
+
+    def autocast(self):
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def provenance(self) -> Provenance:
+        return self.clip_provenance(self.weights.weights, self.weights.sha256)
+
+
+class MaskCLIPTeacher(CLIPTeacher):
     Config = MaskCLIPConfig
     type_name = "maskclip"
 
@@ -179,8 +207,6 @@ class MaskCLIPTeacher(Teacher):
         super().__init__(config, device, allow_random_init)
         import open_clip
 
-        clip, self.weights, pp = config.load(allow_random_init)
-        self.clip = clip.to(device).requires_grad_(False)
         self.dense = DenseCLIP(self.clip).to(device)
         self.patch = int(self.dense.patch_size[0])
         for name, size in (("slide_crop", config.slide_crop), ("slide_stride", config.slide_stride)):
@@ -206,10 +232,6 @@ class MaskCLIPTeacher(Teacher):
         )
         scale = config.logit_scale or float(self.clip.logit_scale.exp().item())
         self.logit_scale = scale
-        mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device)
-        std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device)
-        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)
-        self.autocast_dtype = _autocast_dtype(config.precision, device)
 
     # ------------------------------------------------------------------ info
     def clip_arch_name(self) -> str:
@@ -217,15 +239,6 @@ class MaskCLIPTeacher(Teacher):
 
         cfg = self.config
         return register_arch(cfg.arch_config) if cfg.arch_config is not None else cfg.model
-
-    def provenance(self) -> Provenance:
-        return Provenance(
-            teacher=self.name,
-            teacher_type=self.config.type,
-            weights=self.weights.weights,
-            weights_sha256=self.weights.sha256,
-            teacher_config_hash=self.config_hash(),
-        )
 
     # ------------------------------------------------------------- windows
     def _normalise(self, img: torch.Tensor) -> torch.Tensor:
@@ -286,7 +299,7 @@ class MaskCLIPTeacher(Teacher):
     @torch.inference_mode()
     def _window_outputs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]):
         """Class probabilities (N, C, g, g) and raw dense features (N, D, g, g) of windows."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with self.autocast():
             out = self.dense(pixels)
         raw = out.features.float()
         feats = F.normalize(raw, dim=1)
@@ -337,7 +350,7 @@ class MaskCLIPTeacher(Teacher):
         for i in range(len(batch)):
             n = counts[i].clamp_min(1)
             maps.append(ScoreMap(probs=sums[i] / n, extent=extents[i], orig_hw=tuple(batch.orig_hw[i]),
-                                 features=feats[i] / n))
+                                 features=feats[i] / n, weights_id=self.weights_id))
         return maps
 
     def class_scores(self, batch: ImageBatch, size: Literal["grid", "original"] | tuple[int, int] = "original"):

@@ -1,0 +1,416 @@
+"""ViLD region embeddings: CLIP image embeddings of object proposals.
+
+ViLD trains a detector whose region features are pulled towards what a
+frozen CLIP image encoder says about each proposal.  Those CLIP targets are
+computed once, offline, over the whole dataset; this "teacher" computes them
+inside the labelling pipeline and writes them to the ``regions`` table.
+
+Proposals per image come from any mix of
+  * the boxes of teachers that ran earlier in the same run (GLIP boxes above
+    their score floor, MaskCLIP mask boxes), taken *before* the filter stage;
+  * a field of the sample's ``KEY.json`` (external RPN proposals);
+  * optionally the whole image.
+They are clipped to the image, boxes thinner than ``min_box_size`` dropped,
+then merged by class-agnostic NMS and capped at ``max_regions`` (ViLD's
+300), highest score first.
+
+Two ways to embed a proposal:
+
+``crop`` (ViLD / DetPro)
+    Each proposal is cut at every scale of ``crop_scales`` (1x and 1.5x
+    around its centre, clipped to the image), resampled to the encoder's
+    input size and embedded by ``encode_image``.  The per-scale embeddings
+    are L2-normalised, summed and normalised again.  Crops are cut on the
+    tensor side with RoIAlign (adaptive sampling, so shrinking averages like
+    an antialiased resize) and batched across the images of the batch.  With
+    ``crop_resize: center_crop`` (default) the crop is the central square of
+    the (clipped) box, which is exactly what open_clip's own preprocessing
+    (resize shortest side, centre crop) does to a PIL crop of the box;
+    ``stretch`` resizes the whole box to a square, as the ViLD paper words it.
+
+``dense``
+    Not in the references: region embeddings are RoIAlign-pooled from
+    MaskCLIP's dense value-path features (the patch tokens mapped into the
+    joint space), then normalised.  When a MaskCLIP teacher with the same
+    weights ran earlier (``dense_features_from``), its features are reused
+    and the regions cost almost nothing; otherwise the embedder runs the
+    dense forward itself at ``dense_image_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torchvision.ops import nms, roi_align
+
+from labelmill.models.openclip import DenseCLIP
+from labelmill.schemas.records import ImageRequest, RegionSet, TeacherOutput
+from labelmill.teachers.base import ImageBatch, TeacherConfig
+from labelmill.teachers.maskclip import CLIPModelFields, CLIPTeacher, MaskCLIPConfig
+
+WHOLE_IMAGE = "image"
+
+
+class ProposalSource(BaseModel):
+    """Where one kind of proposal comes from: an earlier teacher or the JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(default=None, description="instance name of an earlier teacher")
+    meta_field: str | None = Field(default=None, description="field of KEY.json holding boxes")
+    box_format: Literal["xyxy", "xywh"] = Field(default="xyxy", description="meta_field boxes only")
+    min_score: float = Field(default=0.0, ge=0, description="proposals scoring below are ignored")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ProposalSource":
+        if (self.teacher is None) == (self.meta_field is None):
+            raise ValueError("a proposal source names exactly one of 'teacher' or 'meta_field'")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The value written in the ``sources`` column for these proposals."""
+        return self.teacher if self.teacher is not None else f"json:{self.meta_field}"
+
+
+class ViLDConfig(CLIPModelFields):
+    type: Literal["vild"] = "vild"
+    proposals: list[ProposalSource] = Field(
+        default_factory=lambda: [ProposalSource(meta_field="proposals")], min_length=1
+    )
+    whole_image: bool = Field(default=False, description="add the whole image as one more proposal (score 1)")
+    nms_iou: float = Field(default=0.7, gt=0, le=1, description="class-agnostic NMS IoU; 1 keeps all")
+    max_regions: int = Field(default=300, gt=0, description="cap after NMS (ViLD's max_num_rois)")
+    min_box_size: float = Field(default=2.0, ge=0, description="px; thinner proposals are dropped")
+    mode: Literal["crop", "dense"] = "crop"
+    crop_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5], min_length=1)
+    crop_resize: Literal["center_crop", "stretch"] = "center_crop"
+    crop_size: int | None = Field(default=None, ge=16, description="encoder input side; default the model's")
+    crop_batch_size: int = Field(default=128, gt=0, description="crops per encoder forward")
+    work_short_side: int = Field(default=800, ge=32, description="crop mode: decoded image size")
+    work_max_long_side: int = Field(default=1333, ge=32)
+    dense_features_from: str | None = Field(
+        default=None, description="dense mode: an earlier MaskCLIP teacher with the same weights"
+    )
+    dense_image_size: int = Field(default=448, ge=32, description="dense mode without MaskCLIP: square side")
+    dense_roi_size: int = Field(default=4, gt=0, description="RoIAlign bins per side before averaging")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ViLDConfig":
+        if any(s <= 0 for s in self.crop_scales):
+            raise ValueError("crop_scales must be positive")
+        if self.dense_features_from is not None and self.mode != "dense":
+            raise ValueError("dense_features_from only applies to mode: dense")
+        return self
+
+    def image_request(self) -> ImageRequest:
+        if self.mode == "crop":
+            return ImageRequest(short_side=self.work_short_side, max_long_side=self.work_max_long_side)
+        if self.dense_features_from is not None:  # pixels are not used: ask for nothing extra
+            return ImageRequest(short_side=32, max_long_side=32)
+        return ImageRequest(short_side=self.dense_image_size, max_long_side=self.dense_image_size)
+
+    def check_upstream(self, earlier: dict[str, TeacherConfig]) -> None:
+        for src in self.proposals:
+            if src.teacher is not None and src.teacher not in earlier:
+                raise ValueError(
+                    f"proposals from teacher {src.teacher!r}, which is not listed before this one "
+                    f"(earlier teachers: {sorted(earlier) or 'none'})"
+                )
+        name = self.dense_features_from
+        if name is None:
+            return
+        other = earlier.get(name)
+        if not isinstance(other, MaskCLIPConfig):
+            raise ValueError(f"dense_features_from={name!r} must name a MaskCLIP teacher listed before this one")
+        fields = ("model", "pretrained", "arch_config", "quick_gelu")
+        differ = [f for f in fields if getattr(other, f) != getattr(self, f)]
+        if differ:
+            raise ValueError(
+                f"dense_features_from={name!r}: the MaskCLIP teacher uses other CLIP weights "
+                f"(differs in {differ}); pooled features would not match this embedder's model"
+            )
+
+
+# --------------------------------------------------------------------------
+# Box geometry (pure functions, tested on their own)
+# --------------------------------------------------------------------------
+
+
+def clip_boxes(boxes: torch.Tensor, height: float, width: float) -> torch.Tensor:
+    """xyxy boxes clipped to ``[0, width] x [0, height]``."""
+    out = boxes.clone()
+    out[:, 0::2] = out[:, 0::2].clamp(0, width)
+    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    return out
+
+
+def scale_boxes(boxes: torch.Tensor, factor: float, height: float, width: float) -> torch.Tensor:
+    """Boxes grown (or shrunk) by ``factor`` about their centres, then clipped."""
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return clip_boxes(torch.cat([centre - half, centre + half], dim=1), height, width)
+
+
+def central_square(boxes: torch.Tensor) -> torch.Tensor:
+    """The centred square of side ``min(w, h)`` inside each box.
+
+    Resizing a crop's shortest side to S and centre-cropping S x S (open_clip's
+    evaluation transform) keeps exactly this part of the box.
+    """
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).amin(dim=1, keepdim=True)
+    return torch.cat([centre - side / 2, centre + side / 2], dim=1)
+
+
+def select_proposals(
+    boxes: torch.Tensor, scores: torch.Tensor, iou: float, limit: int
+) -> torch.Tensor:
+    """Indices kept by class-agnostic NMS, best score first, at most ``limit``."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    keep = torch.arange(len(boxes)) if iou >= 1.0 else nms(boxes.float(), scores.float(), iou).sort().values
+    # best score first; ties keep their input order, so outputs are reproducible
+    keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    return keep[:limit]
+
+
+def _meta_boxes(value: Any, box_format: str) -> tuple[list[list[float]], list[float]]:
+    """Boxes and scores from a JSON proposals field.
+
+    Accepts ``[[x1, y1, x2, y2], ...]``, ``[[x1, y1, x2, y2, score], ...]``
+    or ``[{"bbox": [...], "score": s}, ...]``; ``box_format`` says whether
+    the four numbers are xyxy or COCO xywh.
+    """
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of boxes, got {type(value).__name__}")
+    boxes, scores = [], []
+    for item in value:
+        if isinstance(item, dict):
+            coords, score = item.get("bbox", item.get("box")), item.get("score", 1.0)
+        else:
+            coords, score = item, 1.0
+            if isinstance(item, (list, tuple)) and len(item) == 5:
+                coords, score = item[:4], item[4]
+        if not isinstance(coords, (list, tuple)) or len(coords) != 4:
+            raise ValueError(f"a proposal must have 4 coordinates, got {coords!r}")
+        x1, y1, a, b = (float(v) for v in coords)
+        boxes.append([x1, y1, x1 + a, y1 + b] if box_format == "xywh" else [x1, y1, a, b])
+        scores.append(float(score))
+    return boxes, scores
+
+
+# --------------------------------------------------------------------------
+# The embedder
+# --------------------------------------------------------------------------
+
+
+class ViLDEmbedder(CLIPTeacher):
+    """Writes CLIP embeddings of each image's proposals (no labels)."""
+
+    Config = ViLDConfig
+    type_name = "vild"
+
+    def __init__(self, config: ViLDConfig, device: torch.device, allow_random_init: bool = False):
+        super().__init__(config, device, allow_random_init)
+        self.embed_dim = int(self.clip.visual.output_dim)
+        size = self.preprocess_cfg.get("size", (224, 224))
+        self.crop_size = config.crop_size or int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.dense = DenseCLIP(self.clip).to(device) if config.mode == "dense" else None
+
+    # ------------------------------------------------------------ proposals
+    def proposals(
+        self, batch: ImageBatch, upstream: dict[str, list[TeacherOutput | None]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Per image: kept boxes (N, 4) xyxy in original pixels, scores, sources."""
+        cfg = self.config
+        out = []
+        for i in range(len(batch)):
+            h, w = batch.orig_hw[i]
+            boxes: list[list[float]] = []
+            scores: list[float] = []
+            sources: list[str] = []
+            for src in cfg.proposals:
+                if src.teacher is not None:
+                    got = upstream.get(src.teacher, [None] * len(batch))[i]
+                    if got is None:  # that teacher failed or skipped this image
+                        continue
+                    b = [[x, y, x + bw, y + bh] for x, y, bw, bh in (lab.bbox for lab in got.labels)]
+                    s = [float(lab.score) for lab in got.labels]
+                else:
+                    value = batch.metas[i].get(src.meta_field)
+                    if value is None:
+                        continue
+                    try:
+                        b, s = _meta_boxes(value, src.box_format)
+                    except (TypeError, ValueError) as exc:
+                        raise ValueError(f"{batch.keys[i]}: json field {src.meta_field!r}: {exc}") from None
+                keep = [j for j, sc in enumerate(s) if sc >= src.min_score]
+                boxes += [b[j] for j in keep]
+                scores += [s[j] for j in keep]
+                sources += [src.label] * len(keep)
+            if cfg.whole_image:
+                boxes.append([0.0, 0.0, float(w), float(h)])
+                scores.append(1.0)
+                sources.append(WHOLE_IMAGE)
+            bt = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            st = torch.tensor(scores, dtype=torch.float32)
+            if not torch.isfinite(bt).all() or not torch.isfinite(st).all():
+                raise ValueError(f"{batch.keys[i]}: proposals contain NaN or infinite values")
+            bt = clip_boxes(bt, h, w)
+            size_ok = ((bt[:, 2] - bt[:, 0]) >= max(cfg.min_box_size, 1e-3)) & (
+                (bt[:, 3] - bt[:, 1]) >= max(cfg.min_box_size, 1e-3)
+            )
+            idx = size_ok.nonzero().flatten()
+            keep = idx[select_proposals(bt[idx], st[idx], cfg.nms_iou, cfg.max_regions)]
+            out.append((bt[keep], st[keep], [sources[int(j)] for j in keep]))
+        return out
+
+    # ----------------------------------------------------------------- crop
+    def crop_boxes(self, boxes: torch.Tensor, height: float, width: float, scale: float) -> torch.Tensor:
+        """The part of the image (original pixels) that one crop of each box shows."""
+        grown = scale_boxes(boxes, scale, height, width)
+        return central_square(grown) if self.config.crop_resize == "center_crop" else grown
+
+    def cut_crops(self, image: torch.Tensor, crop_boxes_work: torch.Tensor) -> torch.Tensor:
+        """RoIAlign crops (K, 3, S, S) in 0..255 of a uint8 (H, W, 3) image; boxes in its pixels."""
+        x = image.permute(2, 0, 1)[None].float()
+        return roi_align(
+            x, [crop_boxes_work.to(x.device, x.dtype)], output_size=(self.crop_size, self.crop_size),
+            spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+        )
+
+    @torch.inference_mode()
+    def encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """Normalised CLIP embeddings (K, D) of crops in 0..255."""
+        x = (crops / 255 - self.mean) / self.std
+        with self.autocast():
+            emb = self.clip.encode_image(x)
+        return F.normalize(emb.float(), dim=-1)
+
+    @torch.inference_mode()
+    def crop_embeddings(self, batch: ImageBatch, props) -> list[torch.Tensor]:
+        """Crop-mode embeddings, one (N_i, D) tensor per image, crops batched across images."""
+        cfg = self.config
+        jobs: list[tuple[int, int, int]] = []  # (image, scale index, region)
+        plans: list[list[torch.Tensor]] = []  # per image, per scale: crop boxes in work pixels
+        for i, (boxes, _, _) in enumerate(props):
+            h, w = batch.orig_hw[i]
+            wh, ww = batch.work_hw[i]
+            to_work = torch.tensor([ww / w, wh / h, ww / w, wh / h])
+            plans.append([self.crop_boxes(boxes, h, w, s) * to_work for s in cfg.crop_scales])
+            jobs += [(i, k, r) for k in range(len(cfg.crop_scales)) for r in range(len(boxes))]
+        sums = [torch.zeros(len(p[0]), self.embed_dim) for p in props]
+        for start in range(0, len(jobs), cfg.crop_batch_size):
+            chunk = jobs[start : start + cfg.crop_batch_size]
+            crops = []
+            for (i, k), group in _groups(chunk):
+                rows = torch.tensor([r for _, _, r in group])
+                crops.append(self.cut_crops(batch.image(i), plans[i][k][rows]))
+            emb = self.encode_crops(torch.cat(crops)).cpu()
+            for (i, k, r), e in zip(chunk, emb):
+                sums[i][r] += e
+        return [F.normalize(s, dim=-1) for s in sums]
+
+    # ---------------------------------------------------------------- dense
+    @torch.inference_mode()
+    def dense_maps(self, batch: ImageBatch) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        """Own dense forward: (D, g, g) value-path features and the extent the image covers."""
+        assert self.dense is not None
+        p = int(self.dense.patch_size[0])
+        side = self.config.dense_image_size - self.config.dense_image_size % p
+        canvas = torch.zeros(len(batch), 3, side, side, device=self.device)
+        extents = []
+        for i in range(len(batch)):
+            img = batch.image(i).permute(2, 0, 1)[None].float().div(255)
+            h, w = img.shape[-2:]
+            s = side / max(h, w)
+            rh, rw = max(1, round(h * s)), max(1, round(w * s))
+            img = F.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
+            canvas[i, :, :rh, :rw] = ((img - self.mean) / self.std)[0]
+            extents.append((rh / p, rw / p))
+        with self.autocast():
+            feats = self.dense(canvas).features.float()
+        return [(feats[i], extents[i]) for i in range(len(batch))]
+
+    def _upstream_maps(self, batch: ImageBatch, upstream) -> list[tuple[torch.Tensor, tuple[float, float]]]:
+        name = self.config.dense_features_from
+        outs = upstream.get(name)
+        if outs is None:
+            raise RuntimeError(f"dense_features_from={name!r}: that teacher produced nothing for this batch")
+        maps = []
+        for i, out in enumerate(outs):
+            sm = None if out is None else out.extras.get("score_map")
+            if sm is None or sm.features is None:
+                raise RuntimeError(f"{batch.keys[i]}: teacher {name!r} left no dense features for this image")
+            if sm.weights_id != self.weights_id:
+                raise RuntimeError(
+                    f"dense_features_from={name!r} computed its features with {sm.weights_id}, "
+                    f"this embedder has {self.weights_id}"
+                )
+            maps.append((sm.features, sm.extent))
+        return maps
+
+    @torch.inference_mode()
+    def dense_embeddings(self, batch: ImageBatch, props, upstream) -> list[torch.Tensor]:
+        if self.config.dense_features_from is not None:
+            maps = self._upstream_maps(batch, upstream)
+        else:
+            maps = self.dense_maps(batch)
+        out = []
+        for i, ((boxes, _, _), (feats, extent)) in enumerate(zip(props, maps)):
+            h, w = batch.orig_hw[i]
+            out.append(pool_regions(feats, extent, (h, w), boxes, self.config.dense_roi_size).cpu())
+        return out
+
+    # -------------------------------------------------------------- predict
+    def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
+        props = self.proposals(batch, upstream)
+        if self.config.mode == "crop":
+            embs = self.crop_embeddings(batch, props)
+        else:
+            embs = self.dense_embeddings(batch, props, upstream)
+        outs = []
+        for (boxes, scores, sources), emb in zip(props, embs):
+            regions = RegionSet(
+                boxes=boxes.numpy().astype(np.float32),
+                scores=scores.numpy().astype(np.float32),
+                sources=sources,
+                embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), -1),
+                mode=self.config.mode,
+            )
+            outs.append(TeacherOutput(regions=regions))
+        return outs
+
+
+def pool_regions(
+    features: torch.Tensor, extent: tuple[float, float], orig_hw: tuple[int, int], boxes: torch.Tensor, bins: int
+) -> torch.Tensor:
+    """Normalised region embeddings (N, D) averaged by RoIAlign from a (D, Gh, Gw) map.
+
+    Grid cell ``(r, c)`` covers ``[c, c+1] x [r, r+1]`` in grid units, and the
+    image spans ``extent`` cells from the top-left corner, so an original
+    pixel coordinate ``x`` sits at ``x * extent[1] / W`` on the grid.
+    """
+    d = features.shape[0]
+    if len(boxes) == 0:
+        return torch.zeros(0, d)
+    h, w = orig_hw
+    to_grid = torch.tensor([extent[1] / w, extent[0] / h, extent[1] / w, extent[0] / h])
+    gboxes = (boxes.float() * to_grid).to(features.device)
+    pooled = roi_align(features[None].float(), [gboxes], output_size=(bins, bins), spatial_scale=1.0,
+                       sampling_ratio=2, aligned=True)
+    return F.normalize(pooled.mean(dim=(2, 3)), dim=-1)
+
+
+def _groups(chunk: list[tuple[int, int, int]]):
+    """Consecutive runs of jobs with the same (image, scale)."""
+    start = 0
+    for j in range(1, len(chunk) + 1):
+        if j == len(chunk) or chunk[j][:2] != chunk[start][:2]:
+            yield chunk[start][:2], chunk[start:j]
+            start = j
