@@ -55,6 +55,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_text_embeddings(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from labelmill.regions import text_embeddings_table
+
+    vocabulary = {"file": args.vocabulary_file} if args.vocabulary_file else args.vocabulary
+    if args.random_init:
+        print("=" * 72 + "\nRANDOM WEIGHTS: these text embeddings are for testing the plumbing only\n"
+              + "=" * 72, file=sys.stderr)
+    table = text_embeddings_table(
+        args.model, None if args.random_init else args.pretrained, vocabulary, args.templates,
+        allow_random_init=args.random_init, cache_dir=args.cache_dir, device=args.device,
+    )
+    pq.write_table(table, args.dest)
+    print(json.dumps({"file": args.dest, "classes": table.num_rows,
+                      "dim": table.schema.field("embedding").type.list_size,
+                      "weights": table.column("weights")[0].as_py()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labelmill",
@@ -105,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="HTML file to write")
     p.add_argument("--max-images", type=int, default=24)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "text-embeddings",
+        help="write the ViLD-text classifier: one CLIP prompt-ensemble embedding per class",
+        description="Encode every class of a vocabulary with every prompt template, average the "
+        "normalised embeddings per class and write them to a Parquet file (no background row: "
+        "ViLD learns its background embedding).",
+    )
+    p.add_argument("dest", help="Parquet file to write")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
+    p.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or local checkpoint file")
+    p.add_argument("--vocabulary", default="coco-80",
+                   help="built-in vocabulary: coco-80, coco-stuff-171, pascal-context-59, pascal-voc-20")
+    p.add_argument("--vocabulary-file", help="class list file instead (one class per line, 'a, b' synonyms)")
+    p.add_argument("--templates", default="maskclip85", help="prompt templates: maskclip85, short or single")
+    p.add_argument("--cache-dir", help="open_clip download cache")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--random-init", action="store_true", help="random weights, for testing only (loud banner)")
+    p.set_defaults(func=_cmd_text_embeddings)
     return parser
 
 

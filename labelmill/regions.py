@@ -97,22 +97,22 @@ class RegionReader:
         if not self.table.exists():
             raise FileNotFoundError(f"{output} has no committed regions table (did the run include a vild teacher?)")
         self.files = [posixpath.join(self.table.path, name) for name in self.table.committed_files()]
-        self._index: dict[str, dict[str, tuple[int, int, int]]] | None = None
+        self._index: dict[str, list[tuple[str, str, tuple[int, int, int]]]] | None = None
 
-    def _build_index(self) -> dict[str, dict[str, tuple[int, int, int]]]:
-        """key -> teacher -> (file, row group, row in group), from two narrow columns."""
-        index: dict[str, dict[str, tuple[int, int, int]]] = {}
+    def _build_index(self) -> dict[str, list[tuple[str, str, tuple[int, int, int]]]]:
+        """key -> [(teacher, shard, (file, row group, row))], from three narrow columns."""
+        index: dict[str, list[tuple[str, str, tuple[int, int, int]]]] = {}
         for f, path in enumerate(self.files):
             with self.fs.open(path, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 for g in range(pf.num_row_groups):
-                    part = pf.read_row_group(g, columns=["key", "teacher"])
-                    for r, (k, t) in enumerate(zip(part.column("key").to_pylist(), part.column("teacher").to_pylist())):
-                        index.setdefault(k, {})[t] = (f, g, r)
+                    part = pf.read_row_group(g, columns=["key", "teacher", "shard"]).to_pydict()
+                    for r, (k, t, sh) in enumerate(zip(part["key"], part["teacher"], part["shard"])):
+                        index.setdefault(k, []).append((t, sh, (f, g, r)))
         return index
 
     @property
-    def index(self) -> dict[str, dict[str, tuple[int, int, int]]]:
+    def index(self) -> dict[str, list[tuple[str, str, tuple[int, int, int]]]]:
         if self._index is None:
             self._index = self._build_index()
         return self._index
@@ -126,16 +126,21 @@ class RegionReader:
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
-    def get(self, key: str, teacher: str | None = None) -> ImageRegions:
-        """One image's regions; ``teacher`` picks among several region teachers."""
-        by_teacher = self.index.get(key, {})
-        if teacher is not None:
-            by_teacher = {teacher: by_teacher[teacher]} if teacher in by_teacher else {}
-        if not by_teacher:
-            raise KeyError(f"no regions for key {key!r}" + (f" from teacher {teacher!r}" if teacher else ""))
-        if len(by_teacher) > 1:
-            raise KeyError(f"key {key!r} has regions from {sorted(by_teacher)}; pass teacher=")
-        f, g, r = next(iter(by_teacher.values()))
+    def get(self, key: str, teacher: str | None = None, shard: str | None = None) -> ImageRegions:
+        """One image's regions.
+
+        ``teacher`` picks among several region teachers and ``shard`` among
+        shards that reuse a key; either is needed only when the key alone is
+        ambiguous.
+        """
+        hits = [h for h in self.index.get(key, []) if teacher in (None, h[0]) and shard in (None, h[1])]
+        if not hits:
+            raise KeyError(f"no regions for key {key!r}" + (f" from teacher {teacher!r}" if teacher else "")
+                           + (f" in shard {shard!r}" if shard else ""))
+        if len(hits) > 1:
+            raise KeyError(f"key {key!r} is ambiguous: {sorted((t, sh) for t, sh, _ in hits)}; "
+                           "pass teacher= and/or shard=")
+        f, g, r = hits[0][2]
         with self.fs.open(self.files[f], "rb") as fh:
             group = pq.ParquetFile(fh).read_row_group(g)
         return next(rows_to_regions(group.slice(r, 1)))

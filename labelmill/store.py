@@ -122,10 +122,12 @@ class _Table:
             pq.write_table(table, fh, compression=self.compression, row_group_size=self.row_group_rows)
         return StagedFile(name=name, size=int(self.fs.size(target)), stats=_file_stats(table), shards=shards)
 
-    def publish(self, staged: Iterable[StagedFile]) -> None:
+    def publish(self, staged: Iterable[StagedFile], clear: bool = True) -> None:
+        """Move staged files into the table folder (still uncommitted)."""
         for f in staged:
             self.fs.mv(posixpath.join(self.staging, f.name), posixpath.join(self.path, f.name))
-        self.clear_staging()
+        if clear:
+            self.clear_staging()
 
     def file_shards(self, name: str) -> list[str]:
         with self.fs.open(posixpath.join(self.path, name), "rb") as fh:
@@ -340,21 +342,32 @@ class OutputStore:
         shards: list[str],
         samples: pa.Table,
         labels: pa.Table,
-        regions: pa.Table | None,
+        regions: list[StagedFile],
         stats: pa.Table,
         info: dict[str, Any],
     ) -> None:
+        """Commit one group of complete shards.
+
+        ``regions`` are files the writer staged earlier with
+        :meth:`stage_regions` (embeddings are spilled as they arrive rather
+        than held until their shard completes).
+        """
         info = dict(info, commit=commit, shards=sorted(shards))
-        order: list[tuple[_Table, pa.Table]] = [(self.labels, labels)]
-        if regions is not None and regions.num_rows:
-            order.append((self.regions(regions.schema), regions))
-        order += [(self.samples, samples), (self.stats, stats)]
-        for table, data in order:
-            staged = [table.stage(data, shards, commit)] if data.num_rows or table is self.samples else []
-            if not staged:
-                continue
+        if labels.num_rows:
+            staged = [self.labels.stage(labels, shards, commit)]
+            self.labels.publish(staged)
+            self.labels.commit(staged, [], info)
+        if regions:
+            self.regions().publish(regions, clear=False)  # other shards' spills stay staged
+            self.regions().commit(regions, [], info)
+        for table, data in ((self.samples, samples), (self.stats, stats)):  # samples last: the commit record
+            staged = [table.stage(data, shards, commit)]
             table.publish(staged)
             table.commit(staged, [], info)
+
+    def stage_regions(self, regions: pa.Table, shard: str, commit: int) -> StagedFile:
+        """Write region rows of one shard to the regions staging area (not yet visible)."""
+        return self.regions(regions.schema).stage(regions, [shard], commit)
 
     def next_commit(self) -> int:
         files = self.samples.committed_files()

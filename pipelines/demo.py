@@ -76,7 +76,17 @@ def demo_config(out: str, teachers: list[str]) -> dict:
             sections.append({"type": "glip", "architecture": "glip_t", "weights": None, "tokenizer": "builtin-test",
                              "min_size": 320, "max_size": 512, "max_detections_per_image": 10})
         elif name == "vild":
-            sections.append({"type": "vild", "model": "ViT-B-16", "pretrained": None})
+            earlier = [t for t in teachers[: teachers.index("vild")] if t in ("maskclip", "glip")]
+            section = {"type": "vild", "pretrained": None, "whole_image": True,
+                       "proposals": [{"teacher": t} for t in earlier] or [{"meta_field": "proposals"}]}
+            if "maskclip" in earlier:
+                # dense mode on the features MaskCLIP already computed: almost free
+                section.update(model="ViT-B-16", mode="dense", dense_features_from="maskclip")
+            else:
+                # the ViLD/DetPro crop path; a small CLIP and few regions keep the demo quick on a CPU
+                section.update(model="ViT-B-32", mode="crop", max_regions=8, work_short_side=448,
+                               work_max_long_side=768)
+            sections.append(section)
         else:
             raise ValueError(f"unknown demo teacher {name!r}: maskclip, glip, vild")
     return {
@@ -108,5 +118,6 @@ def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] |
         "report": report,
         "summary": summary.as_dict(),
         "coco_files": coco["files"],
+        "regions": os.path.join(cfg.output.path, "regions") if any(t.type == "vild" for t in cfg.teachers) else None,
         "note": "RANDOM WEIGHTS: labels demonstrate the pipeline, not a teacher's quality",
     }

@@ -31,7 +31,7 @@ from labelmill.schemas.tables import (
     conform,
     regions_schema,
 )
-from labelmill.store import OutputStore
+from labelmill.store import OutputStore, StagedFile
 
 COUNTED_DROPS = (Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
 
@@ -76,6 +76,7 @@ class CommitWriter:
         self.run_id = run_id
         self.version = version
         self.buffers: dict[str, list[pa.Table]] = defaultdict(list)
+        self.region_files: dict[str, list[StagedFile]] = defaultdict(list)  # spilled, uncommitted
         self.received: dict[str, int] = defaultdict(int)
         self.seen: dict[str, set[int]] = defaultdict(set)  # row indices per shard, to drop replays
         self.expected: dict[str, int] = {}
@@ -100,7 +101,7 @@ class CommitWriter:
                 if part.num_rows == 0:
                     continue
                 self._count(part, self.counters)
-                self.buffers[shard].append(part)
+                self.buffers[shard].append(self._spill_regions(shard, part))
                 self.received[shard] += part.num_rows
                 self._check(shard)
         for shard, n in zip(ends.column(Col.SHARD).to_pylist(), ends.column(Col.SHARD_ROWS).to_pylist()):
@@ -121,6 +122,19 @@ class CommitWriter:
         fresh = [i not in seen for i in idx]
         seen.update(idx)
         return part if all(fresh) else part.filter(pa.array(fresh))
+
+    def _spill_regions(self, shard: str, part: pa.Table) -> pa.Table:
+        """Stage the part's region embeddings now; buffer the row without them.
+
+        Embeddings are hundreds of KB per image, so holding them until a
+        shard completes would make the writer's memory grow with shard size.
+        """
+        regions = self.regions_table(part)
+        if regions is None:
+            return part
+        self.region_files[shard].append(self.store.stage_regions(regions, shard, self.next_commit))
+        empty = pa.array([[] for _ in range(part.num_rows)], part.schema.field(Col.REGIONS).type)
+        return part.set_column(part.schema.get_field_index(Col.REGIONS), Col.REGIONS, empty)
 
     def _check(self, shard: str) -> None:
         exp = self.expected.get(shard)
@@ -276,7 +290,7 @@ class CommitWriter:
         self._count(rows, group)
         samples = self.samples_table(rows)
         labels = self.labels_table(rows)
-        regions = self.regions_table(rows)
+        regions = [f for s in shards for f in self.region_files.get(s, [])]
         elapsed = time.monotonic() - self._group_started
         stats = pa.table(
             {
@@ -304,6 +318,7 @@ class CommitWriter:
         self._group_started = time.monotonic()
         for s in shards:
             self.buffers.pop(s, None)
+            self.region_files.pop(s, None)
             self.received.pop(s, None)
             self.expected.pop(s, None)
             self.seen.pop(s, None)

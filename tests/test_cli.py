@@ -61,3 +61,21 @@ def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
     assert main(["run", str(path), "--dry-run", "filter.min_score=0.25"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["filter"]["min_score"] == 0.25 and printed["teachers"][0]["vocabulary"][0] == "cat"
+
+
+def test_text_embeddings_command(tmp_path, capsys):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    dest = tmp_path / "coco80.parquet"
+    assert main(["text-embeddings", str(dest), "--model", "ViT-B-32", "--templates", "single", "--random-init"]) == 0
+    err = capsys.readouterr().err
+    assert "RANDOM WEIGHTS" in err
+    table = pq.read_table(dest)
+    assert table.num_rows == 80 and table.column("class_name")[0].as_py() == "person"
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.shape == (80, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    assert set(table.column("weights_sha256").to_pylist()) == {"random-init"}
+    missing = str(tmp_path / "nope.pt")
+    assert main(["text-embeddings", str(dest), "--model", "ViT-B-32", "--pretrained", missing]) == EXIT_WEIGHTS
+    assert "nope.pt" in capsys.readouterr().err

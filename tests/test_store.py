@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -172,3 +173,55 @@ def test_replayed_rows_are_dropped(tmp_path):
     samples = DeltaTable(str(tmp_path / "out" / "samples")).to_pandas()
     assert sorted(samples["index"]) == [0, 1, 2, 3, 4]
     assert w.committed.samples == 5
+
+
+def with_regions(table: pa.Table, dim: int = 8) -> pa.Table:
+    """``rows`` with two regions per sample row (none on errors and end markers)."""
+    from labelmill.schemas.records import RegionSet
+    from labelmill.schemas.tables import regions_array
+
+    per_row = []
+    for i, (kind, err) in enumerate(zip(table.column(Col.KIND).to_pylist(), table.column(Col.ERROR).to_pylist())):
+        if kind != RowKind.SAMPLE.value or err is not None:
+            per_row.append([])
+            continue
+        emb = np.eye(2, dim, k=i % dim, dtype=np.float16)
+        per_row.append([("t", RegionSet(np.array([[0, 0, 5, 5], [1, 1, 20, 10]], np.float32),
+                                        np.array([1.0, 0.5], np.float32), ["a", "b"], emb, "crop"))])
+    return table.set_column(table.schema.get_field_index(Col.REGIONS), Col.REGIONS, regions_array(per_row))
+
+
+def test_region_embeddings_are_spilled_on_arrival_and_commit_with_their_shard(tmp_path):
+    from labelmill.regions import RegionReader
+
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    w = writer(store, every=1)
+    w.add(with_regions(rows("s1", 3, end=False)))
+    # the writer keeps no embeddings in memory: they wait in the regions staging area
+    assert all(len(x) == 0 for part in w.buffers["s1"] for x in part.column(Col.REGIONS).to_pylist())
+    assert len(store.regions().fs.ls(store.regions().staging)) == 1
+    assert not store.regions().exists()
+    w.add(with_regions(rows("s2", 2)))  # s2 completes and commits; s1's spill must stay staged
+    assert len(store.regions().fs.ls(store.regions().staging)) == 1
+    reader = RegionReader(out)
+    assert reader.keys() == ["k1"]  # k0 of s2 is an error row
+    r = reader.get("k1")
+    assert r.boxes.tolist() == [[0, 0, 5, 5], [1, 1, 20, 10]] and r.sources == ["a", "b"]
+    assert r.boxes_norm == pytest.approx(np.array([[0, 0, 0.25, 0.5], [0.05, 0.1, 1.0, 1.0]]))
+    assert r.embeddings.shape == (2, 8) and r.embeddings[0, 1] == 1.0
+
+    # crash now: s1 never completed.  A new run's repair drops its staged spill.
+    report = OutputStore(out).repair()
+    assert report["staging_files"] == 1
+    assert RegionReader(out).keys() == ["k1"]
+    w2 = writer(OutputStore(out), every=1)
+    w2.add(with_regions(rows("s1", 5)))
+    w2.finish()
+    reader = RegionReader(out)
+    assert reader.keys() == ["k1", "k2", "k3", "k4"]
+    with pytest.raises(KeyError, match="ambiguous"):  # k1 is in both shards
+        reader.get("k1")
+    assert reader.get("k1", shard="s1").meta["shard"] == "s1"
+    table = pd.read_parquet(f"{out}/regions")
+    assert sorted(zip(table.shard, table["index"])) == [("s1", 1), ("s1", 2), ("s1", 3), ("s1", 4), ("s2", 1)]
