@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from labelmill.store import ManifestTableStore
 
-META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "teacher", "weights",
+META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "model", "teacher", "weights",
                 "weights_sha256", "teacher_config_hash")
 
 

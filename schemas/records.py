@@ -83,6 +83,7 @@ class RegionSet:
     sources: list[str]         # which teacher / field proposed each box
     embeddings: np.ndarray     # (N, D) float16, L2-normalised
     mode: str                  # "crop" | "dense"
+    model: str = ""            # the encoder that made the embeddings, e.g. "ViT-B-16"
 
     def __post_init__(self) -> None:
         n = len(self.boxes)

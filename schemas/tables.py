@@ -185,6 +185,7 @@ REGION_STRUCT = pa.struct(
         ("embeddings", pa.list_(pa.float16())),
         ("dim", pa.int32()),
         ("mode", pa.string()),
+        ("model", pa.string()),
     ]
 )
 
@@ -202,6 +203,7 @@ def regions_schema(dim: int) -> pa.Schema:
             pa.field("embeddings", pa.list_(pa.list_(pa.float16(), dim))),
             pa.field("num_regions", pa.int32()),
             pa.field("mode", pa.string()),
+            pa.field("model", pa.string()),
         ]
         + PROVENANCE_FIELDS
         + RUN_FIELDS
@@ -261,6 +263,7 @@ def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Arra
             ),
             pa.array([int(r.embeddings.shape[1]) for _, r in items], pa.int32()),
             pa.array([r.mode for _, r in items], pa.string()),
+            pa.array([r.model for _, r in items], pa.string()),
         ],
         fields=list(REGION_STRUCT),
     )

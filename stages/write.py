@@ -272,6 +272,7 @@ class CommitWriter:
             "embeddings": embeddings,
             "num_regions": counts.cast(pa.int32()),
             "mode": pc.struct_field(flat, "mode"),
+            "model": pc.struct_field(flat, "model"),
         }
         teacher_names = pc.struct_field(flat, "teacher").to_pylist()
         provs = [self._provenance(p) for p in owners.column(Col.PROVENANCE).to_pylist()]

@@ -198,6 +198,12 @@ class CLIPTeacher(Teacher):
     def provenance(self) -> Provenance:
         return self.clip_provenance(self.weights.weights, self.weights.sha256)
 
+    def clip_arch_name(self) -> str:
+        from labelmill.models.openclip import register_arch
+
+        cfg = self.config
+        return register_arch(cfg.arch_config) if cfg.arch_config is not None else cfg.model
+
 
 class MaskCLIPTeacher(CLIPTeacher):
     Config = MaskCLIPConfig
@@ -232,13 +238,6 @@ class MaskCLIPTeacher(CLIPTeacher):
         )
         scale = config.logit_scale or float(self.clip.logit_scale.exp().item())
         self.logit_scale = scale
-
-    # ------------------------------------------------------------------ info
-    def clip_arch_name(self) -> str:
-        from labelmill.models.openclip import register_arch
-
-        cfg = self.config
-        return register_arch(cfg.arch_config) if cfg.arch_config is not None else cfg.model
 
     # ------------------------------------------------------------- windows
     def _normalise(self, img: torch.Tensor) -> torch.Tensor:

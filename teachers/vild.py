@@ -218,6 +218,7 @@ class ViLDEmbedder(CLIPTeacher):
     def __init__(self, config: ViLDConfig, device: torch.device, allow_random_init: bool = False):
         super().__init__(config, device, allow_random_init)
         self.embed_dim = int(self.clip.visual.output_dim)
+        self.model_name = self.clip_arch_name()
         size = self.preprocess_cfg.get("size", (224, 224))
         self.crop_size = config.crop_size or int(size[0] if isinstance(size, (tuple, list)) else size)
         self.dense = DenseCLIP(self.clip).to(device) if config.mode == "dense" else None
@@ -382,6 +383,7 @@ class ViLDEmbedder(CLIPTeacher):
                 sources=sources,
                 embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), -1),
                 mode=self.config.mode,
+                model=self.model_name,
             )
             outs.append(TeacherOutput(regions=regions))
         return outs
