@@ -58,6 +58,10 @@ def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):
         write_shard(f"s3://data/shards/part-{s:05d}.tar", [good_sample(f"{s}-{i}", seed=i) for i in range(4)], opts)
 
     cfg = run_config("s3://data/shards", "s3://data/labels-out")
+    # ViLD regions too, so the manifest table and its readers run against S3
+    cfg["teachers"].append({"type": "vild", "pretrained": None, "arch_config": cfg["teachers"][0]["arch_config"],
+                            "proposals": [{"teacher": "maskclip"}], "whole_image": True, "mode": "dense",
+                            "dense_features_from": "maskclip"})
     cfg["input"]["storage_options"] = opts
     cfg["output"]["storage_options"] = opts
     summary = run(load_config(cfg))
@@ -83,6 +87,13 @@ def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):
     table = ds.dataset("data/labels-out/labels", filesystem=s3, format="parquet",
                        exclude_invalid_files=True).to_table()
     assert table.num_rows == samples.num_labels.sum()
+
+    from labelmill.regions import RegionDataset, RegionReader
+
+    reader = RegionReader("s3://data/labels-out", opts)
+    assert sorted(reader.keys()) == sorted(samples.key)
+    assert reader.get("0-1").boxes[0].tolist() == [0, 0, 96, 64]
+    assert len(list(RegionDataset("s3://data/labels-out", opts))) == 8
 
     # resume from S3 state: nothing left to do
     assert run(load_config(cfg)).shards_skipped == 2
