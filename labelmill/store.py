@@ -110,12 +110,15 @@ class _Table:
     def staging(self) -> str:
         return posixpath.join(self.path, "_staging")
 
-    def stage(self, table: pa.Table, shards: list[str], commit: int) -> StagedFile:
+    def stage(self, table: pa.Table, shards: list[str], commit: int | None) -> StagedFile:
+        """Write ``table`` to staging; ``commit=None`` for files staged before their commit is known."""
         meta = dict(table.schema.metadata or {})
         meta[SHARDS_META] = json.dumps(sorted(set(shards))).encode()
-        meta[COMMIT_META] = str(commit).encode()
+        if commit is not None:
+            meta[COMMIT_META] = str(commit).encode()
         table = table.replace_schema_metadata(meta)
-        name = f"part-{commit:06d}-{uuid.uuid4().hex[:12]}.parquet"
+        seq = "spill" if commit is None else f"{commit:06d}"
+        name = f"part-{seq}-{uuid.uuid4().hex[:12]}.parquet"
         self.fs.makedirs(self.staging, exist_ok=True)
         target = posixpath.join(self.staging, name)
         with self.fs.open(target, "wb") as fh:
@@ -365,9 +368,14 @@ class OutputStore:
             table.publish(staged)
             table.commit(staged, [], info)
 
-    def stage_regions(self, regions: pa.Table, shard: str, commit: int) -> StagedFile:
-        """Write region rows of one shard to the regions staging area (not yet visible)."""
-        return self.regions(regions.schema).stage(regions, [shard], commit)
+    def stage_regions(self, regions: pa.Table, shard: str) -> StagedFile:
+        """Write region rows of one shard to the regions staging area (not yet visible).
+
+        The commit that will publish them is not known yet, so the file
+        carries its shard but no commit number; the manifest records which
+        commit added it.
+        """
+        return self.regions(regions.schema).stage(regions, [shard], None)
 
     def next_commit(self) -> int:
         files = self.samples.committed_files()

@@ -132,7 +132,7 @@ class CommitWriter:
         regions = self.regions_table(part)
         if regions is None:
             return part
-        self.region_files[shard].append(self.store.stage_regions(regions, shard, self.next_commit))
+        self.region_files[shard].append(self.store.stage_regions(regions, shard))
         empty = pa.array([[] for _ in range(part.num_rows)], part.schema.field(Col.REGIONS).type)
         return part.set_column(part.schema.get_field_index(Col.REGIONS), Col.REGIONS, empty)
 
