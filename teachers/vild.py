@@ -381,7 +381,7 @@ class ViLDEmbedder(CLIPTeacher):
                 boxes=boxes.numpy().astype(np.float32),
                 scores=scores.numpy().astype(np.float32),
                 sources=sources,
-                embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), -1),
+                embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), self.embed_dim),
                 mode=self.config.mode,
                 model=self.model_name,
             )

@@ -91,6 +91,16 @@ def test_proposals_merge_sources_then_nms_then_cap():
     assert keep.tolist() == [1, 0]  # iou 1 keeps duplicates, ordered by score
 
 
+@pytest.mark.parametrize("mode", ["crop", "dense"])
+def test_an_image_without_proposals_gets_an_empty_region_set(mode):
+    e = embedder(proposals=[{"meta_field": "p"}], mode=mode, dense_image_size=64)
+    outs = e.predict(batch_of(photo(), photo(70, 50, 1), metas=[{}, {"p": [[1, 1, 30, 30]]}]), {})
+    assert outs[0].regions.embeddings.shape == (0, 32) and outs[0].regions.boxes.shape == (0, 4)
+    assert outs[1].regions.embeddings.shape == (1, 32)
+    arr = regions_array([[("v", o.regions)] for o in outs])
+    assert arr[0].as_py()[0]["dim"] == 32 and arr[0].as_py()[0]["embeddings"] == []
+
+
 def test_bad_proposal_json_is_an_error_for_that_image():
     e = embedder(proposals=[{"meta_field": "rpn"}])
     with pytest.raises(ValueError, match="k0: json field 'rpn'"):
