@@ -87,9 +87,9 @@ def decode_image(data: bytes | None, request: ImageRequest, max_pixels: int) -> 
     notes: list[str] = []
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Exception:
+    except Exception as exc:  # a broken EXIF block must not cost the image
         orientation = 1
-        notes.append("unreadable EXIF ignored")
+        notes.append(f"unreadable EXIF ignored ({type(exc).__name__}: {exc})")
     rotated = orientation in _ROTATING_ORIENTATIONS
     orig_h, orig_w = (width, height) if rotated else (height, width)
     scale = min(1.0, request.scale_for(orig_h, orig_w))

@@ -210,16 +210,12 @@ def read_regions_ray(output: str, storage_options: dict[str, Any] | None = None,
     """A Ray Data dataset over the committed region files (``ray.data.read_parquet``)."""
     import ray.data
 
-    reader = RegionReader(output, storage_options)
-    fs = reader.fs
-    if storage_options:
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        kwargs.setdefault("filesystem", PyFileSystem(FSSpecHandler(fs)))
-    files = reader.files
-    if output.startswith(("s3://", "s3a://")) and "filesystem" not in kwargs:
-        files = [f if f.startswith("s3") else f"s3://{f}" for f in files]
-    return ray.data.read_parquet(files, **kwargs)
+    reader = RegionReader(output, storage_options)
+    # the manifest's paths are relative to the fsspec filesystem that found them
+    kwargs.setdefault("filesystem", PyFileSystem(FSSpecHandler(reader.fs)))
+    return ray.data.read_parquet(reader.files, **kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -98,14 +98,19 @@ class LabelImages(Stage):
             if len(outs) != len(batch):
                 raise RuntimeError(f"returned {len(outs)} outputs for {len(batch)} images")
             return list(outs), [None] * len(batch)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 return [None], [f"teacher {teacher.name} failed: {traceback.format_exc(limit=2).strip()}"]
+            batch_failure = f"{type(exc).__name__}: {exc}"
+        # the batch failed: retry image by image; only images that fail alone become errors,
+        # and the ones that succeed say that their batch failed
         outs: list[TeacherOutput | None] = []
         errors: list[str | None] = []
         for i in range(len(batch)):
             one_up = {name: [vals[i]] for name, vals in upstream.items()}
             o, e = self._run_teacher(teacher, batch.subset([i]), one_up)
+            if o[0] is not None:
+                o[0].warnings.append(f"teacher {teacher.name}: batched forward failed ({batch_failure}); labelled alone")
             outs.extend(o)
             errors.extend(e)
         return outs, errors

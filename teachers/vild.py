@@ -39,7 +39,7 @@ Two ways to embed a proposal:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +53,15 @@ from labelmill.teachers.base import ImageBatch, TeacherConfig
 from labelmill.teachers.maskclip import CLIPModelFields, CLIPTeacher, MaskCLIPConfig
 
 WHOLE_IMAGE = "image"
+
+
+class Proposals(NamedTuple):
+    """The regions one image will embed, after clipping, NMS and the cap."""
+
+    boxes: torch.Tensor      # (N, 4) xyxy, original pixels
+    scores: torch.Tensor     # (N,)
+    sources: list[str]
+    dropped: int             # proposals discarded as empty or too thin
 
 
 class ProposalSource(BaseModel):
@@ -226,7 +235,7 @@ class ViLDEmbedder(CLIPTeacher):
     # ------------------------------------------------------------ proposals
     def proposals(
         self, batch: ImageBatch, upstream: dict[str, list[TeacherOutput | None]]
-    ) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    ) -> list["Proposals"]:
         """Per image: kept boxes (N, 4) xyxy in original pixels, scores, sources."""
         cfg = self.config
         out = []
@@ -268,7 +277,7 @@ class ViLDEmbedder(CLIPTeacher):
             )
             idx = size_ok.nonzero().flatten()
             keep = idx[select_proposals(bt[idx], st[idx], cfg.nms_iou, cfg.max_regions)]
-            out.append((bt[keep], st[keep], [sources[int(j)] for j in keep]))
+            out.append(Proposals(bt[keep], st[keep], [sources[int(j)] for j in keep], len(bt) - len(idx)))
         return out
 
     # ----------------------------------------------------------------- crop
@@ -299,13 +308,13 @@ class ViLDEmbedder(CLIPTeacher):
         cfg = self.config
         jobs: list[tuple[int, int, int]] = []  # (image, scale index, region)
         plans: list[list[torch.Tensor]] = []  # per image, per scale: crop boxes in work pixels
-        for i, (boxes, _, _) in enumerate(props):
+        for i, (boxes, *_) in enumerate(props):
             h, w = batch.orig_hw[i]
             wh, ww = batch.work_hw[i]
             to_work = torch.tensor([ww / w, wh / h, ww / w, wh / h])
             plans.append([self.crop_boxes(boxes, h, w, s) * to_work for s in cfg.crop_scales])
             jobs += [(i, k, r) for k in range(len(cfg.crop_scales)) for r in range(len(boxes))]
-        sums = [torch.zeros(len(p[0]), self.embed_dim) for p in props]
+        sums = [torch.zeros(len(p.boxes), self.embed_dim) for p in props]
         for start in range(0, len(jobs), cfg.crop_batch_size):
             chunk = jobs[start : start + cfg.crop_batch_size]
             crops = []
@@ -363,7 +372,7 @@ class ViLDEmbedder(CLIPTeacher):
         else:
             maps = self.dense_maps(batch)
         out = []
-        for i, ((boxes, _, _), (feats, extent)) in enumerate(zip(props, maps)):
+        for i, ((boxes, *_), (feats, extent)) in enumerate(zip(props, maps)):
             h, w = batch.orig_hw[i]
             out.append(pool_regions(feats, extent, (h, w), boxes, self.config.dense_roi_size).cpu())
         return out
@@ -376,7 +385,7 @@ class ViLDEmbedder(CLIPTeacher):
         else:
             embs = self.dense_embeddings(batch, props, upstream)
         outs = []
-        for (boxes, scores, sources), emb in zip(props, embs):
+        for (boxes, scores, sources, dropped), emb in zip(props, embs):
             regions = RegionSet(
                 boxes=boxes.numpy().astype(np.float32),
                 scores=scores.numpy().astype(np.float32),
@@ -385,7 +394,11 @@ class ViLDEmbedder(CLIPTeacher):
                 mode=self.config.mode,
                 model=self.model_name,
             )
-            outs.append(TeacherOutput(regions=regions))
+            warnings = []
+            if dropped:
+                warnings.append(f"{self.name}: {dropped} proposal(s) empty or thinner than min_box_size="
+                                f"{self.config.min_box_size} px after clipping to the image, dropped")
+            outs.append(TeacherOutput(regions=regions, warnings=warnings))
         return outs
 
 

@@ -140,6 +140,9 @@ def test_plugin_teacher_by_class_path_and_per_sample_failure(tmp_path, ray_sessi
     failed = rows[rows.key == "g3"].iloc[0]
     assert failed.status == "error" and "cannot label g3" in failed.error
     assert summary.counters.labelled == 5 and summary.counters.error == 1
+    # the images of the failed batch that succeeded alone say so
+    ok = rows[rows.key != "g3"]
+    assert all(any("batched forward failed" in w and "labelled alone" in w for w in ws) for ws in ok.warnings)
     labels = read(str(tmp_path / "out"), "labels")
     assert set(labels.teacher) == {"gt"} and set(labels.teacher_type) == {"plugin_teacher:GroundTruthTeacher"}
     assert len(labels) == 10 and (labels.weights == "ground-truth").all()

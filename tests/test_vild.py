@@ -79,11 +79,12 @@ def test_proposals_merge_sources_then_nms_then_cap():
         proposals=[{"teacher": "glip", "min_score": 0.05}, {"meta_field": "rpn"}],
         whole_image=True, nms_iou=0.5, max_regions=4, min_box_size=2,
     )
-    (boxes, scores, sources), = e.proposals(batch_of(photo(96, 64), metas=metas), {"glip": [glip]})
+    (boxes, scores, sources, dropped), = e.proposals(batch_of(photo(96, 64), metas=metas), {"glip": [glip]})
     # the 1-px-wide box is dropped, [1,1,41,41] is suppressed by [0,0,40,40], the
     # low-score GLIP box is below its floor, the out-of-image box is clipped, cap 4
     assert scores.tolist() == pytest.approx([1.0, 0.95, 0.9, 0.3])
     assert sources == ["image", "glip", "json:rpn", "json:rpn"]
+    assert dropped == 1  # the 1-px-wide box
     assert boxes[1].tolist() == [60, 20, 90, 50]
     assert boxes[0].tolist() == [0, 0, 96, 64]
     assert boxes[3].tolist() == [50, 10, 90, 60]
@@ -321,7 +322,6 @@ def test_pipeline_writes_regions_that_load_back_with_their_boxes(tmp_path, ray_s
 def test_embeddings_from_the_pipeline_equal_the_teacher_called_directly(tmp_path, ray_session):
     from labelmill.pipelines.label import run
     from labelmill.regions import RegionReader
-    from labelmill.shards import iter_shard  # noqa: F401  (documented reader of the same shards)
 
     cfg, out = _vild_run(tmp_path, proposals=[{"meta_field": "proposals"}])
     # give every sample external proposals through its JSON
