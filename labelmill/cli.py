@@ -58,9 +58,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
+    from labelmill.config import ConfigError
     from labelmill.regions import text_embeddings_table
+    from labelmill.teachers.vocab import load_templates, load_vocabulary
 
     vocabulary = {"file": args.vocabulary_file} if args.vocabulary_file else args.vocabulary
+    try:  # cheap checks before any model is built
+        load_vocabulary(vocabulary)
+        load_templates(args.templates)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.random_init:
         print("=" * 72 + "\nRANDOM WEIGHTS: these text embeddings are for testing the plumbing only\n"
               + "=" * 72, file=sys.stderr)

@@ -76,6 +76,8 @@ def test_text_embeddings_command(tmp_path, capsys):
     emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert emb.shape == (80, 512) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert set(table.column("weights_sha256").to_pylist()) == {"random-init"}
+    assert main(["text-embeddings", str(dest), "--vocabulary", "nope", "--random-init"]) == EXIT_CONFIG
+    assert "unknown vocabulary 'nope'" in capsys.readouterr().err
     missing = str(tmp_path / "nope.pt")
     assert main(["text-embeddings", str(dest), "--model", "ViT-B-32", "--pretrained", missing]) == EXIT_WEIGHTS
     assert "nope.pt" in capsys.readouterr().err
