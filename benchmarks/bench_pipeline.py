@@ -64,7 +64,7 @@ def photos() -> list[bytes]:
 
 
 def build_shards(folder: Path, n_images: int, n_shards: int) -> list[str]:
-    from labelmill.shards import write_shard
+    from labelmill.io.shards import write_shard
 
     blobs = photos()
     per = -(-n_images // n_shards)
@@ -133,8 +133,8 @@ def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, thread
     """Decode every image once (not timed), then time the forward and the teacher."""
     import torch
 
-    from labelmill.images import decode_image
-    from labelmill.shards import iter_shard
+    from labelmill.io.images import decode_image
+    from labelmill.io.shards import iter_shard
     from labelmill.teachers.base import ImageBatch, ImageRequest
     from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher
 
@@ -178,7 +178,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
              commit_every: int, budget_mb: int | None = None) -> dict:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
-    from labelmill.runtime import Progress
+    from labelmill.engine.runtime import Progress
 
     cfg = load_config(
         {

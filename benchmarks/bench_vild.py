@@ -112,7 +112,7 @@ def stored_bytes(outputs, keys, sizes, teacher: str) -> dict:
 
     from labelmill.schemas.tables import Col, regions_array
     from labelmill.stages.write import CommitWriter
-    from labelmill.store import ManifestTableStore
+    from labelmill.store.commit import ManifestTableStore
 
     prov = json.dumps({teacher: {"teacher": teacher, "teacher_type": "vild", "weights": "w",
                                  "weights_sha256": "random-init", "teacher_config_hash": "h"}})

@@ -15,7 +15,7 @@ EXIT_OUTPUT = 5
 def _cmd_run(args: argparse.Namespace) -> int:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
-    from labelmill.preflight import preflight
+    from labelmill.engine.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
@@ -37,7 +37,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
-    from labelmill.coco import export_coco
+    from labelmill.export.coco import export_coco
 
     manifest = export_coco(
         args.output, args.dest, images_per_file=args.images_per_file,
@@ -48,7 +48,7 @@ def _cmd_export_coco(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from labelmill.report import write_report
+    from labelmill.export.report import write_report
 
     path = write_report(args.output, args.dest, max_images=args.max_images)
     print(path)
@@ -59,7 +59,7 @@ def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from labelmill.config import ConfigError
-    from labelmill.regions import text_embeddings_table
+    from labelmill.store.regions import text_embeddings_table
     from labelmill.teachers.vocab import load_templates, load_vocabulary
 
     vocabulary = {"file": args.vocabulary_file} if args.vocabulary_file else args.vocabulary
@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
-    from labelmill.shards import ShardListError
-    from labelmill.store import OutputConflictError
+    from labelmill.io.shards import ShardListError
+    from labelmill.store.commit import OutputConflictError
     from labelmill.teachers.base import WeightsError
 
     parser = build_parser()

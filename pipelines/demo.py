@@ -33,7 +33,7 @@ DEMO_PHOTOS = {
 
 def build_demo_shards(folder: str | os.PathLike) -> list[str]:
     """Write the demo shards; returns their paths."""
-    from labelmill.shards import write_shard
+    from labelmill.io.shards import write_shard
 
     data = resources.files("skimage").joinpath("data")
     samples = []
@@ -100,10 +100,10 @@ def demo_config(out: str, teachers: list[str]) -> dict:
 
 
 def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] | None = None) -> dict:
-    from labelmill.coco import export_coco
+    from labelmill.export.coco import export_coco
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
-    from labelmill.report import write_report
+    from labelmill.export.report import write_report
 
     out = os.path.abspath(out)
     shards = build_demo_shards(os.path.join(out, "shards"))

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 from labelmill import __version__
 from labelmill.config import RunConfig
-from labelmill.runtime import Progress, ResourcePlan, configure_ray_data, default_budget_mb, plan_resources, start_ray
-from labelmill.shards import list_shards
+from labelmill.engine.runtime import Progress, ResourcePlan, configure_ray_data, default_budget_mb, plan_resources, start_ray
+from labelmill.io.shards import list_shards
 from labelmill.stages.base import apply_stages, check_contract, fuse
 from labelmill.stages.decode import DecodeImages, merge_requests
 from labelmill.stages.filter import FilterLabels
 from labelmill.stages.label import LabelImages
 from labelmill.stages.read import ReadShards
 from labelmill.stages.write import CommitWriter, RunCounters
-from labelmill.store import OutputStore
+from labelmill.store.commit import OutputStore
 
 
 @dataclass

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.extensions import ArrowVariableShapedTensorArray
 
-from labelmill.images import ImageDecodeError, decode_caption, decode_image
+from labelmill.io.images import ImageDecodeError, decode_caption, decode_image
 from labelmill.schemas.records import RowKind
 from labelmill.schemas.tables import Col
 from labelmill.stages.base import Resources, Stage

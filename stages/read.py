@@ -17,7 +17,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from labelmill.schemas.records import RowKind
 from labelmill.schemas.tables import Col
-from labelmill.shards import iter_shard
+from labelmill.io.shards import iter_shard
 from labelmill.stages.base import Resources
 
 READ_SCHEMA = pa.schema(

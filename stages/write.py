@@ -3,7 +3,7 @@
 Rows arrive in any order.  The writer buffers them per shard; a shard is
 complete when it has received as many sample rows as its ``shard_end`` row
 announced.  Every ``commit_every`` completed shards are turned into the
-stored tables and committed through :class:`labelmill.store.OutputStore`.
+stored tables and committed through :class:`labelmill.store.commit.OutputStore`.
 Only label metadata reaches the driver (images are dropped by the label
 stage), so the buffers stay small.
 """
@@ -31,7 +31,7 @@ from labelmill.schemas.tables import (
     conform,
     regions_schema,
 )
-from labelmill.store import OutputStore, StagedFile
+from labelmill.store.commit import OutputStore, StagedFile
 
 COUNTED_DROPS = (Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
 

@@ -40,7 +40,7 @@ def good_sample(key: str, seed: int = 0, caption: str = "a red block on a gradie
 
 
 def make_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "shard") -> list[str]:
-    from labelmill.shards import write_shard
+    from labelmill.io.shards import write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -11,10 +11,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from helpers import COCO128, gt_sample, gt_teacher, run_config
-from labelmill.coco import export_coco
+from labelmill.export.coco import export_coco
 from labelmill.config import load_config
 from labelmill.pipelines.label import run
-from labelmill.shards import write_shard
+from labelmill.io.shards import write_shard
 
 
 def ground_truth_file(samples, path) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import tiny_maskclip
 from labelmill.config import ConfigError, load_config
-from labelmill.runtime import plan_resources
+from labelmill.engine.runtime import plan_resources
 from labelmill.config import RayConfig
 
 

@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 
 def test_demo_with_maskclip_and_vild_end_to_end(tmp_path, ray_session):
     from labelmill.pipelines.demo import DEMO_PHOTOS, run_demo
-    from labelmill.regions import RegionReader
+    from labelmill.store.regions import RegionReader
 
     result = run_demo(str(tmp_path / "demo"), teachers=["maskclip", "vild"])
     n = len(DEMO_PHOTOS) + 1  # plus one deliberately truncated JPEG

@@ -11,11 +11,11 @@ from deltalake import DeltaTable
 from pycocotools.coco import COCO
 
 from helpers import encode, photo, run_config, tiny_maskclip
-from labelmill.coco import export_coco
+from labelmill.export.coco import export_coco
 from labelmill.config import load_config
 from labelmill.pipelines.label import build_stages, run
-from labelmill.runtime import plan_resources
-from labelmill.shards import write_shard
+from labelmill.engine.runtime import plan_resources
+from labelmill.io.shards import write_shard
 from labelmill.stages.decode import DecodeImages
 from labelmill.teachers.base import ImageBatch, WeightsError
 from labelmill.teachers.glip import GLIPTeacher, GLIPTeacherConfig

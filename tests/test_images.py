@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from helpers import encode, photo
-from labelmill.images import ImageDecodeError, decode_caption, decode_image
+from labelmill.io.images import ImageDecodeError, decode_caption, decode_image
 from labelmill.teachers.base import ImageRequest
 
 BIG = ImageRequest(short_side=10_000, max_long_side=10_000)

@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 from helpers import encode, good_sample, gt_sample, gt_teacher, make_shards, photo, run_config
 from labelmill.config import load_config
 from labelmill.pipelines.label import run
-from labelmill.shards import write_shard
+from labelmill.io.shards import write_shard
 
 
 def read(out, name):
@@ -147,7 +147,7 @@ def test_plugin_teacher_by_class_path_and_per_sample_failure(tmp_path, ray_sessi
     assert set(labels.teacher) == {"gt"} and set(labels.teacher_type) == {"plugin_teacher:GroundTruthTeacher"}
     assert len(labels) == 10 and (labels.weights == "ground-truth").all()
 
-    from labelmill.report import write_report
+    from labelmill.export.report import write_report
 
     html = (tmp_path / "report.html")
     write_report(str(tmp_path / "out"), str(html), max_images=4)

@@ -15,7 +15,7 @@ from deltalake import DeltaTable
 from helpers import gt_sample, gt_teacher, run_config
 from labelmill.config import load_config
 from labelmill.pipelines.label import run
-from labelmill.shards import write_shard
+from labelmill.io.shards import write_shard
 
 LABEL_COLS = ["shard", "index", "key", "class_name", "score", "bbox", "area", "segmentation"]
 

@@ -50,7 +50,7 @@ def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):
     import boto3
     import s3fs
 
-    from labelmill.shards import write_shard
+    from labelmill.io.shards import write_shard
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="data")
     opts = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
@@ -72,7 +72,7 @@ def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):
     assert fs.exists("data/labels-out/samples/_delta_log")
     from deltalake import DeltaTable
 
-    from labelmill.store import delta_storage_options
+    from labelmill.store.commit import delta_storage_options
 
     samples = DeltaTable("s3://data/labels-out/samples",
                          storage_options=delta_storage_options(opts, "s3://data/")).to_pandas()
@@ -88,7 +88,7 @@ def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):
                        exclude_invalid_files=True).to_table()
     assert table.num_rows == samples.num_labels.sum()
 
-    from labelmill.regions import RegionDataset, RegionReader
+    from labelmill.store.regions import RegionDataset, RegionReader
 
     reader = RegionReader("s3://data/labels-out", opts)
     assert sorted(reader.keys()) == sorted(samples.key)

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from helpers import good_sample, make_shards
-from labelmill.shards import ShardListError, iter_shard, list_shards, unsafe_key_reason, write_shard
+from labelmill.io.shards import ShardListError, iter_shard, list_shards, unsafe_key_reason, write_shard
 
 
 def test_listing_forms(tmp_path):

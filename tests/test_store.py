@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 from labelmill.schemas.records import RowKind
 from labelmill.schemas.tables import LABEL_STRUCT, REGION_STRUCT, Col
 from labelmill.stages.write import CommitWriter
-from labelmill.store import OutputConflictError, OutputStore
+from labelmill.store.commit import OutputConflictError, OutputStore
 
 PROV = json.dumps({"t": {"teacher": "t", "teacher_type": "maskclip", "weights": "w", "weights_sha256": "abc",
                           "teacher_config_hash": "h"}})
@@ -192,7 +192,7 @@ def with_regions(table: pa.Table, dim: int = 8) -> pa.Table:
 
 
 def test_region_embeddings_are_spilled_on_arrival_and_commit_with_their_shard(tmp_path):
-    from labelmill.regions import RegionReader
+    from labelmill.store.regions import RegionReader
 
     out = str(tmp_path / "out")
     store = OutputStore(out)

@@ -274,7 +274,7 @@ def _vild_run(tmp_path, **vild):
 
 def test_pipeline_writes_regions_that_load_back_with_their_boxes(tmp_path, ray_session):
     from labelmill.pipelines.label import run
-    from labelmill.regions import RegionDataset, RegionReader, read_regions_ray
+    from labelmill.store.regions import RegionDataset, RegionReader, read_regions_ray
 
     cfg, out = _vild_run(tmp_path, nms_iou=1.0)
     summary = run(cfg)
@@ -321,12 +321,12 @@ def test_pipeline_writes_regions_that_load_back_with_their_boxes(tmp_path, ray_s
 
 def test_embeddings_from_the_pipeline_equal_the_teacher_called_directly(tmp_path, ray_session):
     from labelmill.pipelines.label import run
-    from labelmill.regions import RegionReader
+    from labelmill.store.regions import RegionReader
 
     cfg, out = _vild_run(tmp_path, proposals=[{"meta_field": "proposals"}])
     # give every sample external proposals through its JSON
     from helpers import encode
-    from labelmill.shards import write_shard
+    from labelmill.io.shards import write_shard
 
     samples = []
     for i in range(4):
@@ -354,7 +354,7 @@ def test_embeddings_from_the_pipeline_equal_the_teacher_called_directly(tmp_path
 def test_text_embedding_table_is_the_prompt_ensemble_classifier():
     import pyarrow.parquet as pq
 
-    from labelmill.regions import text_embeddings_table
+    from labelmill.store.regions import text_embeddings_table
 
     table = text_embeddings_table("x", None, ["cat", "dog, puppy", "grass"], "short", arch_config=TINY_CLIP,
                                   allow_random_init=True)

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labelmill.store import OutputStore
+from labelmill.store.commit import OutputStore
 
 
 @dataclass

@@ -16,9 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from labelmill.images import ImageDecodeError, decode_image
-from labelmill.shards import iter_shard
-from labelmill.store import OutputStore
+from labelmill.io.images import ImageDecodeError, decode_image
+from labelmill.io.shards import iter_shard
+from labelmill.store.commit import OutputStore
 from labelmill.schemas.records import ImageRequest
 
 DISPLAY = ImageRequest(short_side=448, max_long_side=448)

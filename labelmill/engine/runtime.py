@@ -99,7 +99,10 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True, True
+    # address="local": always a private Ray for this process, never a cluster
+    # someone else started on this host with `ray start`.
     ray.init(
+        address="local",
         num_cpus=cfg.num_cpus,
         include_dashboard=False,
         log_to_driver=True,

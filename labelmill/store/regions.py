@@ -3,7 +3,7 @@
 The ``regions`` table of an output folder holds one row per (image, region
 teacher): the proposal boxes in pixels and normalised to [0, 1], their
 scores and sources, and one float16 CLIP embedding per box.  Its committed
-files are listed by ``regions/_manifest`` (see :mod:`labelmill.store`);
+files are listed by ``regions/_manifest`` (see :mod:`labelmill.store.commit`);
 files a crashed run left behind are never listed, so every reader here goes
 through the manifest.
 
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labelmill.store import ManifestTableStore
+from labelmill.store.commit import ManifestTableStore
 
 META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "model", "teacher", "weights",
                 "weights_sha256", "teacher_config_hash")

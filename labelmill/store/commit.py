@@ -12,7 +12,7 @@ Commit protocol for a group of completed shards:
 
 1. every table's rows are written as Parquet files under ``<table>/_staging``
    (invisible to Delta readers and, being under ``_``, to plain Parquet
-   readers too), each file carrying ``labelmill.shards`` in its footer;
+   readers too), each file carrying ``labelmill.io.shards`` in its footer;
 2. files are moved into their table folder and committed table by table:
    labels, regions, then **samples last**, then stats;
 3. a shard is done iff a samples file lists it.
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from labelmill.schemas.tables import LABELS, SAMPLES, STATS
 
-SHARDS_META = b"labelmill.shards"
+SHARDS_META = b"labelmill.io.shards"
 COMMIT_META = b"labelmill.commit"
 CONFIG_FILE = "_labelmill/config.json"
 

@@ -1,0 +1,1 @@
+"""Exports: COCO, MDETR grounding, HTML report."""

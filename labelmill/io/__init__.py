@@ -1,0 +1,1 @@
+"""Input: WebDataset shard listing and reading, image decoding."""

@@ -1,0 +1,1 @@
+"""Output tables, commits, dataset versions and the read API."""
