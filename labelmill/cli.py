@@ -41,7 +41,7 @@ def _cmd_export_coco(args: argparse.Namespace) -> int:
 
     manifest = export_coco(
         args.output, args.dest, images_per_file=args.images_per_file,
-        teachers=args.teacher or None,
+        teachers=args.teacher or None, version=args.version,
     )
     print(json.dumps(manifest, indent=2))
     return 0
@@ -50,7 +50,7 @@ def _cmd_export_coco(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
-    path = write_report(args.output, args.dest, max_images=args.max_images)
+    path = write_report(args.output, args.dest, max_images=args.max_images, version=args.version)
     print(path)
     return 0
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="folder for the COCO files")
     p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
     p.add_argument("--teacher", action="append", help="only this teacher (repeatable)")
+    p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_export_coco)
 
     p = sub.add_parser(
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the run's output.path")
     p.add_argument("dest", help="HTML file to write")
     p.add_argument("--max-images", type=int, default=24)
+    p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
+    from labelmill.store.read import OutputNotFound, VersionNotFound
     from labelmill.teachers.base import WeightsError
 
     parser = build_parser()
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShardListError as exc:
         print(f"labelmill: input error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except OutputConflictError as exc:
+    except (OutputConflictError, OutputNotFound, VersionNotFound) as exc:
         print(f"labelmill: output error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
 

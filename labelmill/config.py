@@ -49,7 +49,22 @@ class RayConfig(_Strict):
         default=None, description="cluster address; default: $RAY_ADDRESS, else an embedded local Ray"
     )
     num_cpus: float | None = Field(default=None, gt=0, description="CPUs of the embedded local Ray")
-    teacher_actors: int | None = Field(default=None, gt=0, description="label actors; default: one per GPU, else 1")
+    teacher_actors: int | None = Field(
+        default=None, gt=0, description="a fixed number of label actors; default: one per GPU, else 1"
+    )
+    min_actors: int | None = Field(
+        default=None, gt=0, description="autoscaling label-actor pool: fewest actors (default 1 on a cluster)"
+    )
+    max_actors: int | None = Field(
+        default=None, gt=0,
+        description="autoscaling label-actor pool: most actors; the pool grows while work is queued and the "
+        "cluster autoscaler adds GPU nodes for it",
+    )
+    read_tasks_per_actor: float | None = Field(
+        default=None, gt=0,
+        description="read+decode tasks per label actor (default 2 per GPU actor, 1 per CPU actor); "
+        "read concurrency follows the actor pool",
+    )
     gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 if the cluster has GPUs, else 0")
     cpus_per_actor: float | None = Field(default=None, gt=0, description="CPU reservation of a label actor")
     torch_threads: int | None = Field(default=None, gt=0, description="intra-op threads in a label actor")
@@ -62,10 +77,18 @@ class RayConfig(_Strict):
     read_tasks: int | None = Field(
         default=None, gt=0,
         description="concurrent read+decode tasks (each streams whole shards); "
-        "default one per label actor, two per GPU actor",
+        "default read_tasks_per_actor x the largest actor count",
     )
     read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of one read+decode task")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "RayConfig":
+        if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) is larger than max_actors ({self.max_actors})")
+        if self.teacher_actors and (self.min_actors or self.max_actors):
+            raise ValueError("give either teacher_actors (a fixed pool) or min_actors/max_actors (autoscaling)")
+        return self
 
 
 class FilterConfig(_Strict):

@@ -22,15 +22,6 @@ class SampleStatus(str, Enum):
     ERROR = "error"
 
 
-class RowKind(str, Enum):
-    """What a row flowing through the Ray stages stands for."""
-
-    SAMPLE = "sample"
-    # Emitted once per shard after its last sample; carries the number of
-    # sample rows the shard produced so the writer knows when it is complete.
-    SHARD_END = "shard_end"
-
-
 @dataclass(frozen=True)
 class Provenance:
     """Which teacher, weights and configuration produced a label."""

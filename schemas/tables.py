@@ -6,18 +6,27 @@ Two families live here:
   which users read with pandas, DuckDB, Ray Data or deltalake;
 * the **in-flight columns**: the names and meaning of the columns that the
   Ray stages pass to each other.  Each stage declares which of these it
-  needs and which it adds (see :class:`labelmill.stages.base.Stage`).
+  needs and which it adds (see :class:`labelmill.stages.base.Stage`);
+* the **table registry** (:data:`TABLES`): every stored table declared once
+  with its schema, format, key columns and the stage that emits it.  The
+  store, the worker-side writer, the read API and the exports iterate it,
+  so adding a table is one declaration;
+* the **manifest rows** workers send the driver (:data:`MANIFEST`): which
+  files they staged, for which shard and sample indices, and status counts.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from labelmill.schemas.records import Label, Provenance, RegionSet
+import pyarrow.compute as pc
+
+from labelmill.schemas.records import Label, Provenance, RegionSet, SampleStatus
 
 # --------------------------------------------------------------------------
 # In-flight columns (between stages)
@@ -31,12 +40,10 @@ class Col:
     KEY = "key"                  # sample key inside the shard (webdataset __key__)
     SHARD = "shard"              # shard URL as listed
     INDEX = "index"              # position of the sample in its shard (0-based)
-    KIND = "kind"                # RowKind value
     IMAGE_BYTES = "image_bytes"  # encoded image (null when missing)
     IMAGE_EXT = "image_ext"      # extension the image came with
     CAPTION_BYTES = "caption_bytes"
     META_JSON = "meta_json"      # the sample's .json member, verbatim text
-    SHARD_ROWS = "shard_rows"    # on shard_end rows: sample rows in the shard
     ERROR = "error"              # reason the sample failed (null if fine)
     WARNINGS = "warnings"        # list of handled oddities (missing caption, ...)
     # written by the decoder
@@ -169,6 +176,7 @@ STATS = pa.schema(
         pa.field("dropped_over_max", pa.int64()),
         pa.field("seconds", pa.float64()),
         pa.field("config_hash", pa.string()),
+        pa.field("duplicates", pa.int64()),
     ]
 )
 
@@ -208,6 +216,77 @@ def regions_schema(dim: int) -> pa.Schema:
         + PROVENANCE_FIELDS
         + RUN_FIELDS
     )
+
+
+# --------------------------------------------------------------------------
+# The table registry
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One stored table, declared once.
+
+    ``format`` is ``delta`` (a Delta Lake table) or ``parquet`` (plain
+    Parquet plus a ``_manifest/`` log, for types Delta cannot express such
+    as float16 vectors).  ``key_columns`` identify a row's sample;
+    ``emitted_by`` names the stage (or ``commit`` for the driver) that
+    writes it.  ``schema`` is a schema or, when a width is only known at run
+    time (embedding dimension), a function of the rows' schema.
+    """
+
+    name: str
+    schema: pa.Schema | Callable[..., pa.Schema]
+    format: str
+    key_columns: tuple[str, ...]
+    emitted_by: str
+    partition_by: tuple[str, ...] = ()
+    row_group_rows: int = 4096
+
+    @property
+    def per_sample(self) -> bool:
+        return "shard" in self.key_columns
+
+
+#: Every stored table.  Order is the commit order (samples last of the
+#: worker tables, then stats).
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (
+        TableSpec("labels", LABELS, "delta", ("shard", "key"), emitted_by="write"),
+        # one row per (image, region teacher); small row groups so one image reads alone
+        TableSpec("regions", regions_schema, "parquet", ("shard", "key", "teacher"), emitted_by="write",
+                  row_group_rows=32),
+        TableSpec("samples", SAMPLES, "delta", ("shard", "key"), emitted_by="write"),
+        TableSpec("stats", STATS, "delta", ("commit",), emitted_by="commit"),
+    )
+}
+
+
+def tables_emitted_by(stage: str) -> list[TableSpec]:
+    return [spec for spec in TABLES.values() if spec.emitted_by == stage]
+
+
+#: Status counts a manifest row carries (summed per commit into ``stats``).
+COUNT_COLUMNS = ("samples", "labelled", "no_labels", "error", "labels_kept",
+                 "dropped_low_score", "dropped_small_area", "dropped_over_max")
+
+STAGED_FILE = pa.struct(
+    [
+        ("table", pa.string()),
+        ("path", pa.string()),       # relative to the table folder, inside its _staging/
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("stats", pa.string()),      # Delta ``stats`` JSON
+    ]
+)
+
+#: What a worker-side write sends the driver: one row per (batch, shard).
+MANIFEST = pa.schema(
+    [pa.field("shard", pa.string()), pa.field("indices", pa.list_(pa.int64())),
+     pa.field("files", pa.list_(STAGED_FILE))]
+    + [pa.field(c, pa.int64()) for c in COUNT_COLUMNS]
+)
 
 
 # --------------------------------------------------------------------------
@@ -299,6 +378,34 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     if missing:
         raise ValueError(f"table lacks columns {missing} required by the schema")
     return pa.table([table[f.name].cast(f.type) for f in schema], schema=schema)
+
+
+COUNTED_DROPS = (Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
+
+
+def status_of(rows: pa.Table) -> pa.Array:
+    has_error = pc.is_valid(rows.column(Col.ERROR))
+    labelled = pc.greater(pc.list_value_length(rows.column(Col.LABELS)).fill_null(0), 0)
+    return pc.if_else(
+        has_error,
+        SampleStatus.ERROR.value,
+        pc.if_else(labelled, SampleStatus.LABELLED.value, SampleStatus.NO_LABELS.value),
+    )
+
+
+def counts_of_samples(samples: pa.Table) -> dict[str, int]:
+    """Status and drop counts of rows of the stored ``samples`` table."""
+    status = samples.column("status").to_pylist()
+    out = {
+        "samples": len(status),
+        "labelled": status.count(SampleStatus.LABELLED.value),
+        "no_labels": status.count(SampleStatus.NO_LABELS.value),
+        "error": status.count(SampleStatus.ERROR.value),
+        "labels_kept": int(pc.sum(samples.column("num_labels")).as_py() or 0),
+    }
+    for col in COUNTED_DROPS:
+        out[col] = int(pc.sum(samples.column(col)).as_py() or 0)
+    return out
 
 
 def meta_dict(meta_json: str | None) -> dict:

@@ -9,7 +9,16 @@ A stage is a small class:
 * ``setup()`` runs once per worker (load a model, open a client);
   ``process_batch()`` runs for every batch.
 * ``stateful = True`` stages run in a Ray actor pool (setup is costly and
-  kept); others run as Ray tasks.
+  kept); others run as Ray tasks, or inside the operator before them
+  (the engine fuses a stateless stage into its predecessor).
+* ``role`` says what the engine should do with it: ``source`` (reads the
+  inputs), ``model`` (the expensive, accelerator-hungry stage the actor
+  pool is sized for), ``write`` (writes the output tables on the workers
+  and returns manifests), or ``transform``.  The engine finds stages by
+  name or role, never by position.
+* ``place()`` receives the resources the engine's plan gives the stage.
+
+Stages never import Ray; :mod:`labelmill.engine` runs them.
 
 Batches are ``pyarrow.Table`` objects in and out (Ray Data's ``pyarrow``
 batch format), so nullable and nested columns pass through untouched.
@@ -40,14 +49,26 @@ class Resources:
 
 class Stage(ABC):
     name: ClassVar[str] = "stage"
+    role: ClassVar[str] = "transform"
     requires: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
     drops: ClassVar[tuple[str, ...]] = ()
+    #: the output holds only ``produces`` (a stage that turns rows into manifests)
+    replaces_columns: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     batch_format: ClassVar[str] = "pyarrow"
 
     def resources(self) -> Resources:
-        return Resources()
+        return Resources(cpus=getattr(self, "cpus", 1.0), gpus=getattr(self, "gpus", 0.0))
+
+    def place(self, resources: Resources, threads: int | None = None) -> None:
+        """Take the reservation the engine's resource plan gives this stage."""
+        self.cpus = resources.cpus
+        self.gpus = resources.gpus
+
+    def bytes_per_row(self) -> int | None:
+        """Rough size of one output row in the object store (for the engine's budget), if large."""
+        return None
 
     def setup(self) -> None:
         """Once per worker, before the first batch."""
@@ -64,81 +85,23 @@ class ContractError(ValueError):
     """A stage needs a column that no earlier stage provides."""
 
 
-def check_contract(stages: Sequence[Stage], initial: Iterable[str] = ()) -> list[str]:
-    """Walk the stages in order; return the final columns or raise ContractError."""
+def check_contract(stages: Sequence[Any], initial: Iterable[str] = ()) -> list[str]:
+    """Walk every hop of the stages in order; return the final columns or raise ContractError."""
     columns = list(initial)
+    previous = None
     for stage in stages:
         missing = [c for c in stage.requires if c not in columns]
         if missing:
+            hop = f"{previous.name!r} -> {stage.name!r}" if previous is not None else f"-> {stage.name!r}"
             raise ContractError(
-                f"stage {stage.name!r} requires {missing}, but only {sorted(columns)} are available"
+                f"hop {hop}: stage {stage.name!r} requires column(s) {missing}, but only "
+                f"{sorted(columns)} are available"
             )
+        if getattr(stage, "replaces_columns", False):
+            columns = []
         for col in stage.produces:
             if col not in columns:
                 columns.append(col)
         columns = [c for c in columns if c not in stage.drops]
+        previous = stage
     return columns
-
-
-class _Chain:
-    """Runs several stages back to back in one Ray worker (one operator).
-
-    Stateless stages after a stateful one (the filter after the label
-    actor) are fused into it: no extra Ray operator, task or object
-    transfer per batch, which matters on small CPU machines.
-    """
-
-    def __init__(self, stages: Sequence[Stage]):
-        self.stages = list(stages)
-        self._ready = False
-
-    def _setup(self) -> None:
-        if not self._ready:
-            for stage in self.stages:
-                stage.setup()
-            self._ready = True
-
-    def __call__(self, batch: Batch) -> Any:
-        self._setup()
-        for stage in self.stages:
-            batch = stage.process_batch(batch)
-        return batch
-
-
-class _ActorAdapter(_Chain):
-    """Callable class Ray Data instantiates once per actor; setup happens there."""
-
-    def __init__(self, stages: Sequence[Stage]):
-        super().__init__(stages)
-        self._setup()
-
-
-def fuse(stages: Sequence[Stage]) -> list[list[Stage]]:
-    """Group stages into Ray operators: a stateless stage joins the operator before it."""
-    groups: list[list[Stage]] = []
-    for stage in stages:
-        if groups and not stage.stateful and stage.batch_format == groups[-1][-1].batch_format:
-            groups[-1].append(stage)
-        else:
-            groups.append([stage])
-    return groups
-
-
-def apply_stages(dataset, stages: Sequence[Stage], *, batch_size: int | None, concurrency: int | None = None):
-    """Append fused ``stages`` to a Ray ``Dataset``: one map operator, resources of its first stage."""
-    head = stages[0]
-    kwargs: dict[str, Any] = dict(
-        batch_format=head.batch_format, batch_size=batch_size, zero_copy_batch=True, **head.resources().ray_args()
-    )
-    if head.stateful:
-        from ray.data import ActorPoolStrategy
-
-        return dataset.map_batches(
-            _ActorAdapter,
-            fn_constructor_args=(list(stages),),
-            compute=ActorPoolStrategy(size=concurrency or 1),
-            **kwargs,
-        )
-    if concurrency:
-        kwargs["concurrency"] = concurrency
-    return dataset.map_batches(_Chain(stages), **kwargs)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from labelmill.io.images import ImageDecodeError, decode_caption, decode_image
-from labelmill.schemas.records import RowKind
 from labelmill.schemas.tables import Col
 from labelmill.stages.base import Resources, Stage
 from labelmill.schemas.records import ImageRequest
@@ -33,11 +31,11 @@ def merge_requests(requests: list[ImageRequest]) -> ImageRequest:
 
 class DecodeImages(Stage):
     name = "decode"
-    requires = (Col.KIND, Col.IMAGE_BYTES, Col.CAPTION_BYTES, Col.ERROR, Col.WARNINGS)
+    requires = (Col.IMAGE_BYTES, Col.CAPTION_BYTES, Col.ERROR, Col.WARNINGS)
     produces = (Col.IMAGE, Col.ORIG_H, Col.ORIG_W, Col.CAPTION)
     drops = (Col.IMAGE_BYTES, Col.IMAGE_EXT, Col.CAPTION_BYTES)
 
-    def __init__(self, request: ImageRequest, max_pixels: int, cpus: float):
+    def __init__(self, request: ImageRequest, max_pixels: int, cpus: float = 0.25):
         self.request = request
         self.max_pixels = max_pixels
         self.cpus = cpus
@@ -45,25 +43,26 @@ class DecodeImages(Stage):
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus)
 
+    def bytes_per_row(self) -> int:
+        return self.request.max_long_side * self.request.max_long_side * 3
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        kinds = batch.column(Col.KIND).to_pylist()
         errors = batch.column(Col.ERROR).to_pylist()
         warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
         blobs = batch.column(Col.IMAGE_BYTES).to_pylist()
         cap_bytes = batch.column(Col.CAPTION_BYTES).to_pylist()
         images, orig_h, orig_w, captions = [], [], [], []
-        for i, kind in enumerate(kinds):
-            pixels, hw, caption = PLACEHOLDER, (0, 0), None
-            if kind == RowKind.SAMPLE.value:
-                caption, cap_notes = decode_caption(cap_bytes[i])
-                warns[i].extend(cap_notes)
-                if errors[i] is None:
-                    try:
-                        decoded = decode_image(blobs[i], self.request, self.max_pixels)
-                        pixels, hw = decoded.pixels, decoded.orig_hw
-                        warns[i].extend(decoded.warnings)
-                    except ImageDecodeError as exc:
-                        errors[i] = str(exc)
+        for i in range(batch.num_rows):
+            pixels, hw = PLACEHOLDER, (0, 0)
+            caption, cap_notes = decode_caption(cap_bytes[i])
+            warns[i].extend(cap_notes)
+            if errors[i] is None:
+                try:
+                    decoded = decode_image(blobs[i], self.request, self.max_pixels)
+                    pixels, hw = decoded.pixels, decoded.orig_hw
+                    warns[i].extend(decoded.warnings)
+                except ImageDecodeError as exc:
+                    errors[i] = str(exc)
             images.append(pixels)
             orig_h.append(hw[0])
             orig_w.append(hw[1])
@@ -76,4 +75,6 @@ class DecodeImages(Stage):
         out = out.append_column(Col.CAPTION, pa.array(captions, pa.string()))
         out = out.append_column(Col.ORIG_H, pa.array(orig_h, pa.int32()))
         out = out.append_column(Col.ORIG_W, pa.array(orig_w, pa.int32()))
+        from ray.data.extensions import ArrowVariableShapedTensorArray  # Ray's tensor column type
+
         return out.append_column(Col.IMAGE, ArrowVariableShapedTensorArray.from_numpy(images))

@@ -12,14 +12,18 @@ Region embeddings are not labels and pass untouched.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from labelmill.config import FilterConfig
 from labelmill.schemas.tables import LABEL_STRUCT, Col
 from labelmill.stages.base import Resources, Stage
 
+if TYPE_CHECKING:  # the config module pulls in the teachers (and torch); this stage needs neither
+    from labelmill.config import FilterConfig
 
-def filter_labels(labels: list[dict], cfg: FilterConfig) -> tuple[list[dict], dict[str, int]]:
+
+def filter_labels(labels: list[dict], cfg: "FilterConfig") -> tuple[list[dict], dict[str, int]]:
     """Kept labels and drop counts keyed by the ``Col.DROPPED_*`` columns."""
     dropped = {Col.DROPPED_LOW_SCORE: 0, Col.DROPPED_SMALL_AREA: 0, Col.DROPPED_OVER_MAX: 0}
     kept = []
@@ -46,7 +50,7 @@ class FilterLabels(Stage):
     requires = (Col.LABELS,)
     produces = (Col.LABELS, Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
 
-    def __init__(self, config: FilterConfig, cpus: float):
+    def __init__(self, config: "FilterConfig", cpus: float = 0.0):
         self.config = config
         self.cpus = cpus
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from labelmill.schemas.records import RowKind, TeacherOutput
+from labelmill.schemas.records import TeacherOutput
 from labelmill.schemas.tables import LABEL_STRUCT, Col, label_to_struct, meta_dict, regions_array
 from labelmill.stages.base import Resources, Stage
 from labelmill.teachers.base import ImageBatch, Teacher, TeacherConfig, build_teacher
@@ -34,7 +34,8 @@ def pick_device(preference: str, gpus: float) -> torch.device:
 
 class LabelImages(Stage):
     name = "label"
-    requires = (Col.KIND, Col.ERROR, Col.WARNINGS, Col.IMAGE, Col.ORIG_H, Col.ORIG_W, Col.CAPTION, Col.META_JSON)
+    role = "model"
+    requires = (Col.ERROR, Col.WARNINGS, Col.IMAGE, Col.ORIG_H, Col.ORIG_W, Col.CAPTION, Col.META_JSON)
     produces = (Col.LABELS, Col.REGIONS, Col.PROVENANCE)
     drops = (Col.IMAGE,)
     stateful = True
@@ -45,9 +46,9 @@ class LabelImages(Stage):
         *,
         allow_random_init: bool,
         batch_size: int,
-        cpus: float,
-        gpus: float,
-        torch_threads: int | None,
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+        torch_threads: int | None = None,
         device: str = "auto",
     ):
         self.teacher_configs = teachers
@@ -61,6 +62,14 @@ class LabelImages(Stage):
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus, gpus=self.gpus)
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Whether the engine should give the actors GPUs when the cluster has (or can start) them."""
+        return self.device_preference != "cpu"
+
+    def place(self, resources: Resources, threads: int | None = None) -> None:
+        self.cpus, self.gpus, self.torch_threads = resources.cpus, resources.gpus, threads
 
     def setup(self) -> None:
         if self.torch_threads:
@@ -117,10 +126,9 @@ class LabelImages(Stage):
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        kinds = batch.column(Col.KIND).to_pylist()
         errors = batch.column(Col.ERROR).to_pylist()
         warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
-        todo = [i for i in range(n) if kinds[i] == RowKind.SAMPLE.value and errors[i] is None]
+        todo = [i for i in range(n) if errors[i] is None]
         labels: list[list[dict]] = [[] for _ in range(n)]
         regions: list[list[tuple]] = [[] for _ in range(n)]
         if todo:

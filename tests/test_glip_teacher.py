@@ -13,8 +13,7 @@ from pycocotools.coco import COCO
 from helpers import encode, photo, run_config, tiny_maskclip
 from labelmill.export.coco import export_coco
 from labelmill.config import load_config
-from labelmill.pipelines.label import build_stages, run
-from labelmill.engine.runtime import plan_resources
+from labelmill.pipelines.label import build_pipeline, run
 from labelmill.io.shards import write_shard
 from labelmill.stages.decode import DecodeImages
 from labelmill.teachers.base import ImageBatch, WeightsError
@@ -71,8 +70,7 @@ def test_glip_and_maskclip_in_one_run_share_one_decode(tmp_path, ray_session):
     write_shard(str(tmp_path / "shards" / "a.tar"), samples)
     out = str(tmp_path / "out")
     cfg = load_config(run_config(str(tmp_path / "shards"), out, teachers=[tiny_maskclip(), tiny_glip()]))
-    read, stages = build_stages(cfg, plan_resources(cfg.ray, 2, 0))
-    decodes = [s for s in stages if isinstance(s, DecodeImages)]
+    decodes = [s for s in build_pipeline(cfg).stages if isinstance(s, DecodeImages)]
     assert len(decodes) == 1 and decodes[0].request.short_side == 64 and decodes[0].request.max_long_side == 128
 
     summary = run(cfg)

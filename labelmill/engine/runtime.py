@@ -20,9 +20,15 @@ class ResourcePlan:
     them.  The plan therefore reserves fractional CPUs for the read and
     decode tasks and gives the label actors the rest, while the actors'
     torch thread count (what really uses the cores) is set separately.
+
+    On a cluster reached by address the actor pool autoscales between
+    ``min_actors`` and ``max_actors``; a teacher that wants a GPU asks for
+    one even while no GPU node is up yet, so the cluster autoscaler starts
+    GPU workers for the pending actors.
     """
 
-    actors: int
+    min_actors: int
+    max_actors: int
     gpus_per_actor: float
     cpus_per_actor: float
     torch_threads: int
@@ -30,74 +36,120 @@ class ResourcePlan:
     read_cpus: float
     total_cpus: float
     total_gpus: float
+    autoscaling: bool = False
+    note: str = ""
+
+    @property
+    def actors(self) -> int:
+        return self.max_actors
 
     def describe(self) -> str:
         dev = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "CPU"
-        return (
-            f"{self.actors} label actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, {self.torch_threads} torch threads]; "
-            f"{self.read_tasks} read+decode task(s) x {self.read_cpus:g} CPU (the filter runs in the label actors); "
-            f"cluster {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
+        pool = (f"{self.min_actors}..{self.max_actors}" if self.min_actors != self.max_actors
+                else f"{self.max_actors}")
+        text = (
+            f"{pool} label actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, {self.torch_threads} torch threads]; "
+            f"up to {self.read_tasks} read+decode task(s) x {self.read_cpus:g} CPU (the filter and the table "
+            f"writer run in the label actors); cluster now {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
         )
+        return text + (f"; {self.note}" if self.note else "")
 
 
-def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False) -> ResourcePlan:
-    """Decide actor count and reservations; raise ConfigError on a plan that cannot run."""
-    if cfg.device == "cpu":
+def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False,
+                   max_gpus: float | None = None, wants_gpu: bool = True) -> ResourcePlan:
+    """Decide the actor pool and reservations; raise ConfigError on a plan that cannot run.
+
+    ``autoscaling``: the cluster was reached by address and may grow.
+    ``max_gpus``: the most GPUs its autoscaler can provide (None: unknown).
+    """
+    note = ""
+    can_have_gpus = total_gpus >= 1 or (autoscaling and (max_gpus is None or max_gpus >= 1))
+    if cfg.device == "cpu" or not wants_gpu:
         gpus_per_actor = 0.0
     elif cfg.gpus_per_actor is not None:
         gpus_per_actor = cfg.gpus_per_actor
     else:
-        gpus_per_actor = 1.0 if total_gpus >= 1 else 0.0
+        gpus_per_actor = 1.0 if can_have_gpus else 0.0
     if cfg.device == "cuda" and gpus_per_actor == 0:
         raise ConfigError("ray.device=cuda needs ray.gpus_per_actor > 0")
+    if gpus_per_actor > 0 and total_gpus < gpus_per_actor and autoscaling:
+        note = "no GPU visible yet: the label actors wait for the cluster autoscaler to start GPU workers"
 
-    if gpus_per_actor > 0:
-        actors = cfg.teacher_actors or max(1, int(total_gpus // gpus_per_actor))
-        read_tasks = cfg.read_tasks or 2 * actors
+    if cfg.teacher_actors:
+        lo = hi = cfg.teacher_actors
+    elif gpus_per_actor > 0:
+        fit = max(1, int(total_gpus // gpus_per_actor))
+        if autoscaling:
+            ceiling = int(max_gpus // gpus_per_actor) if max_gpus else fit
+            hi = cfg.max_actors or max(fit, ceiling, 1)
+            lo = cfg.min_actors or 1
+        else:
+            hi = cfg.max_actors or fit
+            lo = cfg.min_actors or hi
     else:
-        actors = cfg.teacher_actors or 1
-        read_tasks = cfg.read_tasks or actors
+        hi = cfg.max_actors or 1
+        lo = cfg.min_actors or hi
+    lo = min(lo, hi)
+    per_actor = cfg.read_tasks_per_actor or (2 if gpus_per_actor > 0 else 1)
+    read_tasks = cfg.read_tasks or max(1, int(round(per_actor * hi)))
     read = cfg.read_cpus
     reserve = read_tasks * read
     if gpus_per_actor > 0:
         cpus = cfg.cpus_per_actor or 1.0
         threads = cfg.torch_threads or max(1, int(cpus))
-        if not autoscaling and actors * gpus_per_actor > total_gpus + 1e-9:
+        if not autoscaling and hi * gpus_per_actor > total_gpus + 1e-9:
             raise ConfigError(
-                f"{actors} label actors x {gpus_per_actor:g} GPU need more than the cluster's {total_gpus:g} GPUs"
+                f"{hi} label actors x {gpus_per_actor:g} GPU need more than the cluster's {total_gpus:g} GPUs"
             )
     else:
         room = total_cpus - reserve
-        if room <= 0:
+        if room <= 0 and not autoscaling:
             raise ConfigError(
                 f"the cluster's {total_cpus:g} CPUs cannot hold the read/decode reservations ({reserve:g}); "
                 "lower ray.read_tasks or ray.read_cpus"
             )
-        cpus = cfg.cpus_per_actor or min(max(1.0, total_cpus / actors), room / actors)
-        threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / actors)))
-    if not autoscaling and actors * cpus + reserve > total_cpus + 1e-9:
+        cpus = cfg.cpus_per_actor or max(0.1, min(max(1.0, total_cpus / hi), room / hi))
+        threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / hi)))
+    if not autoscaling and hi * cpus + reserve > total_cpus + 1e-9:
         raise ConfigError(
-            f"resource plan would deadlock: {actors} label actors x {cpus:g} CPU plus {reserve:g} CPU for "
-            f"read/decode exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors or "
-            "ray.cpus_per_actor"
+            f"resource plan would deadlock: {hi} label actors x {cpus:g} CPU plus {reserve:g} CPU for "
+            f"read/decode exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors / ray.max_actors "
+            "or ray.cpus_per_actor"
         )
-    return ResourcePlan(actors, gpus_per_actor, cpus, threads, read_tasks, read, total_cpus, total_gpus)
+    return ResourcePlan(lo, hi, gpus_per_actor, cpus, threads, read_tasks, read, total_cpus, total_gpus,
+                        autoscaling, note)
+
+
+def quiet_ray_warnings() -> None:
+    """Keep Ray's deprecation and actor-argument warnings off the user's terminal."""
+    import logging
+    import warnings
+
+    for name in ("ray.data", "ray.data._internal", "ray._private.worker", "ray.util.annotations"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\..*)?")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
+    warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecated|fn_constructor_args|large).*",
+                            module=r"ray(\..*)?")
 
 
 def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start an embedded local Ray.
 
-    Returns ``(started_here, remote_cluster)``.
+    Returns ``(started_here, remote_cluster)``.  The embedded Ray is private
+    to this process (``address="local"``) and its processes exit with it.
     """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray
 
+    quiet_ray_warnings()
     if ray.is_initialized():
         return False, False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
         return True, True
     # address="local": always a private Ray for this process, never a cluster
     # someone else started on this host with `ray start`.
@@ -111,14 +163,26 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     return True, False
 
 
-def default_budget_mb(plan: ResourcePlan, batch_size: int, max_long_side: int) -> int:
+def cluster_max_gpus() -> float | None:
+    """The most GPUs the cluster autoscaler's node types can provide; None if it is not known."""
+    try:
+        from ray._private.state import state
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API; absence means "unknown"
+        return None
+    if not limits:
+        return None
+    return float(limits.get("GPU", 0) or 0)
+
+
+def default_budget_mb(plan: ResourcePlan, batch_size: int, row_bytes: int) -> int:
     """Object-store room for eight forward batches of decoded images per actor, at least 256 MB.
 
     Measured on 2 CPUs with ViT-B/32: 64 MB starves the label actor (about
     15 img/s instead of 18); 256 MB keeps it fed.
     """
-    image_bytes = max_long_side * max_long_side * 3
-    return max(256, int(plan.actors * 8 * batch_size * image_bytes / 2**20) + 1)
+    return max(256, int(plan.actors * 8 * batch_size * row_bytes / 2**20) + 1)
 
 
 def configure_ray_data(plan: ResourcePlan, budget_mb: int) -> None:

@@ -1,4 +1,4 @@
-"""COCO export of committed labels, streamed commit by commit.
+"""COCO export of one dataset version's labels, streamed shard by shard.
 
 ``export_coco(output, dest)`` writes, for each teacher of the run:
 
@@ -11,8 +11,8 @@
   image carries its ``caption`` and every annotation its ``tokens_positive``
   character spans into it and its ``phrase``.
 
-Image ids are assigned in commit order, then shard, then index, so they are
-stable for a given output; ``file_name`` is the sample key and ``shard`` /
+Image ids are assigned in shard order, then index, so they are stable for a
+given dataset version (``version=``, default the latest); ``file_name`` is the sample key and ``shard`` /
 ``index`` say where the image lives.  Samples that failed are left out;
 samples without labels are kept as images without annotations.
 """
@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from labelmill.store.commit import OutputStore
+from labelmill.store.read import DatasetVersion, open_version
 
 
 @dataclass
@@ -70,25 +69,6 @@ class _Writer:
         self.images, self.annotations = [], []
 
 
-def _commit_of(name: str) -> int:
-    return int(name.split("-")[1]) if name.startswith("part-") else -1
-
-
-def _files_by_commit(table) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for name in table.committed_files():
-        out.setdefault(_commit_of(name), []).append(name)
-    return out
-
-
-def _read_files(table, names: list[str], columns: list[str] | None = None) -> pa.Table | None:
-    parts = []
-    for name in sorted(names):
-        with table.fs.open(posixpath.join(table.path, name), "rb") as fh:
-            parts.append(pq.read_table(fh, columns=columns))
-    return pa.concat_tables(parts) if parts else None
-
-
 @dataclass
 class TeacherCatalog:
     """What a teacher's labels contain: categories (vocabulary labels) and phrases."""
@@ -97,12 +77,13 @@ class TeacherCatalog:
     grounding: bool
 
 
-def catalog(store: OutputStore) -> dict[str, TeacherCatalog]:
+def catalog(ds: DatasetVersion) -> dict[str, TeacherCatalog]:
     """Per teacher: class names ordered by class id then name, and whether it grounds phrases."""
     seen: dict[str, dict[str, int]] = {}
     grounding: set[str] = set()
-    for commit, names in sorted(_files_by_commit(store.labels).items()):
-        table = _read_files(store.labels, names, ["teacher", "class_name", "class_id", "phrase"])
+    if "labels" not in ds.table_names():
+        return {}
+    for table in ds.iter_batches("labels", ["teacher", "class_name", "class_id", "phrase"]):
         for teacher, name, cid, phrase in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             best = seen.setdefault(teacher, {})
             if phrase is not None and cid is None:
@@ -119,15 +100,13 @@ def catalog(store: OutputStore) -> dict[str, TeacherCatalog]:
 
 
 def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storage_options: dict | None = None,
-                teachers: list[str] | None = None) -> dict[str, Any]:
-    """Write COCO files for the committed labels of ``output`` into ``dest``."""
+                teachers: list[str] | None = None, version: int | str | None = None) -> dict[str, Any]:
+    """Write COCO files for the labels of one dataset version of ``output`` (default: the latest) into ``dest``."""
     import fsspec
 
-    store = OutputStore(output, storage_options)
-    if not store.samples.exists():
-        raise FileNotFoundError(f"{output} has no committed samples table (has `labelmill run` committed anything?)")
+    ds = open_version(output, version, storage_options=storage_options)
     dest_fs, dest_root = fsspec.core.url_to_fs(dest, **(storage_options or {}))
-    cats = catalog(store)
+    cats = catalog(ds)
     names = sorted(cats) if teachers is None else list(teachers)
     unknown = [t for t in names if t not in cats]
     if unknown:
@@ -144,12 +123,11 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
         if cats[t].grounding:
             grounding[t] = _Writer(dest_fs, folder, "grounding", images_per_file, [GROUNDING_CATEGORY], True)
 
-    label_files = _files_by_commit(store.labels)
+    label_files = ds.shard_paths("labels") if "labels" in ds.table_names() else {}
     image_id = 0
-    for commit, sample_files in sorted(_files_by_commit(store.samples).items()):
-        samples = _read_files(store.samples, sample_files)
-        samples = samples.sort_by([("shard", "ascending"), ("index", "ascending")])
-        labels = _read_files(store.labels, label_files.get(commit, []))
+    for shard, sample_files in ds.shard_paths("samples").items():  # one shard in memory at a time
+        samples = ds.read_paths(sample_files).sort_by([("shard", "ascending"), ("index", "ascending")])
+        labels = ds.read_paths(label_files[shard]) if label_files.get(shard) else None
         grouped = _group_labels(labels) if labels is not None else {}
         for row in samples.to_pylist():
             if row["status"] == "error":
@@ -180,7 +158,7 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
         for t, w in writers.items():
             w.flush()
             report[t][kind] = [posixpath.join(t, f) for f in w.files]
-    manifest = {"source": output, "images": image_id, "files": report}
+    manifest = {"source": output, "version": ds.version, "images": image_id, "files": report}
     dest_fs.makedirs(dest_root, exist_ok=True)
     with dest_fs.open(posixpath.join(dest_root, "manifest.json"), "w") as fh:
         json.dump(manifest, fh, indent=2)

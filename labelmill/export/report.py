@@ -13,12 +13,11 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from labelmill.io.images import ImageDecodeError, decode_image
 from labelmill.io.shards import iter_shard
-from labelmill.store.commit import OutputStore
+from labelmill.store.read import DatasetVersion, open_version
 from labelmill.schemas.records import ImageRequest
 
 DISPLAY = ImageRequest(short_side=448, max_long_side=448)
@@ -29,11 +28,10 @@ def _color(name: str) -> tuple[int, int, int]:
     return digest[0] // 2 + 96, digest[1] // 2 + 96, digest[2] // 2 + 96
 
 
-def _committed_rows(table, columns=None):
-    """Committed files one at a time (memory stays bounded by one commit group)."""
-    for name in sorted(table.committed_files()):
-        with table.fs.open(posixpath.join(table.path, name), "rb") as fh:
-            yield pq.read_table(fh, columns=columns)
+def _rows(ds: DatasetVersion, table: str, columns=None):
+    """The version's files of ``table`` one at a time (memory stays bounded by one file)."""
+    if table in ds.table_names():
+        yield from ds.iter_files(table, columns)
 
 
 def _overlay(pixels: np.ndarray, orig_hw: tuple[int, int], labels: list[dict]) -> Image.Image:
@@ -65,14 +63,15 @@ def _png_b64(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_report(output: str, dest: str, max_images: int = 24, storage_options: dict | None = None) -> str:
-    store = OutputStore(output, storage_options)
+def write_report(output: str, dest: str, max_images: int = 24, storage_options: dict | None = None,
+                 version: int | str | None = None) -> str:
+    ds = open_version(output, version, storage_options=storage_options)
     status: Counter = Counter()
     drops: Counter = Counter()
     errors: list[tuple[str, str, str]] = []
     shown: list[dict] = []
     drop_cols = ["dropped_low_score", "dropped_small_area", "dropped_over_max"]
-    for table in _committed_rows(store.samples, ["status", "error", "shard", "key", "index"] + drop_cols):
+    for table in _rows(ds, "samples", ["status", "error", "shard", "key", "index"] + drop_cols):
         for value, n in zip(*pc.value_counts(table.column("status")).flatten()):
             status[value.as_py()] += n.as_py()
         for col in drop_cols:
@@ -80,7 +79,7 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         if len(errors) < 200:
             bad = table.filter(pc.equal(table.column("status"), "error")).slice(0, 200 - len(errors))
             errors += [(r["shard"], r["key"], r["error"]) for r in bad.to_pylist()]
-    for table in _committed_rows(store.samples):
+    for table in _rows(ds, "samples"):
         if len(shown) >= max_images:
             break
         good = table.filter(pc.not_equal(table.column("status"), "error")).slice(0, max_images - len(shown))
@@ -89,7 +88,7 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
     provenance: dict[str, tuple] = {}
     wanted = {(r["shard"], r["index"]) for r in shown}
     labels_of: dict[tuple[str, int], list[dict]] = {}
-    for table in _committed_rows(store.labels):
+    for table in _rows(ds, "labels"):
         names = pc.coalesce(table.column("class_name"), table.column("phrase"))
         keyed = pa.table({"teacher": table.column("teacher"), "name": names})
         for row in keyed.group_by(["teacher", "name"]).aggregate([([], "count_all")]).to_pylist():
@@ -111,7 +110,7 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         by_shard.setdefault(r["shard"], set()).add(r["index"])
     decoded: dict[tuple[str, int], np.ndarray] = {}
     for shard, indices in by_shard.items():
-        for sample in iter_shard(shard, store.storage_options):
+        for sample in iter_shard(shard, storage_options or {}):
             if sample.index in indices and sample.image is not None:
                 try:
                     decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
@@ -132,7 +131,8 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         "td,th{border:1px solid #ccc;padding:3px 8px}.grid{display:flex;flex-wrap:wrap;gap:12px}"
         ".card{width:460px}.banner{background:#c00;color:#fff;padding:1em;font-weight:bold}"
         "figcaption{font-size:13px}</style></head><body>",
-        f"<h1>labelmill report</h1><p>output: <code>{html.escape(output)}</code></p>",
+        f"<h1>labelmill report</h1><p>output: <code>{html.escape(output)}</code>, dataset version "
+        f"{ds.version} ({html.escape(ds.record['time'])})</p>",
     ]
     if random_init:
         parts.append(

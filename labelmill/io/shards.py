@@ -41,6 +41,7 @@ class RawSample:
     meta: str | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    duplicate_of: int | None = None  # index of the first sample with this key in the shard
 
 
 def split_member(name: str) -> tuple[str | None, str | None]:
@@ -111,6 +112,49 @@ def list_shards(spec: str | list[str], storage_options: dict[str, Any] | None = 
     return unique
 
 
+@dataclass(frozen=True)
+class ShardInfo:
+    """A listed shard and its fingerprint: size plus etag (object stores) or mtime (files)."""
+
+    url: str
+    size: int | None
+    etag: str | None = None
+    mtime: float | None = None
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"size": self.size}
+        if self.etag is not None:
+            out["etag"] = self.etag
+        if self.mtime is not None:
+            out["mtime"] = self.mtime
+        return out
+
+
+def _info_fields(info: dict[str, Any]) -> tuple[int | None, str | None, float | None]:
+    size = info.get("size")
+    etag = info.get("ETag") or info.get("etag")
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return (int(size) if size is not None else None, str(etag).strip('"') if etag else None,
+            float(mtime) if mtime is not None and not etag else None)
+
+
+def list_shard_infos(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[ShardInfo]:
+    """:func:`list_shards` with each shard's fingerprint (one metadata call per shard)."""
+    storage_options = storage_options or {}
+    out = []
+    for url in list_shards(spec, storage_options):
+        fs, path = _fs(url, storage_options)
+        try:
+            size, etag, mtime = _info_fields(fs.info(path))
+        except (OSError, PermissionError) as exc:
+            raise ShardListError(f"cannot stat {url!r}: {type(exc).__name__}: {exc}") from exc
+        out.append(ShardInfo(url, size, etag, mtime))
+    return out
+
+
 def unsafe_key_reason(key: str) -> str | None:
     """Why a sample key cannot be used as a relative path, or None if it can."""
     if not key:
@@ -149,6 +193,7 @@ class _Assembler:
         sample = RawSample(key=key, index=self.index)
         self.index += 1
         if key in self.seen:
+            sample.duplicate_of = self.seen[key]
             sample.error = f"duplicate key {key!r} in shard (first at index {self.seen[key]})"
         else:
             self.seen[key] = sample.index

@@ -1,27 +1,28 @@
-"""The output folder and its atomic, resumable commit protocol.
+"""The output folder: tables, their logs, dataset versions and the commit protocol.
 
-Layout of ``output.path``::
+Workers write Parquet files into each table's ``_staging/`` folder (see
+:class:`labelmill.stages.write.WriteTables`) and send the driver small
+manifest rows.  The driver commits a group of complete shards as **one
+dataset version**:
 
-    labels/    Delta table, one row per kept label
-    samples/   Delta table, one row per input sample  <- the commit record
-    stats/     Delta table, one row per commit
-    regions/   Parquet files + _manifest/ (ViLD embeddings; Delta has no float16)
-    _labelmill/config.json   the config (and its hash) that owns this output
+1. an intent file (``_labelmill/intent.json``) names the version being made
+   and every file it adds;
+2. per table of the registry (:data:`labelmill.schemas.tables.TABLES`): the
+   staged files are moved into the table folder and committed to the
+   table's log (Delta Lake, or a ``_manifest/`` log for the float16
+   ``regions`` table), together with the removal of replaced shards' files;
+3. the ``stats`` row of the group;
+4. the **version record**, one row of the ``_labelmill/versions`` Delta
+   table: version number, time, each table's log version, shards added
+   (with fingerprints) and removed, hashes and counts.  This is the commit
+   point: readers (:mod:`labelmill.store.read`) only ever read a table at a
+   log version that a record names;
+5. the intent file is deleted.
 
-Commit protocol for a group of completed shards:
-
-1. every table's rows are written as Parquet files under ``<table>/_staging``
-   (invisible to Delta readers and, being under ``_``, to plain Parquet
-   readers too), each file carrying ``labelmill.io.shards`` in its footer;
-2. files are moved into their table folder and committed table by table:
-   labels, regions, then **samples last**, then stats;
-3. a shard is done iff a samples file lists it.
-
-On start, :meth:`OutputStore.repair` clears staging, removes any file that no
-table's log references (a crash between move and commit), and drops labels
-or regions files whose shards never reached the samples table (a crash
-between two table commits).  So a run killed at any moment and restarted
-ends with exactly the rows of an uninterrupted run.
+A run killed at any moment leaves either a complete version or an intent
+file.  :meth:`OutputStore.repair` then puts every table back to the files
+the latest record names, deletes the files the intent added and clears
+the staging folders: staged files no record names are never read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import json
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import fsspec
@@ -38,11 +40,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labelmill.schemas.tables import LABELS, SAMPLES, STATS
+from labelmill.schemas.tables import COUNT_COLUMNS, STATS, TABLES, TableSpec, conform
 
-SHARDS_META = b"labelmill.io.shards"
-COMMIT_META = b"labelmill.commit"
 CONFIG_FILE = "_labelmill/config.json"
+INTENT_FILE = "_labelmill/intent.json"
+VERSIONS_TABLE = "_labelmill/versions"
+STAGING = "_staging"
+
+VERSIONS_SCHEMA = pa.schema(
+    [
+        pa.field("version", pa.int64(), nullable=False),
+        pa.field("time", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("record", pa.string(), nullable=False),
+    ]
+)
 
 
 class OutputConflictError(RuntimeError):
@@ -71,11 +82,15 @@ def delta_storage_options(fsspec_options: dict[str, Any], uri: str) -> dict[str,
     return out
 
 
-def _file_stats(table: pa.Table) -> str:
-    """Delta ``stats`` JSON: row count plus min/max/nulls of flat columns."""
+#: columns whose min/max go into a file's Delta stats (small, and what readers prune on)
+STATS_COLUMNS = ("shard", "key", "index", "commit")
+
+
+def file_stats(table: pa.Table) -> str:
+    """Delta ``stats`` JSON: row count plus min/max/nulls of the identifying columns."""
     mins, maxs, nulls = {}, {}, {}
     for field in table.schema:
-        if not (pa.types.is_string(field.type) or pa.types.is_integer(field.type) or pa.types.is_floating(field.type)):
+        if field.name not in STATS_COLUMNS:
             continue
         col = table.column(field.name)
         nulls[field.name] = col.null_count
@@ -85,211 +100,222 @@ def _file_stats(table: pa.Table) -> str:
     return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
 
 
-@dataclass
-class StagedFile:
-    name: str          # file name inside the table folder
-    size: int
-    stats: str
-    shards: list[str]
+def stats_shard(stats: str) -> str | None:
+    """The shard of a file written for one shard (its min and max agree), from its stats JSON."""
+    s = json.loads(stats or "{}")
+    lo, hi = s.get("minValues", {}).get("shard"), s.get("maxValues", {}).get("shard")
+    return lo if lo is not None and lo == hi else None
 
 
-class _Table:
-    """Shared parts of a committed table: staging, footers, orphan cleanup."""
+def write_parquet(fs, path: str, table: pa.Table, compression: str | None, row_group_rows: int) -> int:
+    """Write one Parquet file; returns its size in bytes."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table, fh, compression=compression, row_group_size=row_group_rows)
+    return int(fs.size(path))
 
-    #: rows per Parquet row group; the unit a reader of one image fetches
-    row_group_rows = 4096
 
-    def __init__(self, fs, root: str, name: str, schema: pa.Schema, compression: str):
+# --------------------------------------------------------------------------
+# Table logs
+# --------------------------------------------------------------------------
+
+
+class TableLog(ABC):
+    """The committed history of one table: which files each log version holds.
+
+    A file entry is ``{"path", "size", "rows", "shard", "stats"}`` with
+    ``path`` relative to the table folder.
+    """
+
+    def __init__(self, fs, root: str, spec: TableSpec):
         self.fs = fs
-        self.name = name
-        self.path = posixpath.join(root, name)
-        self.schema = schema
-        self.compression = None if compression == "none" else compression
+        self.spec = spec
+        self.name = spec.name
+        self.path = posixpath.join(root, spec.name)
 
     @property
     def staging(self) -> str:
-        return posixpath.join(self.path, "_staging")
+        return posixpath.join(self.path, STAGING)
 
-    def stage(self, table: pa.Table, shards: list[str], commit: int | None) -> StagedFile:
-        """Write ``table`` to staging; ``commit=None`` for files staged before their commit is known."""
-        meta = dict(table.schema.metadata or {})
-        meta[SHARDS_META] = json.dumps(sorted(set(shards))).encode()
-        if commit is not None:
-            meta[COMMIT_META] = str(commit).encode()
-        table = table.replace_schema_metadata(meta)
-        seq = "spill" if commit is None else f"{commit:06d}"
-        name = f"part-{seq}-{uuid.uuid4().hex[:12]}.parquet"
-        self.fs.makedirs(self.staging, exist_ok=True)
-        target = posixpath.join(self.staging, name)
-        with self.fs.open(target, "wb") as fh:
-            pq.write_table(table, fh, compression=self.compression, row_group_size=self.row_group_rows)
-        return StagedFile(name=name, size=int(self.fs.size(target)), stats=_file_stats(table), shards=shards)
+    @abstractmethod
+    def exists(self) -> bool: ...
 
-    def publish(self, staged: Iterable[StagedFile], clear: bool = True) -> None:
-        """Move staged files into the table folder (still uncommitted)."""
-        for f in staged:
-            self.fs.mv(posixpath.join(self.staging, f.name), posixpath.join(self.path, f.name))
-        if clear:
-            self.clear_staging()
+    @abstractmethod
+    def version(self) -> int | None:
+        """The latest log version, None if the table has no log yet."""
 
-    def file_shards(self, name: str) -> list[str]:
-        with self.fs.open(posixpath.join(self.path, name), "rb") as fh:
-            meta = pq.read_metadata(fh).metadata or {}
-        return json.loads(meta.get(SHARDS_META, b"[]"))
+    @abstractmethod
+    def files(self, version: int | None = None) -> list[dict]:
+        """File entries of ``version`` (default: latest); [] before the first commit."""
 
-    def data_files_on_disk(self) -> list[str]:
-        if not self.fs.exists(self.path):
-            return []
-        return sorted(
-            posixpath.basename(p)
-            for p in self.fs.ls(self.path, detail=False)
-            if p.endswith(".parquet")
-        )
+    @abstractmethod
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
+        """Commit adds and removes as one log version; returns it."""
+
+    def uri_of(self, path: str) -> str:
+        return posixpath.join(self.path, path)
 
     def clear_staging(self) -> int:
         if not self.fs.exists(self.staging):
             return 0
-        n = len(self.fs.ls(self.staging, detail=False))
+        n = len(self.fs.find(self.staging))
         self.fs.rm(self.staging, recursive=True)
         return n
 
-    # interface of the concrete formats
-    def exists(self) -> bool: ...
-    def committed_files(self) -> list[str]: ...
-    def commit(self, add: list[StagedFile], remove: list[str], info: dict[str, Any]) -> None: ...
 
-    def committed_shards(self) -> dict[str, list[str]]:
-        """Committed file name -> shards it holds."""
-        return {name: self.file_shards(name) for name in self.committed_files()}
-
-    def remove_orphans(self) -> list[str]:
-        committed = set(self.committed_files())
-        orphans = [n for n in self.data_files_on_disk() if n not in committed]
-        for name in orphans:
-            self.fs.rm(posixpath.join(self.path, name))
-        return orphans
-
-
-class DeltaTableStore(_Table):
+class DeltaLog(TableLog):
     """A Delta Lake table whose data files labelmill writes and commits itself."""
 
-    def __init__(self, fs, root: str, name: str, schema: pa.Schema, compression: str, uri: str, storage):
-        super().__init__(fs, root, name, schema, compression)
-        self.uri = uri.rstrip("/") + "/" + name
+    def __init__(self, fs, root: str, spec: TableSpec, delta_root: str, storage):
+        super().__init__(fs, root, spec)
+        self.uri = delta_root.rstrip("/") + "/" + spec.name
         self.storage = storage
 
-    def _table(self):
+    def _table(self, version: int | None = None):
         from deltalake import DeltaTable
 
-        return DeltaTable(self.uri, storage_options=self.storage)
+        return DeltaTable(self.uri, version=version, storage_options=self.storage)
 
     def exists(self) -> bool:
         from deltalake import DeltaTable
 
         return DeltaTable.is_deltatable(self.uri, storage_options=self.storage)
 
-    def committed_files(self) -> list[str]:
+    def version(self) -> int | None:
+        return self._table().version() if self.exists() else None
+
+    def files(self, version: int | None = None) -> list[dict]:
         if not self.exists():
             return []
-        actions = pa.table(self._table().get_add_actions(flatten=True))
-        return sorted(actions.column("path").to_pylist())
+        actions = pa.table(self._table(version).get_add_actions(flatten=True))
+        cols = actions.column_names
+        out = []
+        for row in actions.to_pylist():
+            lo, hi = row.get("min.shard"), row.get("max.shard")
+            stats = {"numRecords": row["num_records"]}
+            if "min.shard" in cols:
+                stats.update(minValues={"shard": lo}, maxValues={"shard": hi})
+            out.append({"path": row["path"], "size": row["size_bytes"], "rows": row["num_records"],
+                        "shard": lo if lo == hi else None, "stats": json.dumps(stats)})
+        return sorted(out, key=lambda f: f["path"])
 
-    def commit(self, add: list[StagedFile], remove: list[str], info: dict[str, Any]) -> None:
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
         from deltalake import CommitProperties, DeltaTable
         from deltalake.transaction import AddAction, RemoveAction
 
+        schema = schema if schema is not None else self.spec.schema
         now = int(time.time() * 1000)
         actions: list[Any] = [
-            AddAction(path=f.name, size=f.size, partition_values={}, modification_time=now, data_change=True, stats=f.stats)
+            AddAction(path=f["path"], size=int(f["size"]), partition_values={}, modification_time=now,
+                      data_change=True, stats=f["stats"])
             for f in add
         ]
-        if remove:
-            actions += [RemoveAction(path=n, data_change=True, deletion_timestamp=now) for n in remove]
+        actions += [RemoveAction(path=p, data_change=True, deletion_timestamp=now) for p in remove]
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
         if not self.exists():
-            DeltaTable.create(self.uri, schema=self.schema, storage_options=self.storage)
-        self._table().create_write_transaction(actions, mode="append", schema=self.schema, commit_properties=props)
-        # Removed files only ever held rows of uncommitted groups: delete them so
-        # plain-Parquet readers (pandas, DuckDB, Ray read_parquet) agree with Delta.
-        for name in remove:
-            self.fs.rm(posixpath.join(self.path, name))
+            DeltaTable.create(self.uri, schema=schema, storage_options=self.storage)
+        table = self._table()
+        table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props)
+        return self._table().version()
 
 
-class ManifestTableStore(_Table):
-    """Plain Parquet files plus a numbered JSON manifest per commit.
+class ManifestLog(TableLog):
+    """Plain Parquet files plus a JSON log entry per commit in ``_manifest/``.
 
-    Used for tables with types Delta Lake cannot express (float16 vectors).
-    ``_manifest/00000012.json`` holds ``{"add": [...], "remove": [...]}``;
-    the committed set is the replay of all manifests in order.  Row groups
-    are small (a few MB of embeddings) so one image can be read without its
-    neighbours.
+    For tables with types Delta Lake cannot express (float16 vectors).  Each
+    entry records its own ``version`` and its adds and removes; a version's
+    files are the replay of the entries up to it.  Plain Parquet readers
+    skip ``_manifest/`` and ``_staging/``.
     """
 
-    row_group_rows = 32
-
     @property
-    def manifest_dir(self) -> str:
+    def log_dir(self) -> str:
         return posixpath.join(self.path, "_manifest")
 
     def exists(self) -> bool:
-        return self.fs.exists(self.manifest_dir)
+        return self.fs.exists(self.log_dir)
 
-    def _manifests(self) -> list[str]:
+    def _entries(self) -> list[dict]:
         if not self.exists():
             return []
-        return sorted(p for p in self.fs.ls(self.manifest_dir, detail=False) if p.endswith(".json"))
+        entries = []
+        for path in self.fs.ls(self.log_dir, detail=False):
+            if path.endswith(".json"):
+                with self.fs.open(path, "r") as fh:
+                    entry = json.load(fh)
+                entry["_path"] = path
+                entries.append(entry)
+        return sorted(entries, key=lambda e: e["version"])
 
-    def committed_files(self) -> list[str]:
-        files: dict[str, None] = {}
-        for path in self._manifests():
-            with self.fs.open(path, "r") as fh:
-                entry = json.load(fh)
-            for name in entry.get("add", []):
-                files[name] = None
-            for name in entry.get("remove", []):
-                files.pop(name, None)
-        return sorted(files)
+    def version(self) -> int | None:
+        entries = self._entries()
+        return entries[-1]["version"] if entries else None
 
-    def commit(self, add: list[StagedFile], remove: list[str], info: dict[str, Any]) -> None:
-        self.fs.makedirs(self.manifest_dir, exist_ok=True)
-        manifests = self._manifests()
-        seq = int(posixpath.basename(manifests[-1]).split(".")[0]) + 1 if manifests else 0
-        body = json.dumps({"add": [f.name for f in add], "remove": list(remove), "info": info}, sort_keys=True)
-        tmp = posixpath.join(self.staging, f"manifest-{uuid.uuid4().hex}.json")
+    def files(self, version: int | None = None) -> list[dict]:
+        files: dict[str, dict] = {}
+        for entry in self._entries():
+            if version is not None and entry["version"] > version:
+                break
+            for f in entry.get("add", []):
+                files[f["path"]] = f
+            for p in entry.get("remove", []):
+                files.pop(p, None)
+        return [files[p] for p in sorted(files)]
+
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
+        current = self.version()
+        version = 0 if current is None else current + 1
+        body = json.dumps({"version": version, "add": add, "remove": list(remove), "info": info}, sort_keys=True)
+        self.fs.makedirs(self.log_dir, exist_ok=True)
+        # a single PUT (S3) or a rename of a finished file (local): the entry appears whole
+        tmp = posixpath.join(self.staging, f"log-{uuid.uuid4().hex}.json")
         self.fs.makedirs(self.staging, exist_ok=True)
         with self.fs.open(tmp, "w") as fh:
             fh.write(body)
-        self.fs.mv(tmp, posixpath.join(self.manifest_dir, f"{seq:08d}.json"))
-        for name in remove:
-            self.fs.rm(posixpath.join(self.path, name))
+        self.fs.mv(tmp, posixpath.join(self.log_dir, f"v{version:09d}-{uuid.uuid4().hex[:8]}.json"))
+        return version
+
+    def drop_after(self, version: int | None) -> int:
+        """Delete log entries newer than ``version`` (repair of a version that was never recorded)."""
+        n = 0
+        for entry in self._entries():
+            if version is None or entry["version"] > version:
+                self.fs.rm(entry["_path"])
+                n += 1
+        return n
+
+
+# --------------------------------------------------------------------------
+# The output store
+# --------------------------------------------------------------------------
 
 
 class OutputStore:
-    """All tables of one output folder."""
+    """All tables of one output folder, its dataset versions and its commits."""
 
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None, compression: str = "zstd"):
         self.uri = path.rstrip("/")
         self.storage_options = storage_options or {}
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
-        if self.uri.startswith(("s3://", "s3a://")):
-            delta_uri = self.uri
-        else:
-            delta_uri = self.root
-        storage = delta_storage_options(self.storage_options, self.uri)
-        self.compression = compression
-        self.samples = DeltaTableStore(self.fs, self.root, "samples", SAMPLES, compression, delta_uri, storage)
-        self.labels = DeltaTableStore(self.fs, self.root, "labels", LABELS, compression, delta_uri, storage)
-        self.stats = DeltaTableStore(self.fs, self.root, "stats", STATS, compression, delta_uri, storage)
-        self._regions: ManifestTableStore | None = None
+        self.delta_root = self.uri if self.uri.startswith(("s3://", "s3a://")) else self.root
+        self.delta_storage = delta_storage_options(self.storage_options, self.uri)
+        self.compression = None if compression == "none" else compression
+        self.tables: dict[str, TableLog] = {}
+        for spec in TABLES.values():
+            if spec.format == "delta":
+                self.tables[spec.name] = DeltaLog(self.fs, self.root, spec, self.delta_root, self.delta_storage)
+            else:
+                self.tables[spec.name] = ManifestLog(self.fs, self.root, spec)
 
-    def regions(self, schema: pa.Schema | None = None) -> ManifestTableStore:
-        if self._regions is None or (schema is not None and self._regions.schema != schema):
-            self._regions = ManifestTableStore(self.fs, self.root, "regions", schema or pa.schema([]), self.compression)
-        return self._regions
+    def table(self, name: str) -> TableLog:
+        return self.tables[name]
+
+    def _path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
 
     # ------------------------------------------------------------- config
     def read_config(self) -> dict | None:
-        path = posixpath.join(self.root, CONFIG_FILE)
+        path = self._path(CONFIG_FILE)
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "r") as fh:
@@ -306,78 +332,280 @@ class OutputStore:
                     "folder to start over."
                 )
             return
-        if self.samples.exists():
+        if self.tables["samples"].exists():
             raise OutputConflictError(f"output {self.uri} has a samples table but no {CONFIG_FILE}; refusing")
-        path = posixpath.join(self.root, CONFIG_FILE)
+        path = self._path(CONFIG_FILE)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with self.fs.open(path, "w") as fh:
             json.dump({"config_hash": config_hash, "config": config}, fh, indent=2, sort_keys=True)
 
-    # ------------------------------------------------------------- resume
+    # ------------------------------------------------------------ versions
+    def _versions_uri(self) -> str:
+        return self.delta_root.rstrip("/") + "/" + VERSIONS_TABLE
+
+    def versions(self) -> list[dict]:
+        """Every version record, oldest first."""
+        from deltalake import DeltaTable
+
+        uri = self._versions_uri()
+        if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
+            return []
+        rows = DeltaTable(uri, storage_options=self.delta_storage).to_pyarrow_table().to_pylist()
+        return sorted((json.loads(r["record"]) for r in rows), key=lambda r: r["version"])
+
+    def latest(self) -> dict | None:
+        records = self.versions()
+        return records[-1] if records else None
+
+    def _append_version(self, record: dict) -> None:
+        from deltalake import write_deltalake
+
+        row = pa.table(
+            {"version": [record["version"]],
+             "time": pa.array([datetime.fromisoformat(record["time"])], pa.timestamp("us", tz="UTC")),
+             "record": [json.dumps(record, sort_keys=True)]},
+            schema=VERSIONS_SCHEMA,
+        )
+        write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage)
+
+    @staticmethod
+    def shard_state(records: Iterable[dict]) -> dict[str, dict]:
+        """shard -> fingerprint of the shards a sequence of records leaves committed."""
+        state: dict[str, dict] = {}
+        for rec in records:
+            for s in rec.get("shards_removed", []):
+                state.pop(s, None)
+            for item in rec.get("shards_added", []):
+                state[item["shard"]] = item.get("fingerprint", {})
+        return state
+
+    def committed_shards(self) -> dict[str, dict]:
+        """shard -> fingerprint, as of the latest version."""
+        return self.shard_state(self.versions())
+
     def done_shards(self) -> set[str]:
-        done: set[str] = set()
-        for shards in self.samples.committed_shards().values():
-            done.update(shards)
-        return done
+        return set(self.committed_shards())
+
+    # -------------------------------------------------------------- commit
+    def staging_path(self, table: str) -> str:
+        return self.tables[table].staging
+
+    def commit(
+        self,
+        manifests: Iterable[dict],
+        shards: Iterable[dict | str] = (),
+        *,
+        remove_shards: Iterable[str] = (),
+        counts: dict[str, int] | None = None,
+        info: dict[str, Any] | None = None,
+        schemas: dict[str, pa.Schema] | None = None,
+        kind: str = "commit",
+    ) -> dict:
+        """Commit one group as ONE dataset version; returns its version record.
+
+        ``manifests`` are the rows workers sent (``labelmill.schemas.tables.MANIFEST``
+        as dicts: ``files`` lists staged files per table).  ``shards`` are the
+        shards the group completes (``{"shard", "fingerprint"}`` or URLs);
+        every row of ``remove_shards`` leaves the tables in the same version
+        (pass a changed shard in both to replace it).
+        """
+        info = dict(info or {})
+        records = self.versions()
+        previous = records[-1] if records else None
+        version = (previous["version"] + 1) if previous else 1
+        shard_items = [s if isinstance(s, dict) else {"shard": s, "fingerprint": {}} for s in shards]
+        removed = sorted(set(remove_shards))
+        adds: dict[str, list[dict]] = {name: [] for name in self.tables}
+        for m in manifests:
+            for f in m["files"]:
+                adds[f["table"]].append(f)
+        counts = {c: int((counts or {}).get(c, 0)) for c in (*COUNT_COLUMNS, "duplicates")}
+        started = time.monotonic()
+        self._write_intent(version, adds)
+
+        table_versions: dict[str, int] = {}
+        rows_by_table: dict[str, int] = {}
+        for name, log in self.tables.items():
+            if log.spec.emitted_by == "commit":
+                continue
+            new = [self._publish(log, f) for f in adds[name]]
+            gone = [f["path"] for f in log.files() if f.get("shard") in removed] if removed else []
+            if new or gone:
+                log.commit(new, gone, dict(info, version=version),
+                           (schemas or {}).get(name) or self._schema(log, new))
+            v = log.version()
+            if v is not None:
+                table_versions[name] = v
+                rows_by_table[name] = sum(int(f["rows"]) for f in new)
+        stats = self._stats_row(version, shard_items, removed, counts, info, time.monotonic() - started)
+        stats_log = self.tables["stats"]
+        if stats is not None:
+            staged = self.stage_table("stats", stats)
+            stats_log.commit([self._publish(stats_log, staged)], [], dict(info, version=version), STATS)
+        if stats_log.version() is not None:
+            table_versions["stats"] = stats_log.version()
+
+        record = {
+            "version": version,
+            "time": datetime.now(timezone.utc).isoformat(),
+            "kind": kind,
+            "table_versions": table_versions,
+            "shards_added": shard_items,
+            "shards_removed": removed,
+            "rows_added": rows_by_table,
+            "counts_by_status": {k: counts[k] for k in ("labelled", "no_labels", "error")},
+            "counts": counts,
+            "config_hash": info.get("config_hash"),
+            "teacher_hashes": info.get("teacher_hashes", {}),
+            "run_id": info.get("run_id"),
+        }
+        record.update({k: v for k, v in info.items() if k not in record})
+        self._append_version(record)  # the commit point
+        self._clear_intent()
+        return record
+
+    def rollback(self, version: int, info: dict[str, Any] | None = None) -> dict:
+        """Publish a new version whose tables hold exactly the files of ``version``."""
+        records = self.versions()
+        target = next((r for r in records if r["version"] == version), None)
+        if target is None:
+            raise LookupError(f"{self.uri} has no dataset version {version}")
+        info = dict(info or {}, rolled_back_to=version)
+        new_version = records[-1]["version"] + 1
+        self._write_intent(new_version, {})
+        table_versions = {}
+        for name, log in self.tables.items():
+            self._restore(log, target["table_versions"].get(name), dict(info, version=new_version))
+            if log.version() is not None:
+                table_versions[name] = log.version()
+        before = self.shard_state(records)
+        after = self.shard_state([r for r in records if r["version"] <= version])
+        record = {
+            "version": new_version,
+            "time": datetime.now(timezone.utc).isoformat(),
+            "kind": "rollback",
+            "table_versions": table_versions,
+            "shards_added": [{"shard": s, "fingerprint": fp} for s, fp in sorted(after.items())
+                             if before.get(s) != fp],
+            "shards_removed": sorted(s for s in before if s not in after or before[s] != after[s]),
+            "rows_added": {},
+            "counts_by_status": target.get("counts_by_status", {}),
+            "counts": {},
+            "config_hash": target.get("config_hash"),
+            "teacher_hashes": target.get("teacher_hashes", {}),
+            **info,
+        }
+        # a shard whose fingerprint changes back is removed and added in the same record
+        self._append_version(record)
+        self._clear_intent()
+        return record
+
+    def _restore(self, log: TableLog, want_v: int | None, info: dict[str, Any]) -> None:
+        """Commit adds/removes so that ``log`` holds exactly the files of its version ``want_v``."""
+        want = {f["path"]: f for f in (log.files(want_v) if want_v is not None else [])}
+        have = {f["path"]: f for f in log.files()}
+        add = [want[p] for p in sorted(set(want) - set(have))]
+        remove = sorted(set(have) - set(want))
+        if add or remove:
+            log.commit(add, remove, info, self._schema(log, add))
+
+    def _schema(self, log: TableLog, files: list[dict]) -> pa.Schema | None:
+        spec = log.spec
+        if isinstance(spec.schema, pa.Schema):
+            return spec.schema
+        if not files:
+            return None
+        with self.fs.open(log.uri_of(files[0]["path"]), "rb") as fh:
+            return pq.read_schema(fh)
+
+    def _publish(self, log: TableLog, entry: dict) -> dict:
+        """Move a staged file into its table folder; returns the entry with its final path."""
+        src = log.uri_of(entry["path"])
+        name = posixpath.basename(entry["path"])
+        if entry["path"] != name:
+            self.fs.mv(src, log.uri_of(name))
+        out = {"path": name, "size": int(entry.get("bytes", entry.get("size", 0))), "rows": int(entry["rows"]),
+               "stats": entry["stats"], "shard": stats_shard(entry["stats"])}
+        return out
+
+    def stage_table(self, table: str, data: pa.Table) -> dict:
+        """Write ``data`` (one shard's rows, or a driver table) to ``table``'s staging folder."""
+        log = self.tables[table]
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        size = write_parquet(self.fs, posixpath.join(log.staging, name), data, self.compression,
+                             log.spec.row_group_rows)
+        return {"table": table, "path": f"{STAGING}/{name}", "rows": data.num_rows, "bytes": size,
+                "stats": file_stats(data)}
+
+    def _stats_row(self, version, shard_items, removed, counts, info, seconds) -> pa.Table | None:
+        row = {
+            "run_id": [info.get("run_id")],
+            "commit": [version],
+            "committed_at": pa.array([datetime.now(timezone.utc)], pa.timestamp("us", tz="UTC")),
+            "shards": [sorted(s["shard"] for s in shard_items)],
+            "seconds": [float(info.get("seconds", seconds))],
+            "config_hash": [info.get("config_hash")],
+        }
+        for c in (*COUNT_COLUMNS, "duplicates"):
+            row[c] = [counts.get(c, 0)]
+        return conform(pa.table(row), STATS)
+
+    # -------------------------------------------------------------- repair
+    def _write_intent(self, version: int, adds: dict[str, list[dict]]) -> None:
+        path = self._path(INTENT_FILE)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        body = {"version": version,
+                "add": {t: [posixpath.basename(f["path"]) for f in fs_] for t, fs_ in adds.items() if fs_}}
+        with self.fs.open(path, "w") as fh:
+            json.dump(body, fh)
+
+    def _clear_intent(self) -> None:
+        path = self._path(INTENT_FILE)
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def repair(self) -> dict[str, int]:
-        """Bring the folder back to a consistent state after a crash (see module doc)."""
-        report = {"staging_files": 0, "orphan_files": 0, "uncommitted_group_files": 0}
-        tables: list[_Table] = [self.samples, self.labels, self.stats]
-        if self.fs.exists(posixpath.join(self.root, "regions")):
-            tables.append(self.regions())
-        for table in tables:
-            report["staging_files"] += table.clear_staging()
-            report["orphan_files"] += len(table.remove_orphans())
-        done = self.done_shards()
-        for table in tables[1:]:
-            if table is self.stats:
-                continue
-            stale = [name for name, shards in table.committed_shards().items() if not set(shards) <= done]
-            if stale:
-                table.commit([], stale, {"repair": "drop files of shards the samples table never committed"})
-                report["uncommitted_group_files"] += len(stale)
+        """Bring the folder back to the latest version record after a crash.
+
+        Tables whose log moved past the version the record names are put
+        back to that version's files (a new log version with the same
+        contents; the ``regions`` log simply drops the unrecorded entries),
+        files an unfinished commit added are deleted, and every staging
+        folder is emptied.
+        """
+        report = {"staging_files": 0, "uncommitted_files": 0, "tables_restored": 0}
+        path = self._path(INTENT_FILE)
+        if self.fs.exists(path):
+            with self.fs.open(path, "r") as fh:
+                intent = json.load(fh)
+            latest = self.latest()
+            if latest is None or latest["version"] < intent["version"]:
+                recorded = latest["table_versions"] if latest else {}
+                for name, log in self.tables.items():
+                    if not log.exists():
+                        continue
+                    want_v = recorded.get(name)
+                    if log.version() == want_v:
+                        continue
+                    if isinstance(log, ManifestLog):
+                        log.drop_after(want_v)
+                    else:
+                        self._restore(log, want_v, {"repair": f"back to log version {want_v}"})
+                    report["tables_restored"] += 1
+                for table, names in intent.get("add", {}).items():
+                    for name in names:
+                        target = self.tables[table].uri_of(name)
+                        if self.fs.exists(target):
+                            self.fs.rm(target)
+                            report["uncommitted_files"] += 1
+            self.fs.rm(path)
+        for log in self.tables.values():
+            report["staging_files"] += log.clear_staging()
         return report
 
-    def commit_group(
-        self,
-        commit: int,
-        shards: list[str],
-        samples: pa.Table,
-        labels: pa.Table,
-        regions: list[StagedFile],
-        stats: pa.Table,
-        info: dict[str, Any],
-    ) -> None:
-        """Commit one group of complete shards.
-
-        ``regions`` are files the writer staged earlier with
-        :meth:`stage_regions` (embeddings are spilled as they arrive rather
-        than held until their shard completes).
-        """
-        info = dict(info, commit=commit, shards=sorted(shards))
-        if labels.num_rows:
-            staged = [self.labels.stage(labels, shards, commit)]
-            self.labels.publish(staged)
-            self.labels.commit(staged, [], info)
-        if regions:
-            self.regions().publish(regions, clear=False)  # other shards' spills stay staged
-            self.regions().commit(regions, [], info)
-        for table, data in ((self.samples, samples), (self.stats, stats)):  # samples last: the commit record
-            staged = [table.stage(data, shards, commit)]
-            table.publish(staged)
-            table.commit(staged, [], info)
-
-    def stage_regions(self, regions: pa.Table, shard: str) -> StagedFile:
-        """Write region rows of one shard to the regions staging area (not yet visible).
-
-        The commit that will publish them is not known yet, so the file
-        carries its shard but no commit number; the manifest records which
-        commit added it.
-        """
-        return self.regions(regions.schema).stage(regions, [shard], None)
-
-    def next_commit(self) -> int:
-        files = self.samples.committed_files()
-        seqs = [int(n.split("-")[1]) for n in files if n.startswith("part-")]
-        return max(seqs) + 1 if seqs else 0
+    def record_run(self, run_id: str, summary: dict) -> None:
+        """Keep a run's summary under ``_labelmill/runs/`` (for people; nothing reads it back)."""
+        path = self._path(f"_labelmill/runs/{run_id}.json")
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(path, "w") as fh:
+            json.dump(summary, fh, indent=2)

@@ -2,10 +2,10 @@
 
 The ``regions`` table of an output folder holds one row per (image, region
 teacher): the proposal boxes in pixels and normalised to [0, 1], their
-scores and sources, and one float16 CLIP embedding per box.  Its committed
-files are listed by ``regions/_manifest`` (see :mod:`labelmill.store.commit`);
-files a crashed run left behind are never listed, so every reader here goes
-through the manifest.
+scores and sources, and one float16 CLIP embedding per box.  Every reader
+here reads one dataset version (``version=None``: the latest) through
+:func:`labelmill.data.open`, so it sees exactly the files that version
+names: files a crashed run left behind never are.
 
 * :class:`RegionReader` returns one image's embeddings as NumPy/torch arrays
   without reading the table: it keeps a small key index (the ``key`` column
@@ -20,7 +20,6 @@ through the manifest.
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -30,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labelmill.store.commit import ManifestTableStore
+from labelmill.store.read import open_version
 
 META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "model", "teacher", "weights",
                 "weights_sha256", "teacher_config_hash")
@@ -91,12 +90,15 @@ def rows_to_regions(table: pa.Table) -> Iterator[ImageRegions]:
 class RegionReader:
     """Random access to the committed region embeddings of an output folder."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None = None):
-        self.fs, root = fsspec.core.url_to_fs(output.rstrip("/"), **(storage_options or {}))
-        self.table = ManifestTableStore(self.fs, root, "regions", pa.schema([]), "none")
-        if not self.table.exists():
-            raise FileNotFoundError(f"{output} has no committed regions table (did the run include a vild teacher?)")
-        self.files = [posixpath.join(self.table.path, name) for name in self.table.committed_files()]
+    def __init__(self, output: str, storage_options: dict[str, Any] | None = None, *,
+                 version: int | str | None = None):
+        ds = open_version(output, version, storage_options=storage_options)
+        if "regions" not in ds.table_names():
+            raise FileNotFoundError(f"{output} version {ds.version} has no regions table "
+                                    "(did the run include a vild teacher?)")
+        self.version = ds.version
+        self.fs = ds.store.fs
+        self.files = ds.paths("regions")
         self._index: dict[str, list[tuple[str, str, tuple[int, int, int]]]] | None = None
 
     def _build_index(self) -> dict[str, list[tuple[str, str, tuple[int, int, int]]]]:
@@ -166,6 +168,7 @@ class RegionDataset(_IterableDataset):
         storage_options: dict[str, Any] | None = None,
         *,
         teacher: str | None = None,
+        version: int | str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         embedding_dtype=None,
@@ -176,7 +179,9 @@ class RegionDataset(_IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.embedding_dtype = embedding_dtype
-        self.files = RegionReader(output, storage_options).files
+        reader = RegionReader(output, storage_options, version=version)
+        self.version = reader.version
+        self.files = reader.files
 
     def _my_files(self) -> list[str]:
         import torch
@@ -206,16 +211,10 @@ class RegionDataset(_IterableDataset):
                         yield item.torch(self.embedding_dtype)
 
 
-def read_regions_ray(output: str, storage_options: dict[str, Any] | None = None, **kwargs):
-    """A Ray Data dataset over the committed region files (``ray.data.read_parquet``)."""
-    import ray.data
-
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    reader = RegionReader(output, storage_options)
-    # the manifest's paths are relative to the fsspec filesystem that found them
-    kwargs.setdefault("filesystem", PyFileSystem(FSSpecHandler(reader.fs)))
-    return ray.data.read_parquet(reader.files, **kwargs)
+def read_regions_ray(output: str, storage_options: dict[str, Any] | None = None, *,
+                     version: int | str | None = None, **kwargs):
+    """A Ray Data dataset over the region files of one dataset version (``ray.data.read_parquet``)."""
+    return open_version(output, version, storage_options=storage_options).to_ray("regions", **kwargs)
 
 
 # --------------------------------------------------------------------------

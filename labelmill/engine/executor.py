@@ -1,0 +1,255 @@
+"""The engine: runs a pipeline of stages on Ray and commits what its writers report.
+
+A :class:`Pipeline` is an ordered list of named stages, each declaring the
+columns it requires and produces, its resources, whether it keeps state
+(an actor pool) and its role (``source``, ``model``, ``write``,
+``transform``).  :class:`Engine` owns everything about running one:
+
+* checking every hop's column contract before any work starts;
+* connecting to a cluster (``ray.address`` / ``$RAY_ADDRESS``) or starting
+  a private embedded Ray, with Ray's warnings kept off the terminal;
+* the resource plan (actor pool bounds, GPUs, CPU reservations), placed on
+  the stages;
+* operator fusion: a stateless stage runs inside the operator before it
+  (the filter and the table writer run in the label actors);
+* the object-store budget (Ray Data backpressure keeps memory flat);
+* retries (tasks and actors are retried; replays are dropped by the commit
+  loop, so nothing is doubled);
+* the shard ledger: a small actor the source reports each shard's sample
+  count to, out of band of the data;
+* progress, and the commit loop (:class:`~labelmill.engine.commit_loop.CommitLoop`).
+
+Pipelines (``labelmill.pipelines``) only compose stages; they never import Ray.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Sequence
+
+from labelmill.config import RayConfig
+from labelmill.engine.commit_loop import CommitLoop, RunCounters
+from labelmill.engine.runtime import (
+    Progress,
+    ResourcePlan,
+    cluster_max_gpus,
+    configure_ray_data,
+    default_budget_mb,
+    plan_resources,
+    start_ray,
+)
+from labelmill.stages.base import Resources, Stage, check_contract
+
+TASK_RETRIES = 3
+ACTOR_RESTARTS = 3
+
+
+class Pipeline:
+    """An ordered list of named stages; the first has role ``source``."""
+
+    def __init__(self, name: str, stages: Sequence[Stage]):
+        self.name = name
+        self.stages = list(stages)
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pipeline {name!r}: stage names must be unique, repeated: {dupes}")
+        if not self.stages or self.stages[0].role != "source":
+            raise ValueError(f"pipeline {name!r} must start with a source stage")
+
+    def find(self, *, name: str | None = None, role: str | None = None) -> Stage:
+        hits = [s for s in self.stages if (name is None or s.name == name) and (role is None or s.role == role)]
+        if len(hits) != 1:
+            raise LookupError(f"pipeline {self.name!r} has {len(hits)} stage(s) named {name!r} / role {role!r}")
+        return hits[0]
+
+    def has(self, role: str) -> bool:
+        return any(s.role == role for s in self.stages)
+
+    @property
+    def source(self) -> Stage:
+        return self.find(role="source")
+
+    def check(self) -> list[str]:
+        """Check every hop's column contract; returns the columns reaching the driver."""
+        return check_contract(self.stages)
+
+
+def fuse(stages: Sequence[Stage]) -> list[list[Stage]]:
+    """Group stages into Ray operators: a stateless stage joins the operator before it."""
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        if groups and not stage.stateful and stage.batch_format == groups[-1][-1].batch_format:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+class _Chain:
+    """Runs several fused stages back to back in one Ray worker (one operator)."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        self.stages = list(stages)
+        self._ready = False
+
+    def _setup(self) -> None:
+        if not self._ready:
+            from labelmill.engine.runtime import quiet_ray_warnings
+
+            quiet_ray_warnings()
+            for stage in self.stages:
+                stage.setup()
+            self._ready = True
+
+    def __call__(self, batch):
+        self._setup()
+        for stage in self.stages:
+            batch = stage.process_batch(batch)
+        return batch
+
+
+class _ActorChain(_Chain):
+    """Callable class Ray Data instantiates once per actor; setup happens there."""
+
+    def __init__(self, stages: Sequence[Stage]):
+        super().__init__(stages)
+        self._setup()
+
+
+class _LedgerClient:
+    """What the source calls when a shard is read: one small call to the ledger actor."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __call__(self, shard: str, rows: int, duplicates: int) -> None:
+        import ray
+
+        ray.get(self.handle.report.remote(shard, rows, duplicates))
+
+
+def _ledger_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class ShardLedger:
+        """Shard -> (samples, duplicates), reported by the source tasks (idempotent)."""
+
+        def __init__(self):
+            self.totals: dict[str, tuple[int, int]] = {}
+
+        def report(self, shard: str, rows: int, duplicates: int) -> None:
+            self.totals[shard] = (rows, duplicates)
+
+        def since(self, known: int) -> list[tuple[str, int, int]]:
+            items = list(self.totals.items())
+            return [(s, r, d) for s, (r, d) in items[known:]]
+
+    return ShardLedger
+
+
+class Engine:
+    """Runs pipelines on Ray; see the module docstring."""
+
+    def __init__(self, ray_config: RayConfig, *, batch_size: int, progress_interval_s: float = 2.0, stream=None):
+        self.cfg = ray_config
+        self.batch_size = batch_size
+        self.progress_interval_s = progress_interval_s
+        self.stream = stream or sys.stderr
+        self.plan: ResourcePlan | None = None
+        self.budget_mb: int | None = None
+
+    def describe(self) -> str:
+        if self.plan is None:
+            return "nothing to do"
+        return f"{self.plan.describe()}; object store budget {self.budget_mb} MB"
+
+    # ------------------------------------------------------------------ plan
+    def _place(self, pipeline: Pipeline, res: dict[str, float], remote: bool) -> ResourcePlan:
+        model = next((s for s in pipeline.stages if s.stateful), None)
+        wants_gpu = bool(model is not None and getattr(model, "wants_gpu", False))
+        max_gpus = cluster_max_gpus() if remote and res.get("GPU", 0.0) < 1 else None
+        plan = plan_resources(self.cfg, res.get("CPU", 0.0), res.get("GPU", 0.0), autoscaling=remote,
+                              max_gpus=max_gpus, wants_gpu=wants_gpu)
+        for group in fuse(pipeline.stages):
+            head = group[0]
+            if head.stateful:
+                head.place(Resources(cpus=plan.cpus_per_actor, gpus=plan.gpus_per_actor), plan.torch_threads)
+            else:
+                head.place(Resources(cpus=plan.read_cpus))
+        return plan
+
+    def _dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan):
+        import ray.data
+        from ray.data import ActorPoolStrategy
+
+        from labelmill.engine.sources import ShardDatasource
+
+        source = pipeline.source
+        ds = ray.data.read_datasource(
+            ShardDatasource(source, inputs), override_num_blocks=len(inputs), concurrency=plan.read_tasks,
+            **source.resources().ray_args(),  # Ray retries tasks lost with their node
+        )
+        for group in fuse(pipeline.stages[1:]):
+            head = group[0]
+            kwargs: dict[str, Any] = dict(batch_format=head.batch_format, zero_copy_batch=True,
+                                          **head.resources().ray_args())
+            if head.stateful:
+                ds = ds.map_batches(
+                    _ActorChain, fn_constructor_args=(group,), batch_size=self.batch_size,
+                    compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+                    max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **kwargs,
+                )
+            else:
+                ds = ds.map_batches(_Chain(group), batch_size=None, concurrency=plan.read_tasks,
+                                    max_retries=TASK_RETRIES, **kwargs)
+        return ds
+
+    # ------------------------------------------------------------------- run
+    def run(self, pipeline: Pipeline, inputs: list[str], loop: CommitLoop) -> RunCounters:
+        """Stream ``inputs`` (shard URLs) through ``pipeline``; ``loop`` commits what the writers report."""
+        pipeline.check()
+        if not inputs:
+            return loop.finish()
+        started_here, remote = start_ray(self.cfg)
+        import ray
+
+        ledger = None
+        try:
+            self.plan = plan = self._place(pipeline, ray.cluster_resources(), remote)
+            rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
+            self.budget_mb = self.cfg.object_store_budget_mb or default_budget_mb(plan, self.batch_size, rows)
+            configure_ray_data(plan, self.budget_mb)
+            print(f"[labelmill] plan: {self.describe()}", file=self.stream)
+            ledger = _ledger_class().remote()
+            pipeline.source.reporter = _LedgerClient(ledger)
+            known = 0
+            last_poll = 0.0
+            progress = Progress(self.progress_interval_s, len(inputs), self.stream)
+
+            def poll() -> None:
+                nonlocal known
+                for shard, n, dups in ray.get(ledger.since.remote(known)):
+                    known += 1
+                    loop.shard_read(shard, n, dups)
+
+            for batch in self._dataset(pipeline, inputs, plan).iter_batches(
+                batch_format="pyarrow", batch_size=None, prefetch_batches=1
+            ):
+                loop.add(batch)
+                if time.monotonic() - last_poll > 0.5:
+                    poll()
+                    last_poll = time.monotonic()
+                progress.update(loop.counters, loop.committed)
+            poll()
+            counters = loop.finish()
+            progress.update(loop.counters, loop.committed, force=True)
+            return counters
+        finally:
+            pipeline.source.reporter = None
+            if ledger is not None:
+                ray.kill(ledger)
+            if started_here:
+                ray.shutdown()

@@ -1,0 +1,168 @@
+"""The read API: one pinned, consistent view of every table of a dataset version.
+
+``open_version(output, version)`` picks a version record (the latest, a
+number, or the version current at an ISO timestamp) and reads each table at
+the log version that record names.  Later commits never change what a
+pinned view returns: it lists its files once, from the table logs, and
+staged or uncommitted files are never among them.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from labelmill.store.commit import OutputStore
+
+
+class OutputNotFound(LookupError):
+    """The output has no committed dataset version."""
+
+
+class VersionNotFound(LookupError):
+    """The output has no such dataset version."""
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise VersionNotFound(f"version {text!r} is neither a version number nor an ISO timestamp") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
+def pick_record(records: list[dict], version: int | str | None, output: str) -> dict:
+    if not records:
+        raise OutputNotFound(f"{output} has no committed dataset version (has `labelmill run` committed anything?)")
+    if version is None:
+        return records[-1]
+    if isinstance(version, str) and version.strip().lstrip("-").isdigit():
+        version = int(version)
+    if isinstance(version, int):
+        for rec in records:
+            if rec["version"] == version:
+                return rec
+        raise VersionNotFound(f"{output} has no version {version} (versions 1..{records[-1]['version']})")
+    ts = _parse_time(version)
+    before = [r for r in records if datetime.fromisoformat(r["time"]) <= ts]
+    if not before:
+        raise VersionNotFound(f"{output} had no version yet at {version} (first: {records[0]['time']})")
+    return before[-1]
+
+
+class DatasetVersion:
+    """All tables of one dataset version; see ``labelmill.data.open``."""
+
+    def __init__(self, store: OutputStore, record: dict):
+        self.store = store
+        self.output = store.uri
+        self.record = record
+        self.version: int = record["version"]
+        self._files: dict[str, list[str]] = {}
+        self._fs = None
+
+    def table_names(self) -> list[str]:
+        return [n for n in self.store.tables if n in self.record["table_versions"]]
+
+    def _log(self, table: str):
+        if table not in self.record["table_versions"]:
+            raise KeyError(f"version {self.version} of {self.output} has no table {table!r}; "
+                           f"it has {self.table_names()}")
+        return self.store.tables[table]
+
+    def paths(self, table: str) -> list[str]:
+        """Filesystem paths (as ``self.filesystem`` takes them)."""
+        if table not in self._files:
+            log = self._log(table)
+            entries = log.files(self.record["table_versions"][table])
+            self._files[table] = [posixpath.join(log.path, f["path"]) for f in entries]
+        return self._files[table]
+
+    def shard_paths(self, table: str) -> dict[str | None, list[str]]:
+        """Filesystem paths of ``table`` grouped by the shard their rows belong to (sorted by shard)."""
+        log = self._log(table)
+        groups: dict[str | None, list[str]] = {}
+        for f in log.files(self.record["table_versions"][table]):
+            groups.setdefault(f.get("shard"), []).append(posixpath.join(log.path, f["path"]))
+        return {k: groups[k] for k in sorted(groups, key=lambda s: (s is None, s or ""))}
+
+    def read_paths(self, paths: list[str], columns: list[str] | None = None) -> pa.Table:
+        return pads.dataset(paths, filesystem=self.filesystem, format="parquet").to_table(columns=columns)
+
+    def files(self, table: str) -> list[str]:
+        """Absolute URIs of the Parquet files this version reads for ``table``."""
+        paths = self.paths(table)
+        if "://" in self.output:
+            proto = self.output.split("://", 1)[0]
+            return [f"{proto}://{p}" for p in paths]
+        return list(paths)
+
+    @property
+    def filesystem(self):
+        """A ``pyarrow.fs.FileSystem`` for :meth:`files` (and the paths without a scheme)."""
+        if self._fs is None:
+            from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+            if "://" not in self.output or self.output.startswith("file://"):
+                self._fs = LocalFileSystem()
+            else:
+                self._fs = PyFileSystem(FSSpecHandler(self.store.fs))
+        return self._fs
+
+    def schema(self, table: str) -> pa.Schema | None:
+        paths = self.paths(table)
+        if not paths:
+            spec = self.store.tables[table].spec
+            return spec.schema if isinstance(spec.schema, pa.Schema) else None
+        return pads.dataset(paths[:1], filesystem=self.filesystem, format="parquet").schema
+
+    def dataset(self, table: str) -> pads.Dataset:
+        paths = self.paths(table)
+        schema = self.schema(table)
+        return pads.dataset(paths, schema=schema, filesystem=self.filesystem, format="parquet")
+
+    def read(self, table: str, columns: list[str] | None = None, filter: Any = None) -> pa.Table:
+        paths = self.paths(table)
+        if not paths:
+            schema = self.schema(table) or pa.schema([])
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return self.dataset(table).to_table(columns=columns, filter=filter)
+
+    def iter_batches(self, table: str, columns: list[str] | None = None, batch_size: int = 65536,
+                     filter: Any = None) -> Iterator[pa.RecordBatch]:
+        """Stream the table file by file (memory bounded by one batch)."""
+        if not self.paths(table):
+            return
+        yield from self.dataset(table).to_batches(columns=columns, filter=filter, batch_size=batch_size)
+
+    def iter_files(self, table: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """One table per committed file, in commit order of the files' names."""
+        for path in self.paths(table):
+            yield pads.dataset([path], filesystem=self.filesystem, format="parquet").to_table(columns=columns)
+
+    def to_ray(self, table: str, columns: list[str] | None = None, **kwargs):
+        import ray.data
+
+        paths = self.paths(table)
+        if not paths:
+            raise ValueError(f"table {table!r} of version {self.version} has no rows")
+        kwargs.setdefault("filesystem", self.filesystem)
+        return ray.data.read_parquet(paths, columns=columns, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"DatasetVersion({self.output!r}, version={self.version}, tables={self.table_names()})"
+
+
+def open_version(output: str, version: int | str | None = None, *,
+                 storage_options: dict | None = None) -> DatasetVersion:
+    store = OutputStore(output, storage_options)
+    return DatasetVersion(store, pick_record(store.versions(), version, output))
+
+
+def list_versions(output: str, storage_options: dict | None = None) -> list[dict]:
+    return OutputStore(output, storage_options).versions()
