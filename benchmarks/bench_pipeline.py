@@ -2,6 +2,8 @@
 
     python benchmarks/bench_pipeline.py --images 1024 --shards 16
     python benchmarks/bench_pipeline.py --memory   # 4 vs 40 shards, same shard size
+    python benchmarks/bench_pipeline.py --images 256 --shards 4 --regions 300 --pipeline-only
+        # MaskCLIP + ViLD dense at 300 regions/img: bytes the driver receives per image
 
 Three numbers on the same images, batch size and torch threads:
 
@@ -63,10 +65,17 @@ def photos() -> list[bytes]:
     return out
 
 
-def build_shards(folder: Path, n_images: int, n_shards: int) -> list[str]:
+def random_boxes(rng, n: int, w: int = 640, h: int = 480) -> list[list[float]]:
+    xy = rng.uniform(0, [w * 0.8, h * 0.8], (n, 2))
+    wh = rng.uniform(8, [w * 0.5, h * 0.5], (n, 2))
+    return np.concatenate([xy, np.minimum(xy + wh, [w, h]), rng.uniform(0.1, 1, (n, 1))], 1).round(1).tolist()
+
+
+def build_shards(folder: Path, n_images: int, n_shards: int, regions: int = 0) -> list[str]:
     from labelmill.io.shards import write_shard
 
     blobs = photos()
+    rng = np.random.default_rng(0)
     per = -(-n_images // n_shards)
     paths, k = [], 0
     for s in range(n_shards):
@@ -74,7 +83,10 @@ def build_shards(folder: Path, n_images: int, n_shards: int) -> list[str]:
         for _ in range(per):
             if k >= n_images:
                 break
-            samples.append((f"{k:08d}", {"jpg": blobs[k % len(blobs)], "txt": b"a photo"}))
+            members = {"jpg": blobs[k % len(blobs)], "txt": b"a photo"}
+            if regions:  # external proposals, as an RPN would give them
+                members["json"] = json.dumps({"proposals": random_boxes(rng, regions)}).encode()
+            samples.append((f"{k:08d}", members))
             k += 1
         paths.append(write_shard(str(folder / f"bench-{s:05d}.tar"), samples))
     return paths
@@ -174,8 +186,14 @@ def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, thread
             "labels_per_image": labels / n}
 
 
+def vild_section(arch: str, regions: int) -> dict:
+    """ViLD dense regions pooled from MaskCLIP's features (same weights), ``regions`` proposals per image."""
+    return {"type": "vild", "model": arch, "pretrained": None, "mode": "dense", "dense_features_from": "maskclip",
+            "proposals": [{"meta_field": "proposals"}], "max_regions": regions, "nms_iou": 1.0}
+
+
 def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, threads: int,
-             commit_every: int, budget_mb: int | None = None) -> dict:
+             commit_every: int, budget_mb: int | None = None, regions: int = 0) -> dict:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
     from labelmill.engine.runtime import Progress
@@ -184,7 +202,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
         {
             "input": {"shards": str(shards_dir)},
             "output": {"path": str(out), "commit_every_shards": commit_every},
-            "teachers": [teacher_section(arch, size)],
+            "teachers": [teacher_section(arch, size)] + ([vild_section(arch, regions)] if regions else []),
             "ray": {"batch_size": batch, "torch_threads": threads, "object_store_budget_mb": budget_mb},
             "allow_random_init": True,
             "progress_interval_s": 5,
@@ -214,11 +232,22 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
         "pipeline_steady_img_s": steady,
         "pipeline_wall_s": wall,
         "pipeline_wall_img_s": summary.counters.samples / wall,
+        "driver_bytes_received": summary.bytes_received,
+        "driver_bytes_per_image": summary.bytes_received / max(summary.counters.samples, 1),
+        "stored_bytes_per_image": stored_bytes(out) / max(summary.counters.samples, 1),
+        "regions_per_image": regions,
         "peak_pss_mb": mem.peak / 2**20,
         "peak_driver_rss_mb": mem.peak_driver_rss / 2**20,
         "peak_breakdown_mb": {k: round(v) for k, v in sorted(mem.breakdown.items(), key=lambda kv: -kv[1])},
         "plan": summary.plan,
     }
+
+
+def stored_bytes(out: Path) -> dict:
+    import labelmill.data
+
+    ds = labelmill.data.open(str(out))
+    return sum(os.path.getsize(f) for t in ds.table_names() for f in ds.files(t))
 
 
 def machine() -> dict:
@@ -246,6 +275,9 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=25, help="images per shard in --memory mode")
     ap.add_argument("--budget-mb", type=int, default=None, help="ray.object_store_budget_mb (default: auto)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--regions", type=int, default=0,
+                    help="add a ViLD dense teacher with this many proposals per image (driver bytes/img)")
+    ap.add_argument("--pipeline-only", action="store_true", help="skip the bare-forward and teacher runs")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelmill-bench-"))
@@ -263,13 +295,15 @@ def main() -> None:
             result["peak_ratio_40_vs_4"] = b / a
         else:
             folder = work / "shards"
-            paths = build_shards(folder, args.images, args.shards)
-            # warm the text-embedding cache so every measurement starts from the same state
-            result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))
-            print(json.dumps(result), file=sys.stderr, flush=True)
+            paths = build_shards(folder, args.images, args.shards, args.regions)
+            if not args.pipeline_only:
+                # warm the text-embedding cache so every measurement starts from the same state
+                result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))
+                print(json.dumps(result), file=sys.stderr, flush=True)
             result.update(pipeline(folder, work / "out", args.arch, args.size, args.batch, args.threads,
-                                   args.commit_every, args.budget_mb))
-            result["pipeline_vs_bare"] = result["pipeline_steady_img_s"] / result["bare_forward_img_s"]
+                                   args.commit_every, args.budget_mb, args.regions))
+            if not args.pipeline_only:
+                result["pipeline_vs_bare"] = result["pipeline_steady_img_s"] / result["bare_forward_img_s"]
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -17,6 +17,7 @@ class GroundTruthConfig(TeacherConfig):
     score: float = 1.0
     fail_on_key: str | None = None
     delay_s: float = 0.0  # per batch, to make runs slow enough to interrupt
+    trace_dir: str | None = None  # each instance leaves a file naming its process and Ray node
 
     def image_request(self) -> ImageRequest:
         return ImageRequest(short_side=64, max_long_side=128)
@@ -24,6 +25,18 @@ class GroundTruthConfig(TeacherConfig):
 
 class GroundTruthTeacher(Teacher):
     Config = GroundTruthConfig
+
+    def __init__(self, config, device, allow_random_init=False):
+        super().__init__(config, device, allow_random_init)
+        if config.trace_dir:
+            import os
+
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "no-ray"
+            gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
+            with open(os.path.join(config.trace_dir, f"{os.getpid()}-{node}"), "w") as fh:
+                fh.write(",".join(gpus))
 
     def provenance(self) -> Provenance:
         return Provenance(self.name, self.config.type, "ground-truth", "0" * 64, self.config_hash())
