@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,15 @@ def test_run_scales_onto_fake_gpu_nodes_and_commits_exact_rows(tmp_path):
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     result_path = tmp_path / "result.json"
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"), PYTHONUNBUFFERED="1",
+    ray_tmp = tempfile.mkdtemp(prefix="lm-", dir="/tmp")  # its own Ray temp dir, short (socket paths <= 107 B)
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    (tmp_path / "raytmp").mkdir()
     cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(HERE / "autoscale_run.py"),
            str(cfg_path), str(result_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result_path.exists(), proc.stderr[-5000:]
     result = json.loads(result_path.read_text())
     assert result["rc"] == 0, result["stderr"]

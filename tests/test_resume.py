@@ -34,6 +34,19 @@ def commits(out: Path) -> int:
     return len(list(log.glob("*.json"))) if log.exists() else 0
 
 
+def session_processes(sid: int) -> list[str]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(p.info["pid"]) == sid:
+                out.append(f"{p.info['pid']}:{p.info['name']}")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return out
+
+
 def test_kill_dash_nine_then_rerun_matches_a_clean_run(tmp_path, ray_session):
     shards = tmp_path / "shards"
     for s in range(8):
@@ -62,6 +75,13 @@ def test_kill_dash_nine_then_rerun_matches_a_clean_run(tmp_path, ray_session):
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
         proc.wait(timeout=30)
+        # the embedded Ray dies with its driver: no raylet, GCS, agent or worker is left behind
+        left = session_processes(proc.pid)
+        deadline = time.monotonic() + 60
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = session_processes(proc.pid)
+        assert not left, f"processes outlived the killed driver: {left}"
     finally:
         time.sleep(2)
         try:

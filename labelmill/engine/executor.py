@@ -13,8 +13,9 @@ columns it requires and produces, its resources, whether it keeps state
 * operator fusion: a stateless stage runs inside the operator before it
   (the filter and the table writer run in the label actors);
 * the object-store budget (Ray Data backpressure keeps memory flat);
-* retries (tasks and actors are retried; replays are dropped by the commit
-  loop, so nothing is doubled);
+* retries: Ray Data's own (failed tasks are retried and dead actors
+  restarted without limit); the replayed rows are dropped by the commit
+  loop, so nothing is doubled;
 * the shard ledger: a small actor the source reports each shard's sample
   count to, out of band of the data;
 * progress, and the commit loop (:class:`~labelmill.engine.commit_loop.CommitLoop`).
@@ -40,9 +41,6 @@ from labelmill.engine.runtime import (
     start_ray,
 )
 from labelmill.stages.base import Resources, Stage, check_contract
-
-TASK_RETRIES = 3
-ACTOR_RESTARTS = 3
 
 
 class Pipeline:
@@ -190,7 +188,7 @@ class Engine:
         source = pipeline.source
         ds = ray.data.read_datasource(
             ShardDatasource(source, inputs), override_num_blocks=len(inputs), concurrency=plan.read_tasks,
-            **source.resources().ray_args(),  # Ray retries tasks lost with their node
+            **source.resources().ray_args(),
         )
         for group in fuse(pipeline.stages[1:]):
             head = group[0]
@@ -199,12 +197,10 @@ class Engine:
             if head.stateful:
                 ds = ds.map_batches(
                     _ActorChain, fn_constructor_args=(group,), batch_size=self.batch_size,
-                    compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-                    max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES, **kwargs,
+                    compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
                 )
             else:
-                ds = ds.map_batches(_Chain(group), batch_size=None, concurrency=plan.read_tasks,
-                                    max_retries=TASK_RETRIES, **kwargs)
+                ds = ds.map_batches(_Chain(group), batch_size=None, concurrency=plan.read_tasks, **kwargs)
         return ds
 
     # ------------------------------------------------------------------- run

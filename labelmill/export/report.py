@@ -29,9 +29,11 @@ def _color(name: str) -> tuple[int, int, int]:
 
 
 def _rows(ds: DatasetVersion, table: str, columns=None):
-    """The version's files of ``table`` one at a time (memory stays bounded by one file)."""
+    """The version's rows of ``table`` shard by shard, in shard order (memory bounded by one shard)."""
     if table in ds.table_names():
-        yield from ds.iter_files(table, columns)
+        for paths in ds.shard_paths(table).values():
+            rows = ds.read_paths(paths, columns)
+            yield rows.sort_by("index") if "index" in rows.column_names else rows
 
 
 def _overlay(pixels: np.ndarray, orig_hw: tuple[int, int], labels: list[dict]) -> Image.Image:

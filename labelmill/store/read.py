@@ -140,11 +140,6 @@ class DatasetVersion:
             return
         yield from self.dataset(table).to_batches(columns=columns, filter=filter, batch_size=batch_size)
 
-    def iter_files(self, table: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """One table per committed file, in commit order of the files' names."""
-        for path in self.paths(table):
-            yield pads.dataset([path], filesystem=self.filesystem, format="parquet").to_table(columns=columns)
-
     def to_ray(self, table: str, columns: list[str] | None = None, **kwargs):
         import ray.data
 
