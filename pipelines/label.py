@@ -44,8 +44,8 @@ def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     repair = store.repair()
     if any(repair.values()):
         print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
-    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)
-    todo = [s for s in shards if s.url not in store.done_shards()]
+    shards, done = list_shard_infos(cfg.input.shards, cfg.input.storage_options), store.done_shards()
+    todo = [s for s in shards if s.url not in done]
     print(f"[labelmill] {len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do "
           f"-> {cfg.output.path}", file=stream)
     if cfg.allow_random_init:

@@ -73,43 +73,49 @@ def _with_protocol(path: str, template: str) -> str:
     return path
 
 
+def _listing(spec: str | list[str], storage_options: dict[str, Any]) -> list[tuple[str, dict | None]]:
+    """(url, listing info or None) per shard: folders and globs list with details, in one call each."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise ShardListError("no input shards given")
+    out: list[tuple[str, dict | None]] = []
+    for item in specs:
+        found: list[tuple[str, dict | None]] = []
+        for url in braceexpand(item):
+            fs, path = _fs(url, storage_options)
+            try:
+                if any(ch in url for ch in "*?["):
+                    listed = fs.glob(path, detail=True)
+                    matches = sorted((p, i) for p, i in listed.items() if _is_shard(p))
+                elif fs.isdir(path):
+                    listed = fs.find(path, detail=True)
+                    matches = sorted((p, i) for p, i in listed.items() if _is_shard(p))
+                elif fs.exists(path):
+                    matches = [(path, None)]
+                else:
+                    matches = []
+            except (OSError, PermissionError) as exc:
+                raise ShardListError(f"cannot list {url!r}: {type(exc).__name__}: {exc}") from exc
+            found.extend((_with_protocol(m, url), info) for m, info in matches)
+        if not found:
+            raise ShardListError(f"input {item!r} matches no shard (*.tar, *.tar.gz, *.tgz)")
+        out.extend(found)
+    seen: set[str] = set()
+    unique = []
+    for url, info in out:
+        if url not in seen:
+            seen.add(url)
+            unique.append((url, info))
+    return unique
+
+
 def list_shards(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand a folder, glob, brace pattern, ``s3://`` prefix or list into shard URLs.
 
     The result is sorted within each spec and de-duplicated; an empty result
     is an error naming the spec.
     """
-    storage_options = storage_options or {}
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not specs:
-        raise ShardListError("no input shards given")
-    out: list[str] = []
-    for item in specs:
-        found: list[str] = []
-        for url in braceexpand(item):
-            fs, path = _fs(url, storage_options)
-            try:
-                if any(ch in url for ch in "*?["):
-                    matches = sorted(p for p in fs.glob(path) if _is_shard(p))
-                elif fs.isdir(path):
-                    matches = sorted(p for p in fs.find(path) if _is_shard(p))
-                elif fs.exists(path):
-                    matches = [path]
-                else:
-                    matches = []
-            except (OSError, PermissionError) as exc:
-                raise ShardListError(f"cannot list {url!r}: {type(exc).__name__}: {exc}") from exc
-            found.extend(_with_protocol(m, url) for m in matches)
-        if not found:
-            raise ShardListError(f"input {item!r} matches no shard (*.tar, *.tar.gz, *.tgz)")
-        out.extend(found)
-    seen: set[str] = set()
-    unique = []
-    for url in out:
-        if url not in seen:
-            seen.add(url)
-            unique.append(url)
-    return unique
+    return [url for url, _ in _listing(spec, storage_options or {})]
 
 
 @dataclass(frozen=True)
@@ -142,16 +148,17 @@ def _info_fields(info: dict[str, Any]) -> tuple[int | None, str | None, float | 
 
 
 def list_shard_infos(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[ShardInfo]:
-    """:func:`list_shards` with each shard's fingerprint (one metadata call per shard)."""
+    """:func:`list_shards` with each shard's fingerprint (from the listing; a metadata call per named shard)."""
     storage_options = storage_options or {}
     out = []
-    for url in list_shards(spec, storage_options):
-        fs, path = _fs(url, storage_options)
-        try:
-            size, etag, mtime = _info_fields(fs.info(path))
-        except (OSError, PermissionError) as exc:
-            raise ShardListError(f"cannot stat {url!r}: {type(exc).__name__}: {exc}") from exc
-        out.append(ShardInfo(url, size, etag, mtime))
+    for url, info in _listing(spec, storage_options):
+        if info is None:  # named explicitly: one metadata call
+            fs, path = _fs(url, storage_options)
+            try:
+                info = fs.info(path)
+            except (OSError, PermissionError) as exc:
+                raise ShardListError(f"cannot stat {url!r}: {type(exc).__name__}: {exc}") from exc
+        out.append(ShardInfo(url, *_info_fields(info)))
     return out
 
 
