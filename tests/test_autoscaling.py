@@ -57,8 +57,8 @@ def test_run_scales_onto_fake_gpu_nodes_and_commits_exact_rows(tmp_path):
         write_shard(str(shards / f"s-{s:03d}.tar"), [gt_sample(f"{s}-{i}", seed=s * 10 + i) for i in range(4)])
     trace = tmp_path / "trace"
     trace.mkdir()
-    cfg = run_config(str(shards), str(tmp_path / "out"), teachers=[gt_teacher(delay_s=1.5, trace_dir=str(trace))])
-    cfg["ray"] = {"batch_size": 2, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5, "read_cpus": 0.25}
+    cfg = run_config(str(shards), str(tmp_path / "out"), teachers=[gt_teacher(delay_s=3.0, trace_dir=str(trace))])
+    cfg["ray"] = {"batch_size": 1, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5, "read_cpus": 0.25}
     cfg["output"]["commit_every_shards"] = 2
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

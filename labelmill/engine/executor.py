@@ -109,11 +109,24 @@ class _Chain:
 
 
 class _ActorChain(_Chain):
-    """Callable class Ray Data instantiates once per actor; setup happens there."""
+    """Callable class Ray Data instantiates once per actor; setup happens there.
 
-    def __init__(self, stages: Sequence[Stage]):
-        super().__init__(stages)
+    The stages travel as a class attribute of a subclass made per operator
+    (:func:`actor_class`), not as constructor arguments: Ray keeps large
+    constructor arguments in the object store and warns about every
+    restartable actor that has them.
+    """
+
+    STAGES: list = []
+
+    def __init__(self):
+        super().__init__(type(self).STAGES)
         self._setup()
+
+
+def actor_class(stages: Sequence[Stage]) -> type:
+    name = "".join(s.name.title() for s in stages) + "Actor"
+    return type(name, (_ActorChain,), {"STAGES": list(stages), "__module__": __name__})
 
 
 class _LedgerClient:
@@ -196,7 +209,7 @@ class Engine:
                                           **head.resources().ray_args())
             if head.stateful:
                 ds = ds.map_batches(
-                    _ActorChain, fn_constructor_args=(group,), batch_size=self.batch_size,
+                    actor_class(group), batch_size=self.batch_size,
                     compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
                 )
             else:

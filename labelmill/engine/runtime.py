@@ -125,8 +125,11 @@ def quiet_ray_warnings() -> None:
     import logging
     import warnings
 
+    from ray.util.annotations import RayDeprecationWarning
+
     for name in ("ray.data", "ray.data._internal", "ray._private.worker", "ray.util.annotations"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # raised in the caller's frame
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\..*)?")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray(\..*)?")
     warnings.filterwarnings("ignore", message=r".*(deprecated|Deprecated|fn_constructor_args|large).*",
