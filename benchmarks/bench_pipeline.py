@@ -3,7 +3,9 @@
     python benchmarks/bench_pipeline.py --images 1024 --shards 16
     python benchmarks/bench_pipeline.py --memory   # 4 vs 40 shards, same shard size
     python benchmarks/bench_pipeline.py --images 256 --shards 4 --regions 300 --pipeline-only
-        # MaskCLIP + ViLD dense at 300 regions/img: bytes the driver receives per image
+        # MaskCLIP + ViLD dense at 300 regions/img: bytes the driver receives per image (on Ray)
+    python benchmarks/bench_pipeline.py --images 256 --shards 4 --regions 300 --in-process-bytes
+        # the same stages in one process: manifests now vs. labelled rows before, per image
 
 Three numbers on the same images, batch size and torch threads:
 
@@ -243,6 +245,48 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
     }
 
 
+def driver_bytes_in_process(shards_dir: Path, out: Path, arch: str, size: int, batch: int, threads: int,
+                            regions: int) -> dict:
+    """The same stages without Ray: what reaches the driver now (manifests) vs. before (labelled rows).
+
+    Runs read -> decode -> label -> filter -> write in this process on every
+    shard and sums the Arrow bytes of the write stage's output (the manifest
+    rows the engine's driver receives through ``iter_batches``) and of its
+    input (the rows wave 1's driver-side writer received).
+    """
+    from labelmill.config import load_config
+    from labelmill.pipelines.label import build_pipeline
+    from labelmill.stages.base import Resources
+
+    cfg = load_config({
+        "input": {"shards": str(shards_dir)}, "output": {"path": str(out)},
+        "teachers": [teacher_section(arch, size)] + ([vild_section(arch, regions)] if regions else []),
+        "ray": {"batch_size": batch, "torch_threads": threads}, "allow_random_init": True,
+    })
+    p = build_pipeline(cfg, "bench")
+    read, decode, label, filt, write = (p.find(name=n) for n in ("read", "decode", "label", "filter", "write"))
+    label.place(Resources(cpus=threads), threads)
+    label.setup()
+    write.setup()
+    before = after = images = regions_seen = 0
+    start = time.monotonic()
+    for url in sorted(glob.glob(str(shards_dir / "*.tar"))):
+        for block in read.read_blocks(url):
+            decoded = decode.process_batch(block)
+            for i in range(0, decoded.num_rows, batch):
+                rows = filt.process_batch(label.process_batch(decoded.slice(i, batch)))
+                before += rows.nbytes
+                manifests = write.process_batch(rows)
+                after += manifests.nbytes
+                images += rows.num_rows
+                for cell in rows.column("regions").to_pylist():
+                    regions_seen += sum(len(r["boxes"]) for r in cell)
+    return {"images": images, "regions_per_image_measured": regions_seen / max(images, 1),
+            "bytes_per_image_before_rows_to_driver": before / max(images, 1),
+            "bytes_per_image_now_manifests_to_driver": after / max(images, 1),
+            "in_process_seconds": time.monotonic() - start}
+
+
 def stored_bytes(out: Path) -> dict:
     import labelmill.data
 
@@ -278,6 +322,8 @@ def main() -> None:
     ap.add_argument("--regions", type=int, default=0,
                     help="add a ViLD dense teacher with this many proposals per image (driver bytes/img)")
     ap.add_argument("--pipeline-only", action="store_true", help="skip the bare-forward and teacher runs")
+    ap.add_argument("--in-process-bytes", action="store_true",
+                    help="driver bytes per image from the stages run in this process (no Ray)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelmill-bench-"))
@@ -296,6 +342,11 @@ def main() -> None:
         else:
             folder = work / "shards"
             paths = build_shards(folder, args.images, args.shards, args.regions)
+            if args.in_process_bytes:
+                result.update(driver_bytes_in_process(folder, work / "out-inproc", args.arch, args.size, args.batch,
+                                                      args.threads, args.regions))
+                print(json.dumps(result, indent=2))
+                return
             if not args.pipeline_only:
                 # warm the text-embedding cache so every measurement starts from the same state
                 result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))

@@ -111,8 +111,8 @@ def stored_bytes(outputs, keys, sizes, teacher: str) -> dict:
     import pyarrow.parquet as pq
 
     from labelmill.schemas.tables import Col, regions_array
-    from labelmill.stages.write import CommitWriter
-    from labelmill.store.commit import ManifestTableStore
+    from labelmill.schemas.tables import TABLES
+    from labelmill.stages.write import WriteTables
 
     prov = json.dumps({teacher: {"teacher": teacher, "teacher_type": "vild", "weights": "w",
                                  "weights_sha256": "random-init", "teacher_config_hash": "h"}})
@@ -121,11 +121,9 @@ def stored_bytes(outputs, keys, sizes, teacher: str) -> dict:
         Col.ORIG_H: pa.array([h for h, _ in sizes], pa.int32()), Col.ORIG_W: pa.array([w for _, w in sizes], pa.int32()),
         Col.PROVENANCE: [prov] * len(keys), Col.REGIONS: regions_array([[(teacher, o.regions)] for o in outputs]),
     })
-    writer = CommitWriter.__new__(CommitWriter)
-    writer.config_hash, writer.run_id, writer.version, writer._prov_cache = "c", "r", "v", {}
-    table = writer.regions_table(rows)
+    table = WriteTables("unused", {}, "zstd", "c", "r", "v").regions_table(rows)
     with tempfile.NamedTemporaryFile(suffix=".parquet") as fh:
-        pq.write_table(table, fh.name, compression="zstd", row_group_size=ManifestTableStore.row_group_rows)
+        pq.write_table(table, fh.name, compression="zstd", row_group_size=TABLES["regions"].row_group_rows)
         size = os.path.getsize(fh.name)
     regions = int(sum(len(o.regions.boxes) for o in outputs))
     return {"bytes_per_image": round(size / len(keys)), "bytes_per_region": round(size / regions, 1),

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 import pyarrow.compute as pc
 
-from labelmill.schemas.records import Label, Provenance, RegionSet, SampleStatus
+from labelmill.schemas.records import Label, RegionSet, SampleStatus
 
 # --------------------------------------------------------------------------
 # In-flight columns (between stages)
@@ -314,11 +314,6 @@ def label_to_struct(label: Label, teacher: str) -> dict:
     }
 
 
-def labels_array(per_row: Sequence[Iterable[dict]]) -> pa.Array:
-    """A ``list<LABEL_STRUCT>`` array with one list per row."""
-    return pa.array([list(rows) for rows in per_row], type=pa.list_(LABEL_STRUCT))
-
-
 def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Array:
     """A ``list<REGION_STRUCT>`` array: for every row, its ``(teacher, RegionSet)`` pairs."""
     items = [item for row in per_row for item in row]
@@ -348,28 +343,6 @@ def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Arra
     )
     row_offsets = np.concatenate([[0], np.cumsum([len(row) for row in per_row])]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(row_offsets), struct)
-
-
-def provenance_columns(prov: Provenance, n: int) -> dict[str, pa.Array]:
-    return {
-        "teacher": pa.array([prov.teacher] * n, pa.string()),
-        "teacher_type": pa.array([prov.teacher_type] * n, pa.string()),
-        "weights": pa.array([prov.weights] * n, pa.string()),
-        "weights_sha256": pa.array([prov.weights_sha256] * n, pa.string()),
-        "teacher_config_hash": pa.array([prov.teacher_config_hash] * n, pa.string()),
-    }
-
-
-def run_columns(config_hash: str, run_id: str, version: str, n: int) -> dict[str, pa.Array]:
-    return {
-        "config_hash": pa.array([config_hash] * n, pa.string()),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "labelmill_version": pa.array([version] * n, pa.string()),
-    }
-
-
-def empty_table(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
