@@ -94,13 +94,16 @@ def build_shards(folder: Path, n_images: int, n_shards: int, regions: int = 0) -
     return paths
 
 
+TEMPLATES = "maskclip85"
+
+
 def teacher_section(arch: str, size: int) -> dict:
     return {
         "type": "maskclip",
         "model": arch,
         "pretrained": None,
         "vocabulary": "coco-stuff-171",
-        "templates": "maskclip85",
+        "templates": TEMPLATES,
         "image_size": size,
         "logit_scale": 100.0,
     }
@@ -322,9 +325,13 @@ def main() -> None:
     ap.add_argument("--regions", type=int, default=0,
                     help="add a ViLD dense teacher with this many proposals per image (driver bytes/img)")
     ap.add_argument("--pipeline-only", action="store_true", help="skip the bare-forward and teacher runs")
+    ap.add_argument("--templates", default="maskclip85",
+                    help="MaskCLIP prompt templates (short/single start faster; no effect on bytes)")
     ap.add_argument("--in-process-bytes", action="store_true",
                     help="driver bytes per image from the stages run in this process (no Ray)")
     args = ap.parse_args()
+    global TEMPLATES
+    TEMPLATES = args.templates
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="labelmill-bench-"))
     result: dict = {"machine": machine(), "command": " ".join(sys.argv), "args": vars(args)}
