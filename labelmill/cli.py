@@ -6,10 +6,7 @@ import argparse
 import json
 import sys
 
-EXIT_CONFIG = 2
-EXIT_WEIGHTS = 3
-EXIT_INPUT = 4
-EXIT_OUTPUT = 5
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_OUTPUT, EXIT_WEIGHTS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
