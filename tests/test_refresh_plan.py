@@ -220,3 +220,14 @@ def test_ten_thousand_shards_plan_in_one_pass():
     old["s3://b/zz.tar"] = committed(1)
     plan = plan_refresh(listing, old, TODAY)
     assert plan.counts == {"new": 1, "unchanged": 9_998, "changed": 1, "deleted": 1, "stale": 0}
+
+
+def test_shared_inputs_are_decided_per_drop_totals():
+    """One inputs object for many shards (as a version record gives): drop totals still decide per shard."""
+    old_inputs = with_(filter=dict(FILTER, max_labels_per_image=5))
+    today = with_(filter=dict(FILTER, max_labels_per_image=8))
+    listing = {f"/d/{i}.tar": fp(i) for i in range(4)}
+    old = {u: committed(f.size, inputs=old_inputs, dropped_over_max=(3 if u == "/d/2.tar" else 0))
+           for u, f in listing.items()}
+    plan = plan_refresh(listing, old, today)
+    assert [p.action for p in plan.shards] == ["refilter", "refilter", "relabel", "refilter"]
