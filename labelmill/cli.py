@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_OUTPUT, EXIT_WEIGHTS
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
+    from labelmill.store.lock import LockHeld
     from labelmill.teachers.base import WeightsError
 
     parser = build_parser()
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputConflictError as exc:
         print(f"labelmill: output error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
+    except LockHeld as exc:
+        print(f"labelmill: lock held: {exc}", file=sys.stderr)
+        return EXIT_LOCK_HELD
 
 
 if __name__ == "__main__":

@@ -168,3 +168,22 @@ def test_s3_conditional_write_lock(s3_endpoint, tmp_path):
     with pytest.raises(LockLost):
         stale.ensure_held()
     rival.release()
+
+
+def test_cli_maps_lock_held_to_its_exit_code(tmp_path, monkeypatch, capsys):
+    """Any command that meets a held lock exits 75 with a one-line message (the commands take the lock in round 2)."""
+    from labelmill import cli
+    from labelmill.exitcodes import EXIT_LOCK_HELD
+
+    output = str(tmp_path / "out")
+
+    def locked_report(args):
+        with OutputLock(args.output, command="report-test", heartbeat_s=0):
+            pass
+        return 0
+
+    with OutputLock(output, command="refresh", heartbeat_s=0):
+        monkeypatch.setattr(cli, "_cmd_report", locked_report)
+        assert cli.main(["report", output, str(tmp_path / "r.html")]) == EXIT_LOCK_HELD
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("labelmill: lock held: output") and "locked by refresh" in err and "\n" not in err
