@@ -6,10 +6,7 @@ import argparse
 import json
 import sys
 
-EXIT_CONFIG = 2
-EXIT_WEIGHTS = 3
-EXIT_INPUT = 4
-EXIT_OUTPUT = 5
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -161,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
     from labelmill.store.read import OutputNotFound, VersionNotFound
+    from labelmill.store.lock import LockHeld
     from labelmill.teachers.base import WeightsError
 
     parser = build_parser()
@@ -184,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputConflictError, OutputNotFound, VersionNotFound) as exc:
         print(f"labelmill: output error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
+    except LockHeld as exc:
+        print(f"labelmill: lock held: {exc}", file=sys.stderr)
+        return EXIT_LOCK_HELD
 
 
 if __name__ == "__main__":

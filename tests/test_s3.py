@@ -7,43 +7,7 @@ import pytest
 from helpers import good_sample, run_config
 from labelmill.config import load_config
 from labelmill.pipelines.label import run
-
-
-SERVER = """
-import sys
-from moto.server import ThreadedMotoServer
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-server.start()
-host, port = server.get_host_and_port()
-print(f"ENDPOINT http://{host}:{port}", flush=True)
-sys.stdin.read()  # serve until the test closes our stdin
-server.stop()
-"""
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """moto's S3 server in its own process.
-
-    In-process (a thread of the test) it would deadlock: deltalake's Rust
-    client keeps the GIL while it waits for the server's reply.
-    """
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    endpoint = ""
-    for line in proc.stdout:  # moto prints a banner first
-        if line.startswith("ENDPOINT "):
-            endpoint = line.split()[1]
-            break
-    assert endpoint.startswith("http://127.0.0.1:"), endpoint
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    yield endpoint
-    proc.stdin.close()
-    proc.wait(timeout=30)
+from s3server import s3_endpoint  # noqa: F401  (fixture)
 
 
 def test_shards_and_output_on_s3(s3_endpoint, ray_session, tmp_path):

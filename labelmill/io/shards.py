@@ -162,6 +162,158 @@ def list_shard_infos(spec: str | list[str], storage_options: dict[str, Any] | No
     return out
 
 
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies one version of a shard's bytes, taken from a listing.
+
+    ``size`` always; ``etag`` where the store has one (S3, GCS); ``mtime`` as
+    the store reports it (local: seconds as a decimal string, S3: the
+    LastModified timestamp); ``sha256`` only when a content hash was asked
+    for (it reads every byte of the shard).
+    """
+
+    size: int
+    etag: str | None = None
+    mtime: str | None = None
+    sha256: str | None = None
+
+    def same_content(self, other: "Fingerprint") -> bool:
+        """True when both describe the same bytes, by the strongest field both have.
+
+        Content hash first, then etag, then mtime; sizes must always agree.
+        Two fingerprints with no such field in common cannot be told apart
+        and count as different (the shard is relabelled, never wrongly kept).
+        """
+        if self.size != other.size:
+            return False
+        for name in ("sha256", "etag", "mtime"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is not None and theirs is not None:
+                return mine == theirs
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in (("size", self.size), ("etag", self.etag), ("mtime", self.mtime),
+                                   ("sha256", self.sha256)) if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Fingerprint":
+        return cls(size=int(data["size"]), etag=data.get("etag"), mtime=data.get("mtime"),
+                   sha256=data.get("sha256"))
+
+
+def _fingerprint(info: dict[str, Any]) -> Fingerprint:
+    etag = info.get("ETag", info.get("etag"))
+    mtime = info.get("LastModified", info.get("mtime", info.get("updated")))
+    if isinstance(mtime, float):
+        mtime = f"{mtime:.6f}"
+    elif mtime is not None and not isinstance(mtime, str):
+        mtime = mtime.isoformat() if hasattr(mtime, "isoformat") else str(mtime)
+    return Fingerprint(size=int(info.get("size") or 0), etag=etag.strip('"') if isinstance(etag, str) else None,
+                       mtime=mtime)
+
+
+def _is_file(info: dict[str, Any]) -> bool:
+    return info.get("type", "file") == "file"
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
+
+
+def _sha256(url: str, storage_options: dict[str, Any]) -> str:
+    import hashlib
+
+    fs, path = _fs(url, storage_options)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_shard_fingerprints(
+    spec: str | list[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    content_hash: bool = False,
+    hash_workers: int = 8,
+) -> dict[str, Fingerprint]:
+    """Like :func:`list_shards`, with each shard's :class:`Fingerprint`; same URLs, same order.
+
+    Fingerprints come from the listings themselves: one ``find`` per
+    folder or ``s3://`` prefix, one ``glob`` per pattern, and for the
+    names a brace pattern expands to, one ``ls`` per parent folder however
+    many names share it. No shard is ever stat'ed or HEAD-requested on its
+    own. Listing caches are dropped first, so a shard rewritten since an
+    earlier listing in the same process shows its new fingerprint.
+    ``content_hash=True`` adds each shard's sha256, which reads every shard
+    (``hash_workers`` at a time): use it where sizes and mtimes cannot be
+    trusted (local copies that keep mtimes, stores without etags).
+    """
+    storage_options = storage_options or {}
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise ShardListError("no input shards given")
+    out: dict[str, Fingerprint] = {}
+    invalidated: set[int] = set()
+    parents: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+
+    def parent_listing(fs, folder: str) -> dict[str, dict[str, Any]]:
+        cache_key = (id(fs), folder)
+        if cache_key not in parents:
+            try:
+                entries = fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                entries = []
+            parents[cache_key] = {e["name"].rstrip("/"): e for e in entries}
+        return parents[cache_key]
+
+    for item in specs:
+        found: list[tuple[str, dict[str, Any]]] = []
+        for url in braceexpand(item):
+            fs, path = _fs(url, storage_options)
+            if id(fs) not in invalidated:
+                fs.invalidate_cache()
+                invalidated.add(id(fs))
+            try:
+                if any(ch in url for ch in "*?["):
+                    listed = fs.glob(path, detail=True)
+                    matches = sorted(((p, i) for p, i in listed.items() if _is_shard(p) and _is_file(i)), key=_first)
+                elif _is_shard(path):
+                    entry = parent_listing(fs, posixpath.dirname(path.rstrip("/"))).get(path.rstrip("/"))
+                    if entry is None:
+                        matches = []
+                    elif _is_file(entry):
+                        matches = [(path, entry)]
+                    else:  # a folder that happens to end in .tar
+                        matches = sorted(((p, i) for p, i in fs.find(path, detail=True).items()
+                                          if _is_shard(p)), key=_first)
+                else:
+                    matches = sorted(((p, i) for p, i in fs.find(path, detail=True).items()
+                                      if _is_shard(p) and _is_file(i)), key=_first)
+            except FileNotFoundError:
+                matches = []
+            except (OSError, PermissionError) as exc:
+                raise ShardListError(f"cannot list {url!r}: {type(exc).__name__}: {exc}") from exc
+            found.extend((_with_protocol(m, url), info) for m, info in matches)
+        if not found:
+            raise ShardListError(f"input {item!r} matches no shard (*.tar, *.tar.gz, *.tgz)")
+        for shard, info in found:
+            if shard not in out:
+                out[shard] = _fingerprint(info)
+    if content_hash:
+        from concurrent.futures import ThreadPoolExecutor
+
+        urls = list(out)
+        with ThreadPoolExecutor(max_workers=max(1, hash_workers)) as pool:
+            digests = list(pool.map(lambda u: _sha256(u, storage_options), urls))
+        for url, digest in zip(urls, digests):
+            fp = out[url]
+            out[url] = Fingerprint(size=fp.size, etag=fp.etag, mtime=fp.mtime, sha256=digest)
+    return out
+
+
 def unsafe_key_reason(key: str) -> str | None:
     """Why a sample key cannot be used as a relative path, or None if it can."""
     if not key:
