@@ -133,17 +133,9 @@ def load_clip(
             "or give an inline arch_config"
         )
     path, label, tag_cfg = resolve_weights(arch, pretrained, allow_random_init=allow_random_init, cache_dir=cache_dir)
-    openai_sd = openai_state_dict(path) if path is not None and not tag_cfg else None
-    if path is not None and not tag_cfg and quick_gelu is None:
-        if openai_sd is not None:
-            quick_gelu = True  # OpenAI's CLIPs were trained with QuickGELU
-        elif "quick_gelu" not in (open_clip.get_model_config(arch) or {}):
-            raise WeightsError(
-                f"{path!r} is a local checkpoint for {arch!r}, and nothing in it says which activation the "
-                "weights were trained with: set quick_gelu: true for OpenAI-trained CLIP weights (QuickGELU), "
-                "quick_gelu: false for GELU (most LAION/DataComp open_clip weights), or use the "
-                "'-quickgelu' architecture name"
-            )
+    openai_format = path is not None and not tag_cfg and is_openai_checkpoint(path)
+    if path is not None and not tag_cfg:
+        quick_gelu = resolve_quick_gelu(arch, path, quick_gelu, openai_format)
     kwargs: dict[str, Any] = {}
     if quick_gelu or (quick_gelu is None and tag_cfg.get("quick_gelu")):
         kwargs["force_quick_gelu"] = True
@@ -153,9 +145,9 @@ def load_clip(
         weights = LoadedWeights(weights=label, sha256=RANDOM_INIT, path=None)
         return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
     try:
-        if openai_sd is not None:
+        if openai_format:
             model = open_clip.create_model(arch, pretrained=None, **kwargs)
-            model.load_state_dict(openai_sd)
+            model.load_state_dict(openai_state_dict(path))
         else:
             model = open_clip.create_model(arch, pretrained=path, **kwargs)
     except Exception as exc:
@@ -168,34 +160,71 @@ def load_clip(
 _OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
 
 
-def openai_state_dict(path: str) -> dict[str, torch.Tensor] | None:
-    """The state dict of an OpenAI-format CLIP file (TorchScript archive or raw), else None.
+def resolve_quick_gelu(arch: str, path: str, quick_gelu: bool | None, openai_format: bool | None = None) -> bool | None:
+    """The activation for a local checkpoint: never a silent guess.
 
-    OpenAI released TorchScript archives whose state dicts carry the
-    ``input_resolution``, ``context_length`` and ``vocab_size`` entries;
-    open_clip-format files never have them.  Those entries are removed from
-    the returned dict.
+    OpenAI-format files (see :func:`is_openai_checkpoint`) mean QuickGELU.
+    Otherwise the file cannot tell, so unless ``quick_gelu`` is given or the
+    architecture's config fixes it (the ``-quickgelu`` names), this raises
+    :class:`WeightsError` asking for it.
     """
+    import open_clip
+
+    if quick_gelu is not None:
+        return quick_gelu
+    if openai_format if openai_format is not None else is_openai_checkpoint(path):
+        return True  # OpenAI's CLIPs were trained with QuickGELU
+    if "quick_gelu" in (open_clip.get_model_config(arch) or {}):
+        return None  # the architecture's own setting
+    raise WeightsError(
+        f"{path!r} is a local checkpoint for {arch!r}, and nothing in it says which activation the weights "
+        "were trained with: set quick_gelu: true for OpenAI-trained CLIP weights (QuickGELU), quick_gelu: false "
+        "for GELU (most LAION/DataComp open_clip weights), or use the '-quickgelu' architecture name"
+    )
+
+
+def _read_plain(path: str):
+    if path.endswith((".safetensors", ".npz", ".npy")):
+        return None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # not a plain state dict: open_clip's own loader reports what is wrong
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return sd if isinstance(sd, dict) else None
+
+
+def _is_torchscript(path: str) -> bool:
     import zipfile
 
-    sd = None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            is_jit = any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in zf.namelist())
-        if is_jit:
-            try:
-                sd = torch.jit.load(path, map_location="cpu").state_dict()
-            except Exception as exc:
-                raise WeightsError(f"{path!r} looks like a TorchScript CLIP archive but cannot be read: {exc}") from exc
-    if sd is None and not path.endswith((".safetensors", ".npz", ".npy")):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in zf.namelist())
+
+
+def is_openai_checkpoint(path: str) -> bool:
+    """True for OpenAI's CLIP release format: a TorchScript archive, or a state dict with its extra entries.
+
+    OpenAI's state dicts carry ``input_resolution``, ``context_length`` and
+    ``vocab_size``; open_clip-format files never do.
+    """
+    if _is_torchscript(path):
+        return True
+    sd = _read_plain(path)
+    return sd is not None and any(k in sd for k in _OPENAI_MARKERS)
+
+
+def openai_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The open_clip state dict of an OpenAI-format file (the extra entries removed, fp32)."""
+    if _is_torchscript(path):
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return None  # not a plain state dict: open_clip's own loader reports what is wrong
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not any(k in sd for k in _OPENAI_MARKERS):
-        return None
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as exc:
+            raise WeightsError(f"{path!r} looks like a TorchScript CLIP archive but cannot be read: {exc}") from exc
+    else:
+        sd = _read_plain(path) or {}
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items() if k not in _OPENAI_MARKERS}
 
 

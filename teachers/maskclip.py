@@ -95,15 +95,23 @@ class CLIPModelFields(TeacherConfig):
         default="openai", description="open_clip pretrained tag or a local checkpoint file"
     )
     arch_config: dict | None = Field(default=None, description="inline open_clip model config (custom archs)")
-    quick_gelu: bool | None = None
+    quick_gelu: bool | None = Field(
+        default=None,
+        description="QuickGELU (OpenAI-trained weights) or GELU; default: from the pretrained tag, or QuickGELU "
+        "for OpenAI-format local files; other local files must say",
+    )
     cache_dir: str | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     def preflight(self, allow_random_init: bool) -> None:
-        from labelmill.models.openclip import resolve_weights
+        from labelmill.models.openclip import resolve_quick_gelu, resolve_weights
 
         if self.arch_config is None and not self.model.startswith("hf-hub:"):
-            resolve_weights(self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir)
+            path, _, tag_cfg = resolve_weights(
+                self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir
+            )
+            if path is not None and not tag_cfg:
+                resolve_quick_gelu(self.model, path, self.quick_gelu)
         elif self.pretrained is None and not allow_random_init:
             name = "inline arch_config" if self.arch_config is not None else self.model
             resolve_weights(name, None, allow_random_init=False)

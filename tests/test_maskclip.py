@@ -167,3 +167,50 @@ def test_slide_windows_cover_the_image():
     assert sm.work_hw == (80, 120)  # no snapping of the sides to the patch size
     (s,) = t.class_scores(b)
     assert s.shape == (5, 300, 450) and torch.allclose(s.sum(0), torch.ones(1), atol=1e-4)
+
+
+def _activation(model):
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_openai_format_local_checkpoint_gets_quick_gelu(tmp_path):
+    """OpenAI's files carry input_resolution/context_length/vocab_size; they were trained with QuickGELU."""
+    ref, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True, quick_gelu=True, seed=5)
+    sd = dict(ref.state_dict())
+    sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "openai-format.pt"
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, path)
+    loaded, _, _ = load_clip("x", str(path), arch_config=TINY_CLIP)
+    assert _activation(loaded) == "QuickGELU"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(x), ref.half().float().encode_image(x), atol=1e-4)
+
+
+def test_local_checkpoint_without_activation_is_refused(tmp_path):
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True)
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(WeightsError, match="quick_gelu: true for OpenAI"):
+        load_clip("x", str(path), arch_config=TINY_CLIP)
+    assert _activation(load_clip("x", str(path), arch_config=TINY_CLIP, quick_gelu=True)[0]) == "QuickGELU"
+    assert _activation(load_clip("x", str(path), arch_config=TINY_CLIP, quick_gelu=False)[0]) == "GELU"
+    # the check runs in the driver's preflight too, before Ray starts
+    cfg = MaskCLIPConfig(type="maskclip", model="ViT-B-16", pretrained=str(path))
+    with pytest.raises(WeightsError, match="quick_gelu"):
+        cfg.preflight(allow_random_init=False)
+
+
+def test_key_smoothing_cosine_rule_is_the_documented_option():
+    """key_smoothing.rule: cosine = cosine similarity of keys, negatives clamped, rows normalised."""
+    t = teacher(key_smoothing={"enabled": True, "threshold": 1.0, "rule": "cosine"},
+                prompt_denoising={"enabled": False, "threshold": 0.5})
+    x = torch.randn(1, 3, 64, 64)
+    out = t.dense(x)
+    got = t.head(out.features[0], out.keys[0]).flatten(1)
+    cos = t.classifier @ F.normalize(out.features[0].flatten(1), dim=0)
+    probs = (cos * 100).softmax(0)
+    k = F.normalize(out.keys[0], dim=-1)
+    w = (k @ k.T).clamp_min(0)
+    w = w / w.sum(1, keepdim=True)
+    assert torch.allclose(got, probs @ w.T, atol=1e-5)
