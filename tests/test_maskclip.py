@@ -214,3 +214,55 @@ def test_key_smoothing_cosine_rule_is_the_documented_option():
     w = (k @ k.T).clamp_min(0)
     w = w / w.sum(1, keepdim=True)
     assert torch.allclose(got, probs @ w.T, atol=1e-5)
+
+
+def _numpy_labels(t, scores: torch.Tensor, orig_hw, label_hw):
+    """The earlier CPU path: argmax and confidence to numpy, nearest upsampling, then pycocotools."""
+    c = len(VOCAB)
+    conf = scores.numpy()
+    arg = conf.argmax(0)
+    best = conf.max(0)
+    if t.config.pixel_threshold > 0:
+        arg = np.where(best < t.config.pixel_threshold, c, arg)
+    H, W = orig_hw
+    lh, lw = label_hw
+    if (lh, lw) != (H, W):
+        rows = ((np.arange(H) + 0.5) * lh / H).astype(np.int64)
+        cols = ((np.arange(W) + 0.5) * lw / W).astype(np.int64)
+        arg, best = arg[rows][:, cols], best[rows][:, cols]
+    full = np.asfortranarray(arg)
+    out = {}
+    for k in range(c):
+        m = full == k
+        if not m.any():
+            continue
+        rle = mask_utils.encode(m.view(np.uint8))
+        out[VOCAB[k]] = (rle["counts"].decode(), float(mask_utils.area(rle)),
+                         tuple(float(v) for v in mask_utils.toBbox(rle)), float(best[m].mean()))
+    return out
+
+
+@pytest.mark.parametrize("kw,label_hw", [
+    ({}, (96, 128)),
+    ({"pixel_threshold": 0.5, "key_smoothing": {"enabled": False, "threshold": 1.0}}, (96, 128)),
+    ({"label_resolution": 40}, (30, 40)),
+])
+def test_device_post_processing_equals_the_numpy_path(kw, label_hw, monkeypatch):
+    t = teacher(**kw)
+    b = batch_of(photo(64, 48, 5), photo(48, 64, 6), orig=[(96, 128), (128, 96)])
+    maps = t.score_maps(b)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
+    labels = t.labels_from_maps(maps)
+    monkeypatch.undo()
+    assert len(copies) == 1  # one device-to-host copy for the whole batch
+    hws = [label_hw, label_hw[::-1]]
+    for sm, labs, hw in zip(maps, labels, hws):
+        expected = _numpy_labels(t, t.confidence(t.seg_logits(sm, hw)), sm.orig_hw, hw)
+        got = {lab.class_name: (lab.rle["counts"], lab.area, lab.bbox, lab.score) for lab in labs}
+        assert got.keys() == expected.keys() and got
+        for name, (counts, area, bbox, score) in got.items():
+            e_counts, e_area, e_bbox, e_score = expected[name]
+            assert (counts, area, bbox) == (e_counts, e_area, e_bbox)
+            assert abs(score - e_score) < 1e-5
