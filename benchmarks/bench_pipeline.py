@@ -171,15 +171,10 @@ def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, thread
                           [None] * len(items), [""] * len(items), [{}] * len(items))
 
     batches = [image_batch(decoded[i : i + batch]) for i in range(0, n, batch)]
-    pixels = []
-    for b in batches:  # exactly the tensors the teacher builds (letterboxed, normalised)
-        windows, _, _ = teacher._windows(b)
-        pixels.append((torch.stack([w.pixels for w in windows]), [w.valid for w in windows]))
-
-    teacher._window_probs(*pixels[0])  # warm-up
+    teacher.score_maps(batches[0])  # warm-up
     start = time.perf_counter()
-    for px, valid in pixels:
-        teacher._window_probs(px, valid)
+    for b in batches:  # forward and MaskCLIP head, no post-processing
+        teacher.score_maps(b)
     bare = time.perf_counter() - start
 
     start = time.perf_counter()

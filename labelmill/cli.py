@@ -71,6 +71,7 @@ def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     table = text_embeddings_table(
         args.model, None if args.random_init else args.pretrained, vocabulary, args.templates,
         allow_random_init=args.random_init, cache_dir=args.cache_dir, device=args.device,
+        quick_gelu=None if args.quick_gelu is None else args.quick_gelu == "true",
     )
     pq.write_table(table, args.dest)
     print(json.dumps({"file": args.dest, "classes": table.num_rows,
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabulary-file", help="class list file instead (one class per line, 'a, b' synonyms)")
     p.add_argument("--templates", default="maskclip85", help="prompt templates: maskclip85, short or single")
     p.add_argument("--cache-dir", help="open_clip download cache")
+    p.add_argument("--quick-gelu", choices=["true", "false"],
+                   help="activation of a local checkpoint: true for OpenAI-trained weights (needed for local "
+                   "files not in OpenAI's format)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--random-init", action="store_true", help="random weights, for testing only (loud banner)")
     p.set_defaults(func=_cmd_text_embeddings)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labelmill.schemas.records import Provenance  # noqa: F401  (re-exported for callers)
-from labelmill.teachers.base import WeightsError, config_hash, file_sha256
+from labelmill.models.common import WeightsError, config_hash, file_sha256
 
 RANDOM_INIT = "random-init"
 _SHA_CACHE: dict[tuple[str, int, float], str] = {}
@@ -133,6 +133,9 @@ def load_clip(
             "or give an inline arch_config"
         )
     path, label, tag_cfg = resolve_weights(arch, pretrained, allow_random_init=allow_random_init, cache_dir=cache_dir)
+    openai_format = path is not None and not tag_cfg and is_openai_checkpoint(path)
+    if path is not None and not tag_cfg:
+        quick_gelu = resolve_quick_gelu(arch, path, quick_gelu, openai_format)
     kwargs: dict[str, Any] = {}
     if quick_gelu or (quick_gelu is None and tag_cfg.get("quick_gelu")):
         kwargs["force_quick_gelu"] = True
@@ -142,11 +145,87 @@ def load_clip(
         weights = LoadedWeights(weights=label, sha256=RANDOM_INIT, path=None)
         return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
     try:
-        model = open_clip.create_model(arch, pretrained=path, **kwargs)
+        if openai_format:
+            model = open_clip.create_model(arch, pretrained=None, **kwargs)
+            model.load_state_dict(openai_state_dict(path))
+        else:
+            model = open_clip.create_model(arch, pretrained=path, **kwargs)
     except Exception as exc:
         raise WeightsError(f"loading CLIP weights {path!r} into {arch!r} failed: {exc}") from exc
     weights = LoadedWeights(weights=label, sha256=_cached_sha(path), path=path)
     return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
+
+
+#: entries of OpenAI's released state dicts that open_clip's own files do not have
+_OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+
+
+def resolve_quick_gelu(arch: str, path: str, quick_gelu: bool | None, openai_format: bool | None = None) -> bool | None:
+    """The activation for a local checkpoint: never a silent guess.
+
+    OpenAI-format files (see :func:`is_openai_checkpoint`) mean QuickGELU.
+    Otherwise the file cannot tell, so unless ``quick_gelu`` is given or the
+    architecture's config fixes it (the ``-quickgelu`` names), this raises
+    :class:`WeightsError` asking for it.
+    """
+    import open_clip
+
+    if quick_gelu is not None:
+        return quick_gelu
+    if openai_format if openai_format is not None else is_openai_checkpoint(path):
+        return True  # OpenAI's CLIPs were trained with QuickGELU
+    if "quick_gelu" in (open_clip.get_model_config(arch) or {}):
+        return None  # the architecture's own setting
+    raise WeightsError(
+        f"{path!r} is a local checkpoint for {arch!r}, and nothing in it says which activation the weights "
+        "were trained with: set quick_gelu: true for OpenAI-trained CLIP weights (QuickGELU), quick_gelu: false "
+        "for GELU (most LAION/DataComp open_clip weights), or use the '-quickgelu' architecture name"
+    )
+
+
+def _read_plain(path: str):
+    if path.endswith((".safetensors", ".npz", ".npy")):
+        return None
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # not a plain state dict: open_clip's own loader reports what is wrong
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    return sd if isinstance(sd, dict) else None
+
+
+def _is_torchscript(path: str) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in zf.namelist())
+
+
+def is_openai_checkpoint(path: str) -> bool:
+    """True for OpenAI's CLIP release format: a TorchScript archive, or a state dict with its extra entries.
+
+    OpenAI's state dicts carry ``input_resolution``, ``context_length`` and
+    ``vocab_size``; open_clip-format files never do.
+    """
+    if _is_torchscript(path):
+        return True
+    sd = _read_plain(path)
+    return sd is not None and any(k in sd for k in _OPENAI_MARKERS)
+
+
+def openai_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The open_clip state dict of an OpenAI-format file (the extra entries removed, fp32)."""
+    if _is_torchscript(path):
+        try:
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as exc:
+            raise WeightsError(f"{path!r} looks like a TorchScript CLIP archive but cannot be read: {exc}") from exc
+    else:
+        sd = _read_plain(path) or {}
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items() if k not in _OPENAI_MARKERS}
 
 
 def _load_hf_hub(arch: str, cache_dir: str | None):
@@ -181,14 +260,51 @@ def _load_hf_hub(arch: str, cache_dir: str | None):
 # --------------------------------------------------------------------------
 
 
+def fit_size(height: int, width: int, short_side: int, max_long_side: int) -> tuple[int, int]:
+    """Size that keeps the aspect ratio with short side ``short_side`` and long side at most ``max_long_side``.
+
+    The scale factor is ``min(short_side / short, max_long_side / long)`` and
+    sides are rounded half up, as mmcv's ``rescale_size`` does for mmseg's
+    ``Resize(keep_ratio=True)``; images are enlarged as well as shrunk.
+    """
+    scale = min(short_side / min(height, width), max_long_side / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def vit_input(
+    image: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor, patch: int
+) -> torch.Tensor:
+    """uint8 (H, W, 3) image -> normalised (3, h', w') ViT input of the resized image.
+
+    The image is resized to ``size`` (bilinear, antialiased when shrinking),
+    normalised, then zero-padded at the bottom and right to the next multiple
+    of ``patch`` (zero is the mean colour after normalising), as mmseg's
+    ``AdaptivePadding(padding='corner')`` does.  The one resize helper for
+    MaskCLIP and the ViLD dense embedder.
+    """
+    x = image.permute(2, 0, 1).float().div(255)
+    if tuple(x.shape[1:]) != tuple(size):
+        x = F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = (x - mean) / std
+    return pad_to_patch(x, patch)
+
+
+def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(3, h, w) zero-padded at the bottom/right to multiples of ``patch``."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % patch, -w % patch
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
 @dataclass
 class DenseFeatures:
     """Outputs of one dense forward.
 
     ``features``: (B, D, h, w) value-path patch embeddings in CLIP's joint
     space (not normalised).  ``keys``: (B, h*w, C) attention keys of the
-    last block, for key smoothing.  ``global_embedding``: (B, D) the usual
-    CLIP image embedding of the same input, when asked for.
+    last block after the attention output projection, as MaskCLIP computes
+    them for key smoothing.  ``global_embedding``: (B, D) the usual CLIP
+    image embedding of the same input, when asked for.
     """
 
     features: torch.Tensor
@@ -203,8 +319,14 @@ class DenseCLIP(nn.Module):
     tokens skip query-key attention: each token's value vector goes through
     the attention output projection, the residual connection and the MLP,
     then ``ln_post`` and the visual projection, as in the MaskCLIP reference
-    implementation.  Positional embeddings are resized bicubically when the
-    input grid differs from the pre-training grid.
+    implementation; the keys get the same output projection.  Positional
+    embeddings are resized bicubically when the input grid differs from the
+    pre-training grid.
+
+    :meth:`forward_list` runs images of different sizes in one forward: each
+    keeps its own grid and positional embedding, the token sequences are
+    padded to a common length and the padding is masked out of attention,
+    so the result of an image does not depend on what it is batched with.
     """
 
     def __init__(self, clip_model: nn.Module):
@@ -213,12 +335,12 @@ class DenseCLIP(nn.Module):
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if visual is None or blocks is None or not hasattr(visual, "conv1"):
             raise TypeError("MaskCLIP needs an open_clip VisionTransformer (a ViT model)")
-        last = blocks[-1]
-        if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention):
-            raise TypeError(
-                "MaskCLIP's value path needs standard attention blocks (nn.MultiheadAttention); "
-                f"{type(last).__name__} is not supported"
-            )
+        for block in blocks:
+            if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
+                raise TypeError(
+                    "MaskCLIP's value path needs standard attention blocks (nn.MultiheadAttention); "
+                    f"{type(block).__name__} is not supported"
+                )
         if getattr(visual, "attn_pool", None) is not None:
             raise TypeError("ViTs with attentional pooling are not supported by the dense path")
         self.visual = visual
@@ -245,7 +367,7 @@ class DenseCLIP(nn.Module):
             self._pos_cache[key] = cached
         return cached
 
-    def tokens_before_last(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         v = self.visual
         x = v.conv1(pixels)
         gh, gw = x.shape[-2:]
@@ -253,37 +375,71 @@ class DenseCLIP(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + self._pos_embed(gh, gw).to(x.dtype)
-        x = v.ln_pre(x)
-        for block in v.transformer.resblocks[:-1]:
+        return v.ln_pre(x), gh, gw
+
+    @staticmethod
+    def _block(block: nn.Module, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        if pad_mask is None:
+            return block(x)
+        y = block.ln_1(x)
+        y = block.attn(y, y, y, need_weights=False, key_padding_mask=pad_mask)[0]
+        x = x + block.ls_1(y)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def tokens_before_last(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x, gh, gw = self._embed(pixels)
+        for block in self.visual.transformer.resblocks[:-1]:
             x = block(x)
         return x, gh, gw
 
-    def forward(self, pixels: torch.Tensor, with_global: bool = False) -> DenseFeatures:
+    def _last_block(self, x: torch.Tensor, pad_mask: torch.Tensor | None, with_global: bool):
+        """Value-path patch features (N, L, D), keys (N, L, C) and the global embedding."""
         v = self.visual
-        x, gh, gw = self.tokens_before_last(pixels)
         block = v.transformer.resblocks[-1]
         attn: nn.MultiheadAttention = block.attn
         width = x.shape[-1]
-
         global_embedding = None
         if with_global:  # the ordinary last block, for the class-token embedding
-            global_embedding = v.ln_post(block(x)[:, 0]) @ v.proj
-
-        # value path for the patch tokens
+            global_embedding = v.ln_post(self._block(block, x, pad_mask)[:, 0]) @ v.proj
         y = block.ln_1(x[:, 1:])
         w_q, w_k, w_v = attn.in_proj_weight.split(width, dim=0)
         if attn.in_proj_bias is not None:
             b_q, b_k, b_v = attn.in_proj_bias.split(width, dim=0)
         else:
             b_k = b_v = None
-        keys = F.linear(y, w_k, b_k)
-        value = F.linear(y, w_v, b_v)
-        value = attn.out_proj(value)
+        keys = attn.out_proj(F.linear(y, w_k, b_k))
+        value = attn.out_proj(F.linear(y, w_v, b_v))
         tokens = x[:, 1:] + block.ls_1(value)
         tokens = tokens + block.ls_2(block.mlp(block.ln_2(tokens)))
-        tokens = v.ln_post(tokens) @ v.proj
+        return v.ln_post(tokens) @ v.proj, keys, global_embedding
+
+    def forward(self, pixels: torch.Tensor, with_global: bool = False) -> DenseFeatures:
+        x, gh, gw = self.tokens_before_last(pixels)
+        tokens, keys, global_embedding = self._last_block(x, None, with_global)
         feats = tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
         return DenseFeatures(features=feats, keys=keys, global_embedding=global_embedding)
+
+    def forward_list(self, images: list[torch.Tensor]) -> list[DenseFeatures]:
+        """Dense features of images of any sizes (each (3, h, w), multiples of the patch), one forward."""
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) == 1:
+            out = self(torch.stack(images))
+            return [DenseFeatures(out.features[i : i + 1], out.keys[i : i + 1]) for i in range(len(images))]
+        embedded = [self._embed(im[None]) for im in images]
+        length = max(e[0].shape[1] for e in embedded)
+        x = torch.cat([F.pad(e[0], (0, 0, 0, length - e[0].shape[1])) for e in embedded])
+        pad_mask = torch.ones(len(images), length, dtype=torch.bool, device=x.device)
+        for i, e in enumerate(embedded):
+            pad_mask[i, : e[0].shape[1]] = False
+        for block in self.visual.transformer.resblocks[:-1]:
+            x = self._block(block, x, pad_mask)
+        tokens, keys, _ = self._last_block(x, pad_mask, False)
+        out = []
+        for i, (_, gh, gw) in enumerate(embedded):
+            n = gh * gw
+            feats = tokens[i : i + 1, :n].transpose(1, 2).reshape(1, -1, gh, gw)
+            out.append(DenseFeatures(feats, keys[i : i + 1, :n]))
+        return out
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """The standard CLIP image embedding (at any input size)."""

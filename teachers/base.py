@@ -28,9 +28,7 @@ Life cycle (the label stage drives it, once per Ray actor):
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -40,11 +38,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from labelmill.models.common import WeightsError, config_hash, file_sha256  # noqa: F401  (public API)
 from labelmill.schemas.records import ImageRequest, Provenance, TeacherOutput
-
-
-class WeightsError(RuntimeError):
-    """Weights (or a tokenizer) a teacher needs are missing or unusable."""
 
 
 class TeacherConfig(BaseModel):
@@ -163,20 +158,6 @@ class Teacher(ABC):
 
     def config_hash(self) -> str:
         return config_hash(self.config.model_dump(mode="json"))
-
-
-def config_hash(obj: Any) -> str:
-    """Stable short hash of a JSON-able object."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------

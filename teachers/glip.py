@@ -29,7 +29,8 @@ from pydantic import Field
 
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
 from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig, WeightsError, file_sha256
-from labelmill.teachers.maskclip import VocabularyFile, _autocast_dtype
+from labelmill.models.common import autocast_dtype
+from labelmill.teachers.maskclip import VocabularyFile
 from labelmill.teachers.vocab import load_vocabulary
 
 OFFICIAL = "https://huggingface.co/GLIPModel/GLIP"
@@ -148,7 +149,7 @@ class GLIPTeacher(Teacher):
             max_detections_per_image=config.max_detections_per_image,
             max_batch_size=config.max_batch_size,
             canvas_sizes=config.canvas_sizes,
-            autocast_dtype=_autocast_dtype(config.precision, device),
+            autocast_dtype=autocast_dtype(config.precision, device),
         )
         self.vocab_prompts = None
         if config.mode == "vocabulary":

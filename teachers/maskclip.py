@@ -1,37 +1,42 @@
 """MaskCLIP: dense open-vocabulary masks from a frozen CLIP ViT.
 
-The image goes through open_clip's ViT; the patch tokens of the last block
-take the value path (no query/key attention, see
-:class:`labelmill.models.openclip.DenseCLIP`) and land in CLIP's joint space,
-where a prompt-ensemble text classifier scores every patch.  Two optional
-refinements from the paper:
+labelmill follows the published method (Zhou et al., ECCV 2022, and its
+mmseg implementation) by default:
 
-* **prompt denoising**: classes whose best patch probability in an image
-  (window) stays below ``prompt_denoising.threshold`` are removed;
-* **key smoothing**: a patch's class probabilities are replaced by the
-  average over patches with similar attention keys (cosine similarity,
-  negative similarities ignored, weights normalised), for patches whose top
-  probability is below ``key_smoothing.threshold`` (1.0 smooths every patch).
-  The reference code normalises keys over the token axis and uses raw
-  similarities; labelmill uses cosine similarity so the result stays a
-  probability distribution.
+* the image is resized keeping its aspect ratio (short side ``image_size``,
+  long side at most ``whole_max_long_side``), padded only to a multiple of
+  the patch size, and the positional embeddings are interpolated to its grid;
+* the patch tokens of the last block take the value path (no query/key
+  attention, see :class:`labelmill.models.openclip.DenseCLIP`) into CLIP's
+  joint space, where the prompt-ensemble text classifier gives every patch
+  the cosine similarity to every class: the head's output;
+* **prompt denoising**: classes whose best patch probability
+  (softmax of ``logit_scale`` x cosine) stays below the threshold get a
+  cosine of -100;
+* **key smoothing**: the probabilities of patches whose top probability is
+  below the threshold are replaced by ``W @ probs`` with ``W = K K^T``, where
+  the last block's keys ``K`` (after the attention output projection) are
+  L2-normalised over the positions;
+* the head's output is upsampled bilinearly to the resized image, then to
+  the original size, and the argmax over classes is the label;
+* ``slide`` mode runs windows of ``slide_crop`` every ``slide_stride`` pixels
+  over the resized image and averages their upsampled outputs in pixel space,
+  as mmseg's ``slide_inference`` does.
 
-Inference is either ``whole`` (the image letterboxed into one square of
-``image_size``) or ``slide`` (resized so its short side is
-``slide_short_side``, then square windows of ``slide_crop`` at
-``slide_stride``, probabilities averaged where windows overlap).
+The named options that differ from the reference (``key_smoothing.rule:
+cosine``, ``prompt_denoising.keep_all_if_none_pass``, ``candidate_topk``,
+``label_resolution``) are documented in the README's MaskCLIP section.
 
-:meth:`MaskCLIPTeacher.class_scores` returns the per-pixel class
-probabilities before any threshold, which MaskCLIP+ self-training and
-analysis use.  :meth:`predict` turns them into one mask per class present,
-each with a confidence (the mean probability of that class over its mask).
+Post-processing (upsampling, argmax, per-class areas, boxes and scores) runs
+as torch ops on the teacher's device; one device-to-host copy per batch
+brings back the label maps and per-class statistics, and only the RLE
+encoding runs on the CPU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +44,16 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from labelmill.models.openclip import DenseCLIP, encode_text_trimmed, load_clip
+from labelmill.models.common import autocast_dtype
+from labelmill.models.openclip import (
+    DenseCLIP,
+    DenseFeatures,
+    encode_text_trimmed,
+    fit_size,
+    load_clip,
+    pad_to_patch,
+    vit_input,
+)
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
 from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
@@ -49,6 +63,23 @@ class Refinement(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     threshold: float = Field(ge=0, le=1)
+
+
+class PromptDenoising(Refinement):
+    keep_all_if_none_pass: bool = Field(
+        default=True,
+        description="when every class of an image falls below the threshold, drop none (the reference "
+        "drops all, which leaves equal scores and labels every pixel with class 0)",
+    )
+
+
+class KeySmoothing(Refinement):
+    rule: Literal["reference", "cosine"] = Field(
+        default="reference",
+        description="reference: W = K K^T with keys L2-normalised over positions (MaskCLIP); cosine: "
+        "cosine similarity of keys, negatives clamped to 0, rows normalised to sum 1 (labelmill's earlier "
+        "rule: smoothed scores stay probability distributions)",
+    )
 
 
 class VocabularyFile(BaseModel):
@@ -64,15 +95,23 @@ class CLIPModelFields(TeacherConfig):
         default="openai", description="open_clip pretrained tag or a local checkpoint file"
     )
     arch_config: dict | None = Field(default=None, description="inline open_clip model config (custom archs)")
-    quick_gelu: bool | None = None
+    quick_gelu: bool | None = Field(
+        default=None,
+        description="QuickGELU (OpenAI-trained weights) or GELU; default: from the pretrained tag, or QuickGELU "
+        "for OpenAI-format local files; other local files must say",
+    )
     cache_dir: str | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     def preflight(self, allow_random_init: bool) -> None:
-        from labelmill.models.openclip import resolve_weights
+        from labelmill.models.openclip import resolve_quick_gelu, resolve_weights
 
         if self.arch_config is None and not self.model.startswith("hf-hub:"):
-            resolve_weights(self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir)
+            path, _, tag_cfg = resolve_weights(
+                self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir
+            )
+            if path is not None and not tag_cfg:
+                resolve_quick_gelu(self.model, path, self.quick_gelu)
         elif self.pretrained is None and not allow_random_init:
             name = "inline arch_config" if self.arch_config is not None else self.model
             resolve_weights(name, None, allow_random_init=False)
@@ -89,32 +128,43 @@ class CLIPModelFields(TeacherConfig):
 
 
 class MaskCLIPConfig(CLIPModelFields):
+    """MaskCLIP settings; the defaults are the paper's COCO-Stuff evaluation (ViT-B/16, whole mode at
+    short side 512, long side at most 2048, key smoothing 1.0, prompt denoising 0.5)."""
+
     type: Literal["maskclip"] = "maskclip"
     vocabulary: str | list[str] | VocabularyFile = "coco-stuff-171"
     background: list[str] = Field(default_factory=list, description="classes whose pixels give no mask")
     templates: str | list[str] = "maskclip85"
-    logit_scale: float | None = Field(default=None, gt=0, description="default: the model's own")
+    logit_scale: float | None = Field(default=None, gt=0, description="default: the model's own (100 for OpenAI)")
     mode: Literal["whole", "slide"] = "whole"
-    image_size: int = Field(default=224, ge=32, description="whole mode: side of the letterboxed square")
-    slide_short_side: int = Field(default=448, ge=32)
-    slide_max_long_side: int = Field(default=896, ge=32)
-    slide_crop: int = Field(default=224, ge=32)
-    slide_stride: int = Field(default=112, ge=16)
-    window_batch_size: int = Field(default=32, gt=0, description="windows per forward in slide mode")
-    key_smoothing: Refinement = Field(default_factory=lambda: Refinement(enabled=True, threshold=1.0))
-    prompt_denoising: Refinement = Field(default_factory=lambda: Refinement(enabled=True, threshold=0.5))
+    image_size: int = Field(
+        default=512, ge=32,
+        description="whole mode: short side of the resized image (paper: 512 COCO-Stuff, 520 PASCAL Context)",
+    )
+    whole_max_long_side: int = Field(default=2048, ge=32, description="whole mode: long side at most")
+    slide_short_side: int = Field(default=512, ge=32)
+    slide_max_long_side: int = Field(default=2048, ge=32)
+    slide_crop: int = Field(default=512, ge=32, description="slide mode: window side (mmseg COCO-Stuff: 512)")
+    slide_stride: int = Field(default=341, ge=1, description="slide mode: window step (mmseg COCO-Stuff: 341)")
+    window_batch_size: int = Field(default=32, gt=0, description="windows (or images) per forward")
+    key_smoothing: KeySmoothing = Field(default_factory=lambda: KeySmoothing(enabled=True, threshold=1.0))
+    prompt_denoising: PromptDenoising = Field(
+        default_factory=lambda: PromptDenoising(enabled=True, threshold=0.5)
+    )
     pixel_threshold: float = Field(default=0.0, ge=0, le=1, description="pixels below stay unlabelled")
     candidate_topk: int = Field(
-        default=3, ge=0, description="classes in the top-k of some patch are rasterised; 0 = all classes"
+        default=0, ge=0,
+        description="only classes in the top-k of some patch compete in the argmax (faster, approximate); 0 = all",
     )
     label_resolution: int = Field(
-        default=320, ge=0,
-        description="long side at which the label map is computed before nearest upsampling; 0 = original size",
+        default=0, ge=0,
+        description="long side at which the label map is computed before nearest upsampling (faster, "
+        "approximate); 0 = the original size, as the reference",
     )
 
     def image_request(self) -> ImageRequest:
         if self.mode == "whole":
-            return ImageRequest(short_side=self.image_size, max_long_side=self.image_size)
+            return ImageRequest(short_side=self.image_size, max_long_side=self.whole_max_long_side)
         return ImageRequest(short_side=self.slide_short_side, max_long_side=self.slide_max_long_side)
 
     @model_validator(mode="after")
@@ -125,29 +175,25 @@ class MaskCLIPConfig(CLIPModelFields):
 
 
 @dataclass
-class _Window:
-    image: int                 # index in the batch
-    pixels: torch.Tensor       # (3, c, c) normalised
-    valid: tuple[int, int]     # valid grid cells (rows, cols) inside the window
-    offset: tuple[int, int]    # window origin in the image's grid, in cells
-
-
-@dataclass
 class ScoreMap:
-    """Class probabilities of one image on the patch grid.
+    """The head's output for one image, before upsampling.
 
-    ``probs`` is (C, Gh, Gw).  Original pixel ``(y, x)`` sits at grid
-    coordinate ``((y + .5) * extent[0] / H - .5, (x + .5) * extent[1] / W - .5)``
-    where ``extent`` is the number of grid cells the image covers (it can
-    be fractional in letterboxed whole mode).
+    ``logits`` is (C, h, w): on the model's patch grid in whole mode, on the
+    resized image's pixels in slide mode (windows already averaged).  The
+    reference upsamples it bilinearly to ``work_hw`` (the resized image; in
+    whole mode the grid, padding included, is stretched over it, as mmseg
+    does) and then to the original size.  With key smoothing the values are
+    smoothed probabilities, without it cosine similarities.
     """
 
-    probs: torch.Tensor
-    extent: tuple[float, float]
+    logits: torch.Tensor
+    work_hw: tuple[int, int]
     orig_hw: tuple[int, int]
-    #: (D, Gh, Gw) value-path features in CLIP's joint space (not normalised), on the
-    #: same grid; a later teacher (ViLD dense mode) pools region embeddings from them.
+    #: whole mode: (D, Gh, Gw) value-path features in CLIP's joint space (not normalised);
+    #: a later teacher (ViLD dense mode) pools region embeddings from them.  None in slide mode.
     features: torch.Tensor | None = None
+    #: grid cells the image covers, (rh / patch, rw / patch): original pixel x sits at x * extent[1] / W
+    extent: tuple[float, float] | None = None
     #: ``weights@sha256`` of the CLIP that computed ``features``
     weights_id: str | None = None
 
@@ -167,10 +213,23 @@ def bilinear_weights(out_len: int, grid_len: int, extent: float, device) -> torc
 
 
 def resample(probs: torch.Tensor, extent: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resampling of (C, Gh, Gw) grid probabilities to (C, *size)."""
+    """Bilinear resampling of (C, Gh, Gw) grid values covering ``extent`` cells to (C, *size)."""
     ay = bilinear_weights(size[0], probs.shape[1], extent[0], probs.device)
     ax = bilinear_weights(size[1], probs.shape[2], extent[1], probs.device)
     return torch.einsum("yh,chw,xw->cyx", ay, probs.float(), ax)
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """mmseg's ``resize``: bilinear, ``align_corners=False``, of (C, h, w) to (C, *size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def slide_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Window origins along one side, as mmseg's ``slide_inference`` places them."""
+    n = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(n)]
 
 
 class CLIPTeacher(Teacher):
@@ -189,7 +248,7 @@ class CLIPTeacher(Teacher):
         pp = self.preprocess_cfg
         self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(3, 1, 1)
         self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(3, 1, 1)
-        self.autocast_dtype = _autocast_dtype(config.precision, device)
+        self.autocast_dtype = autocast_dtype(config.precision, device)
 
     def autocast(self):
         dtype = self.autocast_dtype
@@ -209,15 +268,15 @@ class MaskCLIPTeacher(CLIPTeacher):
     Config = MaskCLIPConfig
     type_name = "maskclip"
 
+    #: bound on the floats of one upsampled channel chunk in post-processing
+    CHUNK_ELEMENTS = 1 << 25
+
     def __init__(self, config: MaskCLIPConfig, device: torch.device, allow_random_init: bool = False):
         super().__init__(config, device, allow_random_init)
         import open_clip
 
         self.dense = DenseCLIP(self.clip).to(device)
         self.patch = int(self.dense.patch_size[0])
-        for name, size in (("slide_crop", config.slide_crop), ("slide_stride", config.slide_stride)):
-            if config.mode == "slide" and size % self.patch:
-                raise ValueError(f"maskclip.{name}={size} must be a multiple of the patch size {self.patch}")
         self.vocabulary = load_vocabulary(
             config.vocabulary.model_dump() if isinstance(config.vocabulary, VocabularyFile) else config.vocabulary
         )
@@ -239,226 +298,241 @@ class MaskCLIPTeacher(CLIPTeacher):
         scale = config.logit_scale or float(self.clip.logit_scale.exp().item())
         self.logit_scale = scale
 
-    # ------------------------------------------------------------- windows
-    def _normalise(self, img: torch.Tensor) -> torch.Tensor:
-        """uint8 (H, W, 3) -> float (3, H, W) normalised."""
-        x = img.permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std
+    # ----------------------------------------------------------------- head
+    def head(self, features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP's head with its refinements: (D, h, w) features, (h*w, C) keys -> (C, h, w)."""
+        cfg = self.config
+        d, gh, gw = features.shape
+        feats = F.normalize(features.float().flatten(1), dim=0)  # (D, L)
+        out = self.classifier.float() @ feats  # cosine similarities (C, L)
+        pd = cfg.prompt_denoising
+        if pd.enabled:
+            best = (out * self.logit_scale).softmax(dim=0).amax(dim=1)  # (C,)
+            drop = best < pd.threshold
+            if pd.keep_all_if_none_pass and bool(drop.all()):
+                drop = torch.zeros_like(drop)
+            out = out.masked_fill(drop[:, None], -100.0)
+        ks = cfg.key_smoothing
+        if ks.enabled:
+            probs = (out * self.logit_scale).softmax(dim=0)  # (C, L)
+            k = keys.float()
+            if ks.rule == "reference":
+                k = F.normalize(k, dim=0)  # over positions, as F.normalize(k, p=2) on [N, HW, C]
+                weight = k @ k.T
+            else:
+                k = F.normalize(k, dim=1)
+                weight = (k @ k.T).clamp_min(0)
+                weight = weight / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
+            smoothed = probs @ weight.T
+            unsure = probs.amax(dim=0, keepdim=True) < ks.threshold
+            out = torch.where(unsure, smoothed, probs)
+        return out.view(-1, gh, gw)
 
-    def _resize(self, img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """uint8 (H, W, 3) -> normalised (3, *size)."""
-        x = self._normalise(img)
-        if tuple(x.shape[1:]) != tuple(size):
-            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        return x
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class probabilities (C, ...) from head outputs (C, ...).
 
-    def _windows(self, batch: ImageBatch) -> tuple[list[_Window], list[tuple[int, int]], list[tuple[float, float]]]:
-        cfg, p = self.config, self.patch
-        windows: list[_Window] = []
-        grids: list[tuple[int, int]] = []
-        extents: list[tuple[float, float]] = []
-        for i in range(len(batch)):
-            img = batch.image(i)
-            h, w = img.shape[:2]
-            if cfg.mode == "whole":
-                side = cfg.image_size - cfg.image_size % p
-                scale = side / max(h, w)
-                rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
-                canvas = torch.zeros(3, side, side, device=img.device)
-                canvas[:, :rh, :rw] = self._resize(img, (rh, rw))
-                cells = (math.ceil(rh / p), math.ceil(rw / p))
-                windows.append(_Window(i, canvas, cells, (0, 0)))
-                grids.append((side // p, side // p))
-                extents.append((rh / p, rw / p))
-                continue
-            scale = min(cfg.slide_short_side / min(h, w), cfg.slide_max_long_side / max(h, w))
-            rh = max(p, round(h * scale / p) * p)
-            rw = max(p, round(w * scale / p) * p)
-            x = self._resize(img, (rh, rw))
-            crop = cfg.slide_crop
-            ph, pw = max(rh, crop), max(rw, crop)
-            if (ph, pw) != (rh, rw):
-                x = F.pad(x, (0, pw - rw, 0, ph - rh))  # zero = the mean colour after normalising
-            for y1 in _starts(ph, crop, cfg.slide_stride):
-                for x1 in _starts(pw, crop, cfg.slide_stride):
-                    valid = (min(crop, rh - y1) // p, min(crop, rw - x1) // p)
-                    if valid[0] <= 0 or valid[1] <= 0:
-                        continue
-                    windows.append(_Window(i, x[:, y1 : y1 + crop, x1 : x1 + crop], valid, (y1 // p, x1 // p)))
-            grids.append((ph // p, pw // p))
-            extents.append((rh / p, rw / p))
-        return windows, grids, extents
+        Without key smoothing the outputs are cosines: softmax of
+        ``logit_scale`` x cosine (CLIP's probabilities).  With it they are
+        smoothed probabilities, renormalised over classes (negatives as 0).
+        """
+        if not self.config.key_smoothing.enabled:
+            return (logits.float() * self.logit_scale).softmax(dim=0)
+        pos = logits.float().clamp_min(0)
+        return pos / pos.sum(dim=0, keepdim=True).clamp_min(1e-12)
 
     # --------------------------------------------------------------- scores
-    @torch.inference_mode()
-    def _window_probs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """(N, 3, c, c) -> (N, C, g, g) class probabilities after the refinements."""
-        return self._window_outputs(pixels, valid)[0]
+    def _inputs(self, batch: ImageBatch, i: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Resized, normalised image ``i`` (not padded) and its size."""
+        cfg = self.config
+        h, w = batch.orig_hw[i]
+        if cfg.mode == "whole":
+            size = fit_size(h, w, cfg.image_size, cfg.whole_max_long_side)
+        else:
+            size = fit_size(h, w, cfg.slide_short_side, cfg.slide_max_long_side)
+        return vit_input(batch.image(i), size, self.mean, self.std, 1), size
 
     @torch.inference_mode()
-    def _window_outputs(self, pixels: torch.Tensor, valid: Sequence[tuple[int, int]]):
-        """Class probabilities (N, C, g, g) and raw dense features (N, D, g, g) of windows."""
-        with self.autocast():
-            out = self.dense(pixels)
-        raw = out.features.float()
-        feats = F.normalize(raw, dim=1)
-        logits = torch.einsum("ndhw,cd->nchw", feats, self.classifier.float()) * self.logit_scale
-        n, c, gh, gw = logits.shape
-        cell_mask = torch.zeros(n, gh * gw, dtype=torch.bool, device=logits.device)
-        for j, (vh, vw) in enumerate(valid):
-            m = torch.zeros(gh, gw, dtype=torch.bool, device=logits.device)
-            m[:vh, :vw] = True
-            cell_mask[j] = m.flatten()
-        cfg = self.config
-        if cfg.prompt_denoising.enabled:
-            probs = logits.flatten(2).softmax(dim=1)
-            best = probs.masked_fill(~cell_mask[:, None], 0).amax(dim=2)  # (n, C)
-            drop = best < cfg.prompt_denoising.threshold
-            drop &= ~drop.all(dim=1, keepdim=True)  # never drop every class
-            logits = logits.masked_fill(drop[:, :, None, None], float("-inf"))
-        probs = logits.flatten(2).softmax(dim=1)  # (n, C, L)
-        if cfg.key_smoothing.enabled:
-            keys = F.normalize(out.keys.float(), dim=-1)  # (n, L, k)
-            sim = torch.bmm(keys, keys.transpose(1, 2)).clamp_min_(0)
-            sim = sim * cell_mask[:, None, :]  # padded cells never vote
-            sim = sim / sim.sum(dim=2, keepdim=True).clamp_min(1e-6)
-            smoothed = torch.bmm(probs, sim.transpose(1, 2))  # (n, C, L)
-            unsure = probs.amax(dim=1, keepdim=True) < cfg.key_smoothing.threshold
-            probs = torch.where(unsure, smoothed, probs)
-        return probs.view(n, c, gh, gw), raw
+    def _forward(self, images: list[torch.Tensor]) -> list[DenseFeatures]:
+        out: list[DenseFeatures] = []
+        step = self.config.window_batch_size
+        for start in range(0, len(images), step):
+            with self.autocast():
+                out += self.dense.forward_list([pad_to_patch(x, self.patch) for x in images[start : start + step]])
+        return out
 
     @torch.inference_mode()
     def score_maps(self, batch: ImageBatch) -> list[ScoreMap]:
-        """Class probabilities on the patch grid, one :class:`ScoreMap` per image."""
-        windows, grids, extents = self._windows(batch)
-        c, d = len(self.vocabulary), self.dense.embed_dim
-        sums = [torch.zeros(c, gh, gw, device=self.device) for gh, gw in grids]
-        feats = [torch.zeros(d, gh, gw, device=self.device) for gh, gw in grids]
-        counts = [torch.zeros(1, gh, gw, device=self.device) for gh, gw in grids]
-        step = self.config.window_batch_size if self.config.mode == "slide" else max(1, len(windows))
-        for start in range(0, len(windows), step):
-            chunk = windows[start : start + step]
-            probs, raw = self._window_outputs(torch.stack([w.pixels for w in chunk]), [w.valid for w in chunk])
-            for win, pr, fe in zip(chunk, probs, raw):
-                oy, ox = win.offset
-                gh, gw = pr.shape[1:]
-                sums[win.image][:, oy : oy + gh, ox : ox + gw] += pr
-                feats[win.image][:, oy : oy + gh, ox : ox + gw] += fe
-                counts[win.image][:, oy : oy + gh, ox : ox + gw] += 1
+        """The head's output for every image of the batch (see :class:`ScoreMap`)."""
+        cfg, p = self.config, self.patch
+        prepared = [self._inputs(batch, i) for i in range(len(batch))]
         maps = []
-        for i in range(len(batch)):
-            n = counts[i].clamp_min(1)
-            maps.append(ScoreMap(probs=sums[i] / n, extent=extents[i], orig_hw=tuple(batch.orig_hw[i]),
-                                 features=feats[i] / n, weights_id=self.weights_id))
+        if cfg.mode == "whole":
+            dense = self._forward([x for x, _ in prepared])
+            for i, ((_, (rh, rw)), df) in enumerate(zip(prepared, dense)):
+                maps.append(ScoreMap(
+                    logits=self.head(df.features[0], df.keys[0]), work_hw=(rh, rw), orig_hw=tuple(batch.orig_hw[i]),
+                    features=df.features[0].float(), extent=(rh / p, rw / p), weights_id=self.weights_id,
+                ))
+            return maps
+        crop, stride = cfg.slide_crop, cfg.slide_stride
+        windows: list[tuple[int, int, int, int, int]] = []  # image, y1, y2, x1, x2
+        for i, (x, (rh, rw)) in enumerate(prepared):
+            for y1 in slide_starts(rh, crop, stride):
+                for x1 in slide_starts(rw, crop, stride):
+                    windows.append((i, y1, min(y1 + crop, rh), x1, min(x1 + crop, rw)))
+        dense = self._forward([prepared[i][0][:, y1:y2, x1:x2] for i, y1, y2, x1, x2 in windows])
+        sums = [torch.zeros(len(self.vocabulary), rh, rw, device=self.device) for _, (rh, rw) in prepared]
+        counts = [torch.zeros(1, rh, rw, device=self.device) for _, (rh, rw) in prepared]
+        for (i, y1, y2, x1, x2), df in zip(windows, dense):
+            out = upsample(self.head(df.features[0], df.keys[0]), (y2 - y1, x2 - x1))
+            sums[i][:, y1:y2, x1:x2] += out
+            counts[i][:, y1:y2, x1:x2] += 1
+        for i, (_, hw) in enumerate(prepared):
+            maps.append(ScoreMap(logits=sums[i] / counts[i], work_hw=hw, orig_hw=tuple(batch.orig_hw[i])))
         return maps
 
-    def class_scores(self, batch: ImageBatch, size: Literal["grid", "original"] | tuple[int, int] = "original"):
-        """Per-pixel class probabilities before any threshold.
+    def seg_logits(self, sm: ScoreMap, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The head's output upsampled as the reference does: to the resized image, then to ``size``."""
+        return upsample(upsample(sm.logits, sm.work_hw), size or sm.orig_hw)
 
-        Returns one float tensor (C, H, W) per image, C = vocabulary size,
-        bilinearly resampled from the patch grid to the original image size
-        (``"original"``), to an explicit ``(H, W)``, or left on the patch grid
-        cropped to the image (``"grid"``).  Rows sum to 1 over classes.
+    def class_scores(self, batch: ImageBatch, size: Literal["grid", "original"] | tuple[int, int] = "original"):
+        """Per-pixel class probabilities before any threshold (see :meth:`confidence`).
+
+        One float tensor (C, H, W) per image, C = vocabulary size, at the
+        original image size (``"original"``), an explicit ``(H, W)``, or
+        the head's own resolution (``"grid"``).  The argmax over classes is
+        the label; rows sum to 1 over classes.
         """
         out = []
         for sm in self.score_maps(batch):
             if size == "grid":
-                out.append(sm.probs[:, : math.ceil(sm.extent[0]), : math.ceil(sm.extent[1])])
+                out.append(self.confidence(sm.logits))
             else:
                 target = sm.orig_hw if size == "original" else tuple(size)
-                out.append(resample(sm.probs, sm.extent, target))
+                out.append(self.confidence(self.seg_logits(sm, target)))
         return out
 
     # -------------------------------------------------------------- labels
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
         maps = self.score_maps(batch)
         outputs = []
-        for sm in maps:
-            out = TeacherOutput(labels=self._masks(sm))
+        for sm, labels in zip(maps, self.labels_from_maps(maps)):
+            out = TeacherOutput(labels=labels)
             out.extras["score_map"] = sm
             outputs.append(out)
         return outputs
 
-    def _candidates(self, probs: torch.Tensor, extent: tuple[float, float]) -> torch.Tensor:
-        gh, gw = math.ceil(extent[0]), math.ceil(extent[1])
-        valid = probs[:, :gh, :gw].flatten(1)
+    def _candidates(self, logits: torch.Tensor) -> torch.Tensor:
         k = self.config.candidate_topk
-        if k <= 0 or k >= valid.shape[0]:
-            present = valid.amax(dim=1) > 0
-        else:
-            top = valid.topk(k, dim=0).indices.flatten()
-            present = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
-            present[top] = True
-            present &= valid.amax(dim=1) > 0
+        c = logits.shape[0]
+        if k <= 0 or k >= c:
+            return torch.arange(c, device=logits.device)
+        top = logits.flatten(1).topk(k, dim=0).indices.flatten()
+        present = torch.zeros(c, dtype=torch.bool, device=logits.device)
+        present[top] = True
         return present.nonzero().flatten()
 
-    def _masks(self, sm: ScoreMap) -> list[Label]:
+    @torch.inference_mode()
+    def label_map(self, sm: ScoreMap) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device: (H, W) class index per pixel (C = unlabelled) and its probability."""
         cfg = self.config
         H, W = sm.orig_hw
         if cfg.label_resolution and max(H, W) > cfg.label_resolution:
-            s = cfg.label_resolution / max(H, W)
-            lh, lw = max(1, round(H * s)), max(1, round(W * s))
+            lh, lw = fit_size(H, W, cfg.label_resolution, cfg.label_resolution)
+            lh, lw = min(lh, H), min(lw, W)
         else:
             lh, lw = H, W
-        cand = self._candidates(sm.probs, sm.extent)
-        if cand.numel() == 0:
-            return []
-        probs = resample(sm.probs[cand], sm.extent, (lh, lw))  # (K, lh, lw)
-        best, arg = probs.max(dim=0)
+        cand = self._candidates(sm.logits)
+        work = sm.logits[cand]
+        c = len(self.vocabulary)
+        step = max(1, self.CHUNK_ELEMENTS // max(1, lh * lw))
+        best = arg = norm = None
+        for start in range(0, len(cand), step):
+            chunk = upsample(upsample(work[start : start + step], sm.work_hw), (lh, lw))
+            val, idx = chunk.max(dim=0)
+            idx = cand[idx + start]
+            if cfg.key_smoothing.enabled:  # confidence = clamp(x, 0) / sum clamp(x, 0): running sum
+                part = chunk.clamp_min(0).sum(dim=0)
+            else:  # confidence = softmax(scale x): running log-sum-exp
+                part = torch.logsumexp(chunk * self.logit_scale, dim=0)
+            if best is None:
+                best, arg, norm = val, idx, part
+            else:
+                better = val > best
+                best, arg = torch.where(better, val, best), torch.where(better, idx, arg)
+                norm = norm + part if cfg.key_smoothing.enabled else torch.logaddexp(norm, part)
+        if cfg.key_smoothing.enabled:
+            conf = best.clamp_min(0) / norm.clamp_min(1e-12)
+        else:
+            conf = torch.exp(best * self.logit_scale - norm)
         if cfg.pixel_threshold > 0:
-            arg = torch.where(best < cfg.pixel_threshold, len(cand), arg)  # K = "unlabelled"
-        arg_np = arg.to(torch.int32).flatten().cpu().numpy()
-        counts = np.bincount(arg_np, minlength=len(cand) + 1)
-        # a pixel's label is its argmax, so the mean probability of class k over
-        # its mask is the mean of the per-pixel maximum over those pixels
-        sums = np.bincount(arg_np, weights=best.flatten().cpu().numpy().astype(np.float64), minlength=len(cand) + 1)
-        present = [k for k in np.nonzero(counts[: len(cand)])[0] if int(cand[k]) not in self.background]
+            arg = torch.where(conf < cfg.pixel_threshold, c, arg)
+        if (lh, lw) != (H, W):  # nearest-neighbour upsampling to the original size
+            rows = ((torch.arange(H, device=arg.device) + 0.5) * lh / H).long()
+            cols = ((torch.arange(W, device=arg.device) + 0.5) * lw / W).long()
+            arg, conf = arg[rows][:, cols], conf[rows][:, cols]
+        return arg, conf
+
+    @torch.inference_mode()
+    def labels_from_maps(self, maps: list[ScoreMap]) -> list[list[Label]]:
+        """Masks of every image: label maps and per-class statistics on the device, one copy to the host,
+        RLE encoding on the CPU."""
+        c = len(self.vocabulary)
+        pieces, layout = [], []
+        for sm in maps:
+            arg, conf = self.label_map(sm)
+            H, W = arg.shape
+            flat = arg.flatten()
+            n = torch.bincount(flat, minlength=c + 1).double()
+            score = torch.zeros(c + 1, dtype=torch.float64, device=flat.device).index_add_(0, flat, conf.flatten().double())
+            pix = torch.arange(H * W, device=flat.device)
+            ys, xs = (pix // W).double(), (pix % W).double()
+            big = float(H * W + 1)
+            lo = torch.full((2, c + 1), big, dtype=torch.float64, device=flat.device)
+            hi = torch.full((2, c + 1), -1.0, dtype=torch.float64, device=flat.device)
+            lo[0].scatter_reduce_(0, flat, xs, "amin")
+            lo[1].scatter_reduce_(0, flat, ys, "amin")
+            hi[0].scatter_reduce_(0, flat, xs, "amax")
+            hi[1].scatter_reduce_(0, flat, ys, "amax")
+            stats = torch.stack([n, score, lo[0], lo[1], hi[0], hi[1]])  # (6, C+1)
+            pieces += [arg.to(torch.int16 if c < 32767 else torch.int32).flatten().view(torch.uint8),
+                       stats.flatten().view(torch.uint8)]
+            layout.append((H, W))
+        if not pieces:
+            return []
+        host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy of the batch
+        out, offset = [], 0
+        map_dtype = np.int16 if c < 32767 else np.int32
+        for H, W in layout:
+            nbytes = H * W * np.dtype(map_dtype).itemsize
+            label_map = host[offset : offset + nbytes].view(map_dtype).reshape(H, W)
+            offset += nbytes
+            stats = host[offset : offset + 6 * (c + 1) * 8].view(np.float64).reshape(6, c + 1)
+            offset += 6 * (c + 1) * 8
+            out.append(self._encode(label_map, stats))
+        return out
+
+    def _encode(self, label_map: np.ndarray, stats: np.ndarray) -> list[Label]:
+        """RLE masks (CPU) of the classes present in a label map, with device-computed statistics."""
+        c = len(self.vocabulary)
+        n, score, x0, y0, x1, y1 = stats
+        present = [k for k in np.nonzero(n[:c])[0] if int(k) not in self.background]
         if not present:
             return []
-        label_map = arg_np.reshape(lh, lw).astype(np.uint8 if len(cand) < 255 else np.uint16)
-        if (lh, lw) != (H, W):  # nearest-neighbour upsampling to the original size
-            rows = ((np.arange(H) + 0.5) * lh / H).astype(np.int64)
-            cols = ((np.arange(W) + 0.5) * lw / W).astype(np.int64)
-            label_map = np.take(np.take(label_map, rows, axis=0), cols, axis=1)
+        H, W = label_map.shape
         full = np.asfortranarray(label_map)  # masks derived from it stay column-major for RLE
-        cand_list = cand.tolist()
         labels = []
         for k in present:
-            class_id = cand_list[k]
             rle = mask_utils.encode((full == k).view(np.uint8))
-            area = float(mask_utils.area(rle))
-            if area <= 0:
-                continue
-            bbox = tuple(float(v) for v in mask_utils.toBbox(rle))
             labels.append(
                 Label(
                     kind="mask",
-                    score=float(sums[k] / counts[k]),
-                    bbox=bbox,
-                    class_name=self.vocabulary.names[class_id],
-                    class_id=class_id,
-                    area=area,
+                    score=float(score[k] / n[k]),
+                    bbox=(float(x0[k]), float(y0[k]), float(x1[k] - x0[k] + 1), float(y1[k] - y0[k] + 1)),
+                    class_name=self.vocabulary.names[int(k)],
+                    class_id=int(k),
+                    area=float(n[k]),
                     rle={"size": [int(H), int(W)], "counts": rle["counts"].decode("ascii")},
                 )
             )
         return labels
-
-
-def _starts(length: int, crop: int, stride: int) -> list[int]:
-    """Window origins covering ``length`` with windows of ``crop`` every ``stride``."""
-    n = max(length - crop + stride - 1, 0) // stride + 1
-    out = []
-    for i in range(n):
-        end = min(i * stride + crop, length)
-        out.append(max(end - crop, 0))
-    return sorted(set(out))
-
-
-def _autocast_dtype(precision: str, device: torch.device):
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -16,17 +16,24 @@ then merged by class-agnostic NMS and capped at ``max_regions`` (ViLD's
 
 Two ways to embed a proposal:
 
-``crop`` (ViLD / DetPro)
+``crop`` (ViLD)
     Each proposal is cut at every scale of ``crop_scales`` (1x and 1.5x
     around its centre, clipped to the image), resampled to the encoder's
     input size and embedded by ``encode_image``.  The per-scale embeddings
     are L2-normalised, summed and normalised again.  Crops are cut on the
     tensor side with RoIAlign (adaptive sampling, so shrinking averages like
-    an antialiased resize) and batched across the images of the batch.  With
-    ``crop_resize: center_crop`` (default) the crop is the central square of
-    the (clipped) box, which is exactly what open_clip's own preprocessing
-    (resize shortest side, centre crop) does to a PIL crop of the box;
-    ``stretch`` resizes the whole box to a square, as the ViLD paper words it.
+    an antialiased resize) and batched across the images of the batch.
+    ``crop_resize: stretch`` (default) resizes the whole box to the encoder's
+    square input, as the ViLD paper does; ``center_crop`` keeps only the
+    central square of the (clipped) box, which is what open_clip's own
+    preprocessing (resize shortest side, centre crop) does to a PIL crop of
+    the box (the DetPro / open_clip path).  Two documented deviations:
+    crops are resampled bilinearly (RoIAlign), where CLIP preprocesses with
+    bicubic (cosine 0.9999 between the two); and crops are cut from the
+    decoded working copy (short side ``work_short_side``, long side at most
+    ``work_max_long_side``), not from the original file, so in photos larger
+    than that small boxes carry less detail (raise ``work_short_side`` to
+    crop from a larger copy).
 
 ``dense``
     Not in the references: region embeddings are RoIAlign-pooled from
@@ -47,7 +54,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.ops import nms, roi_align
 
-from labelmill.models.openclip import DenseCLIP
+from labelmill.models.openclip import DenseCLIP, fit_size, vit_input
 from labelmill.schemas.records import ImageRequest, RegionSet, TeacherOutput
 from labelmill.teachers.base import ImageBatch, TeacherConfig
 from labelmill.teachers.maskclip import CLIPModelFields, CLIPTeacher, MaskCLIPConfig
@@ -97,7 +104,9 @@ class ViLDConfig(CLIPModelFields):
     min_box_size: float = Field(default=2.0, ge=0, description="px; thinner proposals are dropped")
     mode: Literal["crop", "dense"] = "crop"
     crop_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5], min_length=1)
-    crop_resize: Literal["center_crop", "stretch"] = "center_crop"
+    crop_resize: Literal["stretch", "center_crop"] = Field(
+        default="stretch", description="stretch: the whole box (ViLD); center_crop: its central square (DetPro)"
+    )
     crop_size: int | None = Field(default=None, ge=16, description="encoder input side; default the model's")
     crop_batch_size: int = Field(default=128, gt=0, description="crops per encoder forward")
     work_short_side: int = Field(default=800, ge=32, description="crop mode: decoded image size")
@@ -105,7 +114,8 @@ class ViLDConfig(CLIPModelFields):
     dense_features_from: str | None = Field(
         default=None, description="dense mode: an earlier MaskCLIP teacher with the same weights"
     )
-    dense_image_size: int = Field(default=448, ge=32, description="dense mode without MaskCLIP: square side")
+    dense_image_size: int = Field(default=512, ge=32, description="dense mode without MaskCLIP: short side")
+    dense_max_long_side: int = Field(default=2048, ge=32, description="dense mode without MaskCLIP: long side at most")
     dense_roi_size: int = Field(default=4, gt=0, description="RoIAlign bins per side before averaging")
 
     @model_validator(mode="after")
@@ -121,7 +131,7 @@ class ViLDConfig(CLIPModelFields):
             return ImageRequest(short_side=self.work_short_side, max_long_side=self.work_max_long_side)
         if self.dense_features_from is not None:  # pixels are not used: ask for nothing extra
             return ImageRequest(short_side=32, max_long_side=32)
-        return ImageRequest(short_side=self.dense_image_size, max_long_side=self.dense_image_size)
+        return ImageRequest(short_side=self.dense_image_size, max_long_side=self.dense_max_long_side)
 
     def check_upstream(self, earlier: dict[str, TeacherConfig]) -> None:
         for src in self.proposals:
@@ -136,6 +146,9 @@ class ViLDConfig(CLIPModelFields):
         other = earlier.get(name)
         if not isinstance(other, MaskCLIPConfig):
             raise ValueError(f"dense_features_from={name!r} must name a MaskCLIP teacher listed before this one")
+        if other.mode != "whole":
+            raise ValueError(f"dense_features_from={name!r}: that MaskCLIP teacher runs in {other.mode!r} mode; "
+                             "only whole mode keeps one feature map per image")
         fields = ("model", "pretrained", "arch_config", "quick_gelu")
         differ = [f for f in fields if getattr(other, f) != getattr(self, f)]
         if differ:
@@ -329,23 +342,24 @@ class ViLDEmbedder(CLIPTeacher):
     # ---------------------------------------------------------------- dense
     @torch.inference_mode()
     def dense_maps(self, batch: ImageBatch) -> list[tuple[torch.Tensor, tuple[float, float]]]:
-        """Own dense forward: (D, g, g) value-path features and the extent the image covers."""
+        """Own dense forward: (D, gh, gw) value-path features and the extent the image covers.
+
+        Images are resized exactly as MaskCLIP's whole mode does (short side
+        ``dense_image_size``, long side at most ``dense_max_long_side``,
+        padded to a patch multiple), with the same helper.
+        """
         assert self.dense is not None
+        cfg = self.config
         p = int(self.dense.patch_size[0])
-        side = self.config.dense_image_size - self.config.dense_image_size % p
-        canvas = torch.zeros(len(batch), 3, side, side, device=self.device)
-        extents = []
+        inputs, extents = [], []
         for i in range(len(batch)):
-            img = batch.image(i).permute(2, 0, 1)[None].float().div(255)
-            h, w = img.shape[-2:]
-            s = side / max(h, w)
-            rh, rw = max(1, round(h * s)), max(1, round(w * s))
-            img = F.interpolate(img, size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)
-            canvas[i, :, :rh, :rw] = ((img - self.mean) / self.std)[0]
+            h, w = batch.orig_hw[i]
+            rh, rw = fit_size(h, w, cfg.dense_image_size, cfg.dense_max_long_side)
+            inputs.append(vit_input(batch.image(i), (rh, rw), self.mean, self.std, p))
             extents.append((rh / p, rw / p))
         with self.autocast():
-            feats = self.dense(canvas).features.float()
-        return [(feats[i], extents[i]) for i in range(len(batch))]
+            dense = self.dense.forward_list(inputs)
+        return [(df.features[0].float(), ext) for df, ext in zip(dense, extents)]
 
     def _upstream_maps(self, batch: ImageBatch, upstream) -> list[tuple[torch.Tensor, tuple[float, float]]]:
         name = self.config.dense_features_from

@@ -58,6 +58,7 @@ def tiny_maskclip(**overrides) -> dict:
         "vocabulary": ["cat", "dog", "grass", "sky", "road"],
         "templates": "single",
         "image_size": 64,
+        "whole_max_long_side": 128,
         "logit_scale": 100.0,
     }
     section.update(overrides)

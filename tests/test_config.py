@@ -36,7 +36,7 @@ def test_valid_config_and_overrides():
         (lambda c: c.update(teachers=[{"type": "no.such.module:T"}]), "cannot import module"),
         (lambda c: c.update(teachers=[{"type": "labelmill.config:RunConfig"}]), "not a labelmill Teacher"),
         (lambda c: c.update(teachers=[tiny_maskclip(), tiny_maskclip()]), "must be unique"),
-        (lambda c: c["teachers"][0].update(slide_stride=500), "slide_stride"),
+        (lambda c: c["teachers"][0].update(slide_stride=600), "slide_stride"),
         (lambda c: c.update(output={}), "output.path"),
     ],
 )

@@ -120,3 +120,44 @@ def test_shape_mismatch_and_missing_file(tmp_path):
         load_glip_weights(other, path)
     with pytest.raises(FileNotFoundError, match="glip_tiny_model_o365_goldg.pth"):
         load_glip_weights(other, tmp_path / "nope.pth")
+
+
+def test_random_tensors_with_the_right_names_and_shapes_are_refused(tmp_path):
+    """Names and shapes alone are not enough: dtypes and the formula-given buffers are checked."""
+    own = GLIP(GLIPConfig.tiny()).state_dict()
+    g = torch.Generator().manual_seed(0)
+    noise = {to_checkpoint_key(k): torch.randn(v.shape, generator=g) for k, v in own.items()}
+    path = tmp_path / "noise.pth"
+    torch.save({"model": noise}, path)
+    with pytest.raises(CheckpointError, match="(?s)dtype mismatch.*relative_position_index"):
+        load_glip_weights(GLIP(GLIPConfig.tiny()), path)
+    # right dtypes, wrong deterministic values
+    forged = {to_checkpoint_key(k): (torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+              for k, v in own.items()}
+    index = next(k for k in forged if k.endswith("relative_position_index"))
+    forged[index] = forged[index].flip(0)
+    torch.save({"model": forged}, path)
+    with pytest.raises(CheckpointError, match="differ from their formulas.*relative_position_index"):
+        load_glip_weights(GLIP(GLIPConfig.tiny()), path)
+    forged[index] = own[to_model_key(index)]
+    anchor = next(k for k in forged if "cell_anchors" in k)
+    torch.save({"model": forged}, path)
+    with pytest.raises(CheckpointError, match="cell_anchors"):
+        load_glip_weights(GLIP(GLIPConfig.tiny()), path)
+    for k in forged:
+        if "cell_anchors" in k:
+            forged[k] = own[to_model_key(k)]
+    torch.save({"model": forged}, path)
+    assert load_glip_weights(GLIP(GLIPConfig.tiny()), path).clean  # only the learned weights are random
+
+
+def test_npz_with_object_arrays_gets_a_clear_error(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "weights.npz"
+    np.savez(path, a=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="object arrays"):
+        load_glip_weights(GLIP(GLIPConfig.tiny()), path)
+    ok = tmp_path / "numeric.npz"
+    np.savez(ok, **{to_checkpoint_key(k): v.numpy() for k, v in GLIP(GLIPConfig.tiny()).state_dict().items()})
+    assert load_glip_weights(GLIP(GLIPConfig.tiny()), ok).clean

@@ -102,6 +102,16 @@ def test_decompression_bomb_guard_checks_header_before_decoding():
     assert decode_image(data, BIG, max_pixels=200 * 300).orig_hw == (200, 300)
 
 
+def test_labelmills_pixel_limit_is_the_one_that_speaks(monkeypatch):
+    """PIL's own bomb limit must neither fire first nor refuse images below a raised labelmill limit."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses > 2000 px outright
+    data = encode(np.zeros((100, 100, 3), np.uint8), "PNG")
+    with pytest.raises(ImageDecodeError, match=r"10000 pixels > limit 5000 \(decompression-bomb guard, input.max_image_pixels\)"):
+        decode_image(data, BIG, max_pixels=5000)
+    assert decode_image(data, BIG, max_pixels=LIMIT).orig_hw == (100, 100)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's setting is left as it was
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from helpers import TINY_CLIP, photo
 from labelmill.models.openclip import DenseCLIP, encode_text_trimmed, load_clip
 from labelmill.teachers.base import ImageBatch, WeightsError
-from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher, _starts, resample
+from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher, resample, slide_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary
 
 VOCAB = ["cat", "dog", "grass", "sky", "road"]
@@ -57,6 +57,7 @@ def test_dense_value_path_matches_direct_computation():
         out = F.layer_norm(out, (64,), sd["ln_post.weight"], sd["ln_post.bias"]) @ sd["proj"]
         expected = out.transpose(1, 2).reshape(2, 32, 4, 4)
         keys = y @ sd[p + "attn.in_proj_weight"][64:128].T + sd[p + "attn.in_proj_bias"][64:128]
+        keys = keys @ sd[p + "attn.out_proj.weight"].T + sd[p + "attn.out_proj.bias"]  # as MaskCLIP's q, k, v
     assert torch.allclose(got.features, expected, atol=1e-5)
     assert torch.allclose(got.keys, keys, atol=1e-5)
     # the class-token path is open_clip's own image embedding
@@ -92,7 +93,7 @@ def test_local_checkpoint_is_loaded_and_hashed(tmp_path):
     model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True, seed=3)
     path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), path)
-    loaded, weights, _ = load_clip("x", str(path), arch_config=TINY_CLIP)
+    loaded, weights, _ = load_clip("x", str(path), arch_config=TINY_CLIP, quick_gelu=False)
     assert weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
@@ -125,11 +126,12 @@ def test_class_scores_are_distributions_at_original_size():
     for s in scores:
         assert torch.allclose(s.sum(0), torch.ones(1), atol=1e-4)
     grid = t.class_scores(b, size="grid")
-    assert grid[0].shape == (5, 3, 4)  # 48x64 letterboxed: 3 x 4 patches of 16
+    # 480x640 -> short side 64: 64 x 85, padded to 64 x 96: 4 x 6 patches of 16
+    assert grid[0].shape == (5, 4, 6)
 
 
 def test_masks_partition_the_argmax_of_the_scores():
-    t = teacher(key_smoothing={"enabled": False, "threshold": 1.0}, candidate_topk=0, label_resolution=0,
+    t = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
                 prompt_denoising={"enabled": False, "threshold": 0.5})
     b = batch_of(photo(64, 48, 5), orig=[(96, 128)])
     (out,) = t.predict(b, {})
@@ -155,42 +157,112 @@ def test_background_classes_produce_no_masks():
     assert out.labels == []
 
 
-def test_prompt_denoising_removes_weak_classes():
-    b = batch_of(photo(64, 64, 9))
-    plain = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
-                    prompt_denoising={"enabled": False, "threshold": 0.5})
-    (p,) = plain.class_scores(b, size="grid")
-    best = p.flatten(1).amax(1)
-    cut = float(best.sort().values[2])  # keep the top three classes
-    denoised = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
-                       prompt_denoising={"enabled": True, "threshold": cut})
-    (d,) = denoised.class_scores(b, size="grid")
-    dropped = best < cut
-    assert dropped.any()
-    assert torch.all(d[dropped] == 0)
-    assert torch.allclose(d.sum(0), torch.ones(1), atol=1e-5)
-
-
-def test_key_smoothing_averages_over_similar_keys():
-    t = teacher(key_smoothing={"enabled": True, "threshold": 1.0},
-                prompt_denoising={"enabled": False, "threshold": 0.5})
-    raw = teacher(key_smoothing={"enabled": False, "threshold": 1.0},
-                  prompt_denoising={"enabled": False, "threshold": 0.5})
-    x = torch.randn(1, 3, 64, 64)
-    smoothed = t._window_probs(x, [(4, 4)])[0].flatten(1)
-    plain = raw._window_probs(x, [(4, 4)])[0].flatten(1)
-    keys = F.normalize(t.dense(x).keys[0], dim=-1)
-    w = (keys @ keys.T).clamp_min(0)
-    w = w / w.sum(1, keepdim=True)
-    assert torch.allclose(smoothed, plain @ w.T, atol=1e-5)
-
-
 def test_slide_windows_cover_the_image():
-    assert _starts(100, 64, 32) == [0, 32, 36]
-    assert _starts(64, 64, 32) == [0]
+    assert slide_starts(100, 64, 32) == [0, 32, 36]
+    assert slide_starts(64, 64, 32) == [0]
+    assert slide_starts(40, 64, 32) == [0]  # smaller than the crop: one smaller window
     t = teacher(mode="slide", slide_short_side=80, slide_max_long_side=160, slide_crop=64, slide_stride=32)
     b = batch_of(photo(96, 64, 3), orig=[(300, 450)])
-    windows, grids, extents = t._windows(b)
-    assert len(windows) == 6  # 80 x 128 resized: rows start at 0, 16; columns at 0, 32, 64
+    (sm,) = t.score_maps(b)
+    assert sm.work_hw == (80, 120)  # no snapping of the sides to the patch size
     (s,) = t.class_scores(b)
     assert s.shape == (5, 300, 450) and torch.allclose(s.sum(0), torch.ones(1), atol=1e-4)
+
+
+def _activation(model):
+    return type(model.visual.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_openai_format_local_checkpoint_gets_quick_gelu(tmp_path):
+    """OpenAI's files carry input_resolution/context_length/vocab_size; they were trained with QuickGELU."""
+    ref, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True, quick_gelu=True, seed=5)
+    sd = dict(ref.state_dict())
+    sd.update(input_resolution=torch.tensor(64), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "openai-format.pt"
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, path)
+    loaded, _, _ = load_clip("x", str(path), arch_config=TINY_CLIP)
+    assert _activation(loaded) == "QuickGELU"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(x), ref.half().float().encode_image(x), atol=1e-4)
+
+
+def test_local_checkpoint_without_activation_is_refused(tmp_path):
+    model, _, _ = load_clip("x", None, arch_config=TINY_CLIP, allow_random_init=True)
+    path = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(WeightsError, match="quick_gelu: true for OpenAI"):
+        load_clip("x", str(path), arch_config=TINY_CLIP)
+    assert _activation(load_clip("x", str(path), arch_config=TINY_CLIP, quick_gelu=True)[0]) == "QuickGELU"
+    assert _activation(load_clip("x", str(path), arch_config=TINY_CLIP, quick_gelu=False)[0]) == "GELU"
+    # the check runs in the driver's preflight too, before Ray starts
+    cfg = MaskCLIPConfig(type="maskclip", model="ViT-B-16", pretrained=str(path))
+    with pytest.raises(WeightsError, match="quick_gelu"):
+        cfg.preflight(allow_random_init=False)
+
+
+def test_key_smoothing_cosine_rule_is_the_documented_option():
+    """key_smoothing.rule: cosine = cosine similarity of keys, negatives clamped, rows normalised."""
+    t = teacher(key_smoothing={"enabled": True, "threshold": 1.0, "rule": "cosine"},
+                prompt_denoising={"enabled": False, "threshold": 0.5})
+    x = torch.randn(1, 3, 64, 64)
+    out = t.dense(x)
+    got = t.head(out.features[0], out.keys[0]).flatten(1)
+    cos = t.classifier @ F.normalize(out.features[0].flatten(1), dim=0)
+    probs = (cos * 100).softmax(0)
+    k = F.normalize(out.keys[0], dim=-1)
+    w = (k @ k.T).clamp_min(0)
+    w = w / w.sum(1, keepdim=True)
+    assert torch.allclose(got, probs @ w.T, atol=1e-5)
+
+
+def _numpy_labels(t, scores: torch.Tensor, orig_hw, label_hw):
+    """The earlier CPU path: argmax and confidence to numpy, nearest upsampling, then pycocotools."""
+    c = len(VOCAB)
+    conf = scores.numpy()
+    arg = conf.argmax(0)
+    best = conf.max(0)
+    if t.config.pixel_threshold > 0:
+        arg = np.where(best < t.config.pixel_threshold, c, arg)
+    H, W = orig_hw
+    lh, lw = label_hw
+    if (lh, lw) != (H, W):
+        rows = ((np.arange(H) + 0.5) * lh / H).astype(np.int64)
+        cols = ((np.arange(W) + 0.5) * lw / W).astype(np.int64)
+        arg, best = arg[rows][:, cols], best[rows][:, cols]
+    full = np.asfortranarray(arg)
+    out = {}
+    for k in range(c):
+        m = full == k
+        if not m.any():
+            continue
+        rle = mask_utils.encode(m.view(np.uint8))
+        out[VOCAB[k]] = (rle["counts"].decode(), float(mask_utils.area(rle)),
+                         tuple(float(v) for v in mask_utils.toBbox(rle)), float(best[m].mean()))
+    return out
+
+
+@pytest.mark.parametrize("kw,label_hw", [
+    ({}, (96, 128)),
+    ({"pixel_threshold": 0.5, "key_smoothing": {"enabled": False, "threshold": 1.0}}, (96, 128)),
+    ({"label_resolution": 40}, (30, 40)),
+])
+def test_device_post_processing_equals_the_numpy_path(kw, label_hw, monkeypatch):
+    t = teacher(**kw)
+    b = batch_of(photo(64, 48, 5), photo(48, 64, 6), orig=[(96, 128), (128, 96)])
+    maps = t.score_maps(b)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
+    labels = t.labels_from_maps(maps)
+    monkeypatch.undo()
+    assert len(copies) == 1  # one device-to-host copy for the whole batch
+    hws = [label_hw, label_hw[::-1]]
+    for sm, labs, hw in zip(maps, labels, hws):
+        expected = _numpy_labels(t, t.confidence(t.seg_logits(sm, hw)), sm.orig_hw, hw)
+        got = {lab.class_name: (lab.rle["counts"], lab.area, lab.bbox, lab.score) for lab in labs}
+        assert got.keys() == expected.keys() and got
+        for name, (counts, area, bbox, score) in got.items():
+            e_counts, e_area, e_bbox, e_score = expected[name]
+            assert (counts, area, bbox) == (e_counts, e_area, e_bbox)
+            assert abs(score - e_score) < 1e-5

@@ -34,6 +34,20 @@ def test_samples_are_grouped_by_key(tmp_path):
     assert rows[1].caption == b"two" and rows[1].image_ext == "jpg" and '"seed"' in rows[1].meta
 
 
+def test_invalid_json_sidecars_are_kept_with_a_warning(tmp_path):
+    _, good = good_sample("a")
+    samples = [
+        ("ok", good),
+        ("broken", {**good, "json": b'{"seed": 1,'}),
+        ("listy", {**good, "json": b"[1, 2]"}),
+    ]
+    rows = {r.key: r for r in iter_shard(write_shard(str(tmp_path / "j.tar"), samples))}
+    assert rows["ok"].warnings == []
+    assert rows["broken"].meta == '{"seed": 1,' and rows["broken"].error is None
+    assert any("broken.json is not valid JSON" in w for w in rows["broken"].warnings)
+    assert any("listy.json is JSON but not an object" in w for w in rows["listy"].warnings)
+
+
 def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:

@@ -116,6 +116,9 @@ def test_config_checks_references_to_earlier_teachers(tmp_path):
     ok = load_config({**base, "teachers": [tiny_maskclip(), {**vild, "proposals": [{"teacher": "maskclip"}],
                                                              "mode": "dense", "dense_features_from": "maskclip"}]})
     assert ok.teachers[1].dense_features_from == "maskclip"
+    with pytest.raises(ValueError, match="only whole mode"):
+        load_config({**base, "teachers": [tiny_maskclip(mode="slide"),
+                                          {**vild, "mode": "dense", "dense_features_from": "maskclip"}]})
     other = {**TINY_CLIP, "embed_dim": 16}
     with pytest.raises(ValueError, match="other CLIP weights"):
         load_config({**base, "teachers": [tiny_maskclip(arch_config=other),
@@ -137,12 +140,13 @@ def _pil_reference(image: np.ndarray, box, size: int = 224):
 
 @pytest.mark.parametrize("scale", [1.0, 1.5])
 def test_crops_match_pil_crops_through_open_clip_preprocessing(scale):
+    """The documented crop_resize: center_crop option equals open_clip's eval transform of a PIL crop."""
     from skimage import data
 
     image = data.chelsea()  # 300 x 451 photo
     h, w = image.shape[:2]
     boxes = torch.tensor([[100.0, 50, 300, 250], [0, 0, 120, 60], [379, 200, 451, 300], [40, 120, 340, 172]])
-    e = embedder(arch_config=TINY_224, proposals=[{"meta_field": "p"}])
+    e = embedder(arch_config=TINY_224, proposals=[{"meta_field": "p"}], crop_resize="center_crop")
     crop_boxes = e.crop_boxes(boxes, h, w, scale)
     mine = e.cut_crops(torch.from_numpy(image), crop_boxes)
     mean, std = e.mean, e.std
@@ -159,6 +163,22 @@ def test_crops_match_pil_crops_through_open_clip_preprocessing(scale):
         ref_emb = F.normalize(e.clip.encode_image(ref), dim=-1)
     got = e.encode_crops(mine)
     assert (got * ref_emb).sum(1).min() > 0.98
+
+
+def test_default_crop_is_the_whole_box_resized_as_in_vild():
+    """ViLD resizes the whole (scaled) box to the encoder's input: the default crop_resize is stretch."""
+    from skimage import data
+
+    image = data.chelsea()
+    h, w = image.shape[:2]
+    boxes = torch.tensor([[100.0, 50, 300, 250], [0, 0, 120, 60], [40, 120, 340, 172]])
+    e = embedder(arch_config=TINY_224, proposals=[{"meta_field": "p"}])
+    assert e.config.crop_resize == "stretch"
+    mine = e.cut_crops(torch.from_numpy(image), e.crop_boxes(boxes, h, w, 1.0))
+    for j, box in enumerate(boxes.tolist()):
+        crop = Image.fromarray(image).crop(tuple(int(v) for v in box)).resize((224, 224), Image.BICUBIC)
+        diff = (mine[j] - torch.from_numpy(np.array(crop)).permute(2, 0, 1).float()).abs()
+        assert diff.mean() < 3.0, (j, diff.mean())  # bilinear RoIAlign vs bicubic (documented)
 
 
 def test_region_embedding_is_the_normalised_sum_of_its_scales():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,16 +61,33 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     return img
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(data: bytes) -> Image.Image:
+    """``Image.open`` (reads the header only) with PIL's own pixel limit off.
+
+    labelmill checks the size from the header itself, with
+    ``input.max_image_pixels`` and its own message; PIL's limit would
+    otherwise fire first (with another number and message) and refuse images
+    below a raised labelmill limit.  PIL reads its limit at open time, so it
+    is lifted for the open only, under a lock.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(data: bytes | None, request: ImageRequest, max_pixels: int) -> DecodedImage:
     """Decode ``data`` to RGB at the resolution ``request`` asks for (never enlarged)."""
     if not data:
         raise ImageDecodeError("empty image file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large: {exc}") from None
+        img = _open_header(data)
     except UnidentifiedImageError:
         raise ImageDecodeError(f"undecodable image: not a recognised format ({len(data)} bytes)") from None
     except Exception as exc:

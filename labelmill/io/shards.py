@@ -13,6 +13,7 @@ with its reason (see :class:`RawSample`), so that for every shard
 
 from __future__ import annotations
 
+import json
 import posixpath
 import tarfile
 from dataclasses import dataclass, field
@@ -327,6 +328,17 @@ def unsafe_key_reason(key: str) -> str | None:
     return None
 
 
+def json_sidecar_problem(text: str) -> str | None:
+    """Why a ``KEY.json`` sidecar is unusable (teachers read its fields), or None."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        return f"is not valid JSON ({exc})"
+    if not isinstance(value, dict):
+        return f"is JSON but not an object (a {type(value).__name__})"
+    return None
+
+
 class _Assembler:
     """Groups tar members into samples and applies the per-sample rules."""
 
@@ -367,6 +379,9 @@ class _Assembler:
         sample.caption = files.get("txt")
         if "json" in files:
             sample.meta = files["json"].decode("utf-8", errors="replace")
+            problem = json_sidecar_problem(sample.meta)
+            if problem:
+                sample.warnings.append(f"{key}.json {problem}; stored verbatim, its fields are not used")
         reason = unsafe_key_reason(key)
         if reason and sample.error is None:
             sample.error = reason

@@ -247,6 +247,7 @@ def text_embeddings_table(
     allow_random_init: bool = False,
     cache_dir: str | None = None,
     device: str = "cpu",
+    quick_gelu: bool | None = None,
 ) -> pa.Table:
     """One row per class: its L2-normalised prompt-ensemble CLIP text embedding.
 
@@ -260,7 +261,7 @@ def text_embeddings_table(
     from labelmill.models.openclip import encode_text_trimmed, load_clip, register_arch
     from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
 
-    clip, weights, _ = load_clip(model, pretrained, arch_config=arch_config,
+    clip, weights, _ = load_clip(model, pretrained, arch_config=arch_config, quick_gelu=quick_gelu,
                                  allow_random_init=allow_random_init, cache_dir=cache_dir)
     clip = clip.to(device).requires_grad_(False)
     arch = register_arch(arch_config) if arch_config is not None else model

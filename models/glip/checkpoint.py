@@ -81,6 +81,8 @@ def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
         from safetensors.torch import load_file
 
         return dict(load_file(str(path), device="cpu"))
+    if path.suffix in (".npz", ".npy"):
+        return _read_numpy(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as exc:
@@ -94,6 +96,61 @@ def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict")
     return dict(obj)
+
+
+def _read_numpy(path: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise CheckpointError(f"{path} holds one array, not a state dict (a .npz of named arrays is needed)")
+            return {k: torch.from_numpy(np.array(data[k])) for k in data.files}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise CheckpointError(
+                f"{path} holds object arrays (pickled Python objects), which labelmill never unpickles; "
+                "a GLIP .npz must hold plain numeric arrays, one per state-dict key"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable .npz state dict: {exc}") from None
+
+
+#: buffers computed from the architecture alone; a checkpoint's copy must equal the formula
+DETERMINISTIC_SUFFIXES = ("relative_position_index", "embeddings.position_ids")
+DETERMINISTIC_PREFIXES = ("rpn.anchor_generator.cell_anchors.",)
+#: anchors are float boxes on a half-pixel lattice; the tolerance absorbs float32 rounding only
+ANCHOR_ATOL = 1e-3
+
+
+def _check_values(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """dtypes must match the model's; deterministic buffers must equal their formulas."""
+    kinds = []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        mine = own[k]
+        if v.is_floating_point() != mine.is_floating_point() or (v.dtype == torch.bool) != (mine.dtype == torch.bool):
+            kinds.append(f"{k}: file {str(v.dtype).replace('torch.', '')} vs model "
+                         f"{str(mine.dtype).replace('torch.', '')}")
+    if kinds:
+        raise CheckpointError(
+            "dtype mismatch (not a GLIP checkpoint, or a corrupted one):\n  " + "\n  ".join(kinds[:20])
+        )
+    wrong = []
+    for k, v in state.items():
+        if k not in own or not (k.endswith(DETERMINISTIC_SUFFIXES) or k.startswith(DETERMINISTIC_PREFIXES)):
+            continue
+        mine = own[k]
+        same = (torch.equal(v.to(mine.dtype), mine) if not mine.is_floating_point()
+                else torch.allclose(v.float(), mine.float(), atol=ANCHOR_ATOL, rtol=0))
+        if not same:
+            wrong.append(k)
+    if wrong:
+        raise CheckpointError(
+            f"{len(wrong)} buffer(s) that follow from the architecture differ from their formulas "
+            f"(relative position indices, anchors, position ids): {wrong[:10]}. The file is not a GLIP "
+            "checkpoint of this architecture, or it is corrupted."
+        )
 
 
 def load_glip_weights(
@@ -130,6 +187,7 @@ def load_state_dict_mapped(model: nn.Module, raw: Mapping[str, torch.Tensor], *,
     ]
     if mismatched:
         raise CheckpointError("shape mismatch (wrong architecture config?):\n  " + "\n  ".join(mismatched[:20]))
+    _check_values(state, own)
     if strict and not report.clean:
         raise CheckpointError(
             f"checkpoint does not match the model: {len(report.missing)} missing keys "
