@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from ray.data.extensions import ArrowVariableShapedTensorArray
 
 from labelmill.io.images import ImageDecodeError, decode_caption, decode_image
-from labelmill.schemas.records import RowKind
+from labelmill.schemas.records import ImageRequest, RowKind
 from labelmill.schemas.tables import Col
 from labelmill.stages.base import Resources, Stage
-from labelmill.schemas.records import ImageRequest
 
 PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
 
+
+def read_captions(batch: pa.Table, warns: list[list[str]]) -> list[str | None]:
+    """Decoded captions of a batch's sample rows (None elsewhere); caption warnings go to ``warns``."""
+    kinds = batch.column(Col.KIND).to_pylist()
+    cap_bytes = batch.column(Col.CAPTION_BYTES).to_pylist()
+    captions: list[str | None] = []
+    for i, kind in enumerate(kinds):
+        caption = None
+        if kind == RowKind.SAMPLE.value:
+            caption, notes = decode_caption(cap_bytes[i])
+            warns[i].extend(notes)
+        captions.append(caption)
+    return captions
 
 
 def merge_requests(requests: list[ImageRequest]) -> ImageRequest:
@@ -50,13 +61,11 @@ class DecodeImages(Stage):
         errors = batch.column(Col.ERROR).to_pylist()
         warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
         blobs = batch.column(Col.IMAGE_BYTES).to_pylist()
-        cap_bytes = batch.column(Col.CAPTION_BYTES).to_pylist()
-        images, orig_h, orig_w, captions = [], [], [], []
+        captions = read_captions(batch, warns)
+        images, orig_h, orig_w = [], [], []
         for i, kind in enumerate(kinds):
-            pixels, hw, caption = PLACEHOLDER, (0, 0), None
+            pixels, hw = PLACEHOLDER, (0, 0)
             if kind == RowKind.SAMPLE.value:
-                caption, cap_notes = decode_caption(cap_bytes[i])
-                warns[i].extend(cap_notes)
                 if errors[i] is None:
                     try:
                         decoded = decode_image(blobs[i], self.request, self.max_pixels)
@@ -67,7 +76,8 @@ class DecodeImages(Stage):
             images.append(pixels)
             orig_h.append(hw[0])
             orig_w.append(hw[1])
-            captions.append(caption)
+        from ray.data.extensions import ArrowVariableShapedTensorArray  # Ray only where Ray runs this
+
         out = batch.drop_columns([c for c in self.drops if c in batch.column_names])
         out = out.set_column(out.schema.get_field_index(Col.ERROR), Col.ERROR, pa.array(errors, pa.string()))
         out = out.set_column(
