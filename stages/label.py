@@ -134,7 +134,7 @@ class LabelImages(Stage):
 
     def _prepare_here(self, rows: list[int], cols: dict, errors, warns) -> _Prepared:
         if self.decode == "actor":
-            images, hosts, keep = [], [], []
+            images, keep = [], []
             got = decode_batch([cols["blobs"][r] for r in rows], self.request, self.max_pixels, self.device)
             for r, item in zip(rows, got):
                 if isinstance(item, ImageDecodeError):
@@ -145,21 +145,22 @@ class LabelImages(Stage):
                 images.append(item.pixels)
                 keep.append(r)
             rows = keep
-            if self.device.type == "cpu":
-                hosts = [im.numpy() for im in images]
         else:
-            hosts = [cols["images"][r] for r in rows]
-            images = [torch.from_numpy(np.ascontiguousarray(im)) for im in hosts]
+            images = [cols["images"][r] for r in rows]
         if not rows:
             return _Prepared(rows, None, None)
         side = max(max(im.shape[0], im.shape[1]) for im in images)
-        on_device = images[0].device.type == "cuda"
-        canvas = torch.zeros(
-            (len(rows), side, side, 3), dtype=torch.uint8, device=images[0].device,
-            pin_memory=self.device.type == "cuda" and not on_device,
-        )
-        for j, im in enumerate(images):
-            canvas[j, : im.shape[0], : im.shape[1]] = im
+        hosts = None
+        if isinstance(images[0], np.ndarray):  # host pixels: fill a (pinned, on CUDA) canvas through numpy
+            hosts = images
+            canvas = torch.zeros((len(rows), side, side, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            view = canvas.numpy()
+            for j, im in enumerate(images):
+                view[j, : im.shape[0], : im.shape[1]] = im
+        else:  # decoded on the device
+            canvas = torch.zeros((len(rows), side, side, 3), dtype=torch.uint8, device=images[0].device)
+            for j, im in enumerate(images):
+                canvas[j, : im.shape[0], : im.shape[1]] = im
         batch = ImageBatch(
             canvas=canvas,
             work_hw=[(int(im.shape[0]), int(im.shape[1])) for im in images],
@@ -167,7 +168,7 @@ class LabelImages(Stage):
             captions=[cols["captions"][r] for r in rows],
             keys=[cols["keys"][r] for r in rows],
             metas=[meta_dict(cols["metas"][r]) for r in rows],
-            host=hosts or None,
+            host=hosts,
         )
         return _Prepared(rows, batch, DeviceTensor(canvas, self.device))
 

@@ -255,6 +255,7 @@ _BUILTIN = {
     "maskclip": "labelmill.teachers.maskclip:MaskCLIPTeacher",
     "glip": "labelmill.teachers.glip:GLIPTeacher",
     "vild": "labelmill.teachers.vild:ViLDEmbedder",
+    "null": "labelmill.teachers.null:NullTeacher",
 }
 
 

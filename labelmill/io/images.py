@@ -158,7 +158,8 @@ def nvjpeg_target(data: bytes, request: ImageRequest, max_pixels: int) -> tuple[
 def decode_batch(
     blobs: list[bytes | None], request: ImageRequest, max_pixels: int, device
 ) -> list[DecodedImage | ImageDecodeError]:
-    """Decode many images at once; pixels are (h, w, 3) uint8 tensors on ``device``.
+    """Decode many images at once: (h, w, 3) uint8 pixels, tensors on a CUDA ``device``,
+    numpy arrays (exactly :func:`decode_image`'s) on CPU.
 
     On CUDA, the JPEGs :func:`nvjpeg_target` accepts are decoded in one
     batched ``torchvision.io.decode_jpeg(device="cuda")`` call and resized on
@@ -192,8 +193,9 @@ def decode_batch(
         except ImageDecodeError as exc:
             out[i] = exc
             continue
-        pixels = torch.from_numpy(np.ascontiguousarray(got.pixels))
-        out[i] = DecodedImage(pixels=pixels.to(device), orig_hw=got.orig_hw, warnings=got.warnings)
+        if device.type == "cuda":
+            got.pixels = torch.from_numpy(np.array(got.pixels)).to(device)
+        out[i] = got
     return out  # type: ignore[return-value]
 
 
