@@ -180,7 +180,7 @@ class GLIPTeacher(Teacher):
 
     def torch_modules(self) -> list[torch.nn.Module]:
         model = self.predictor.model  # the predictor calls these, not GLIP.forward
-        return [model.backbone, model.language_backbone, model.rpn]
+        return [model.backbone, model.language_backbone, model.rpn.head]
 
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
         return self.predict_async(batch, upstream).result()
