@@ -72,6 +72,8 @@ class Settings:
         self.seconds = 1.0 if dry else 8.0  # time box of each steady-state measurement
         self.images = 16 if dry else 1024  # rows handed to the label actor per call (parts may change it)
         self.scale = "small" if dry else "real"
+        if dry:  # one thread: OpenMP spinning on a small shared CPU box distorts bare-forward timings
+            torch.set_num_threads(1)
 
     def clip(self, model: str) -> dict:
         return {"arch_config": SMALL_CLIP} if self.dry else {"model": model}
@@ -159,6 +161,16 @@ def autocast(s: Settings):
     return torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.device.type == "cuda")
 
 
+def in_autocast(s: Settings, call):
+    """``call`` as a bare-forward step: inference mode, bf16 autocast on CUDA."""
+
+    def step():
+        with torch.inference_mode(), autocast(s):
+            call()
+
+    return step
+
+
 def build(section: dict, s: Settings):
     from labelmill.teachers.base import build_teacher, validate_teacher_config
 
@@ -235,9 +247,7 @@ def part_maskclip(s: Settings, blobs) -> dict:
     b = s.batch(64)
     x = torch.randn(b, 3, 448, 448, device=s.device)
 
-    def fwd():
-        with torch.inference_mode(), autocast(s):
-            teacher.dense(x)
+    fwd = in_autocast(s, lambda: teacher.dense(x))
 
     return {"model": "ViT-B/16 @448 (random init)", "batch": b, "bare": bare(s, fwd, b),
             "pipeline": pipeline(s, [sec], b, blobs)}
@@ -265,9 +275,7 @@ def part_glip(s: Settings, blobs) -> dict:
     enc = encode_prompts(teacher.tokenizer, [prompt] * b, model.cfg.max_query_len, False)
     ids, mask = enc.input_ids.to(s.device), enc.attention_mask.to(s.device)
 
-    def fwd():
-        with torch.inference_mode(), autocast(s):
-            model(x, ids, mask)
+    fwd = in_autocast(s, lambda: model(x, ids, mask))
 
     return {"model": f"GLIP-T {h}x{w} canvas, 40-class prompt (random init)", "batch": b,
             "bare": bare(s, fwd, b), "pipeline": pipeline(s, [sec], b, blobs)}
@@ -290,9 +298,7 @@ def part_vild_dense(s: Settings, blobs) -> dict:
     teacher = build(sec, s)
     x = torch.randn(b, 3, 448, 448, device=s.device)
 
-    def fwd():
-        with torch.inference_mode(), autocast(s):
-            teacher.dense(x)
+    fwd = in_autocast(s, lambda: teacher.dense(x))
 
     return {"model": "ViT-B/16 dense @448, 16 boxes/img (random init)", "batch": b, "bare": bare(s, fwd, b),
             "pipeline": pipeline(s, [sec], b, blobs)}
@@ -306,9 +312,7 @@ def part_vild_crop(s: Settings, blobs) -> dict:
     crops = 32 * b if not s.dry else 8  # 16 boxes x 2 scales per image
     x = torch.randn(crops, 3, 224, 224, device=s.device)
 
-    def fwd():
-        with torch.inference_mode(), autocast(s):
-            teacher.clip.encode_image(x)
+    fwd = in_autocast(s, lambda: teacher.clip.encode_image(x))
 
     out = {"model": "ViT-B/16 @224 crops, 16 boxes x 2 scales/img (random init)", "batch": b}
     out["bare"] = bare(s, fwd, b)
@@ -323,9 +327,7 @@ def embed(s: Settings, blobs, model: str, batch: int) -> dict:
     teacher = build(sec, s)
     x = torch.randn(batch, 3, 224, 224, device=s.device)
 
-    def fwd():
-        with torch.inference_mode(), autocast(s):
-            teacher.clip.encode_image(x)
+    fwd = in_autocast(s, lambda: teacher.clip.encode_image(x))
 
     return {"model": f"{model} @224 image embedding (ViLD whole-image crop; random init)", "batch": batch,
             "bare": bare(s, fwd, batch), "pipeline": pipeline(s, [sec], batch, blobs)}
