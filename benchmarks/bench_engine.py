@@ -109,15 +109,27 @@ def in_process(cfg, shards: list[str], work: Path) -> dict:
     store = OutputStore(cfg.output.path, {}, cfg.output.compression)
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
     writer = CommitWriter(store, cfg.output.commit_every_shards, cfg.label_hash(), uuid.uuid4().hex, __version__)
+    parts = dict.fromkeys(("read", "decode", "label", "filter", "write"), 0.0)
+
+    def timed(name, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        parts[name] += time.perf_counter() - t
+        return out
+
     for url in shards:
-        for block in read.read_blocks(url):
-            writer.add(filt.process_batch(label.process_batch(decode.process_batch(block))))
-    writer.finish()
+        blocks = read.read_blocks(url)
+        while (block := timed("read", next, blocks, None)) is not None:
+            b = timed("decode", decode.process_batch, block)
+            b = timed("label", label.process_batch, b)
+            timed("write", writer.add, timed("filter", filt.process_batch, b))
+    timed("write", writer.finish)
     t_eng = time.perf_counter() - t0
     n_eng = writer.committed.samples
     assert n_dec == n_eng, (n_dec, n_eng)
     return {"decode_only_img_s": n_dec / t_dec, "engine_img_s": n_eng / t_eng,
-            "ratio": (n_eng / t_eng) / (n_dec / t_dec)}
+            "ratio": (n_eng / t_eng) / (n_dec / t_dec),
+            **{f"engine_{k}_ms_per_img": 1000 * v / n_eng for k, v in parts.items()}}
 
 
 def ceiling(args, work: Path, blobs: list[bytes]) -> dict:
