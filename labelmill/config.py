@@ -81,6 +81,12 @@ class RayConfig(_Strict):
     )
     read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of one read+decode task")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode: Literal["tasks", "actor"] = Field(
+        default="tasks",
+        description="where images are decoded: 'tasks' (Ray CPU tasks before the label actors; decoded "
+        "pixels travel through the object store) or 'actor' (raw bytes travel; the label actor decodes "
+        "each forward batch itself, with nvJPEG on a GPU and PIL for what nvJPEG cannot read)",
+    )
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "RayConfig":
@@ -155,7 +161,7 @@ class RunConfig(_Strict):
         """Hash of everything that decides the labels (not where they go or how fast)."""
         return config_hash(
             {
-                "teachers": [t.model_dump(mode="json") for t in self.teachers],
+                "teachers": [t.label_dump() for t in self.teachers],
                 "filter": self.filter.model_dump(mode="json"),
                 "max_image_pixels": self.input.max_image_pixels,
                 "allow_random_init": self.allow_random_init,

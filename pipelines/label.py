@@ -25,11 +25,14 @@ from labelmill.teachers.base import config_hash
 
 
 def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
+    request = merge_requests([t.image_request() for t in cfg.teachers])
+    in_actor = cfg.ray.decode == "actor"  # raw bytes go to the label actors, which decode (nvJPEG on GPU)
     return Pipeline("label", [
         ReadShards(cfg.input.storage_options, cfg.input.samples_per_block),
-        DecodeImages(merge_requests([t.image_request() for t in cfg.teachers]), cfg.input.max_image_pixels),
+        *([] if in_actor else [DecodeImages(request, cfg.input.max_image_pixels)]),
         LabelImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size,
-                    device=cfg.ray.device),
+                    device=cfg.ray.device, decode=cfg.ray.decode, request=request,
+                    max_pixels=cfg.input.max_image_pixels),
         FilterLabels(cfg.filter),
         WriteTables(cfg.output.path, cfg.output.storage_options, cfg.output.compression, cfg.label_hash(),
                     run_id, __version__),
@@ -51,7 +54,7 @@ def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     if cfg.allow_random_init:
         print(RANDOM_BANNER, file=stream)
     info = {"run_id": run_id, "config_hash": cfg.label_hash(),
-            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers}}
+            "teacher_hashes": {t.instance_name: config_hash(t.label_dump()) for t in cfg.teachers}}
     loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s.url: s.fingerprint for s in todo},
                       info=info)
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,

@@ -14,10 +14,20 @@ import pyarrow as pa
 
 from labelmill.io.images import ImageDecodeError, decode_caption, decode_image
 from labelmill.schemas.tables import Col
-from labelmill.stages.base import Resources, Stage
 from labelmill.schemas.records import ImageRequest
+from labelmill.stages.base import Resources, Stage
 
 PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+def read_captions(batch: pa.Table, warns: list[list[str]]) -> list[str | None]:
+    """Decoded captions of a batch's rows; caption warnings go to ``warns``."""
+    captions: list[str | None] = []
+    for i, raw in enumerate(batch.column(Col.CAPTION_BYTES).to_pylist()):
+        caption, notes = decode_caption(raw)
+        warns[i].extend(notes)
+        captions.append(caption)
+    return captions
 
 
 
@@ -50,12 +60,10 @@ class DecodeImages(Stage):
         errors = batch.column(Col.ERROR).to_pylist()
         warns = [w or [] for w in batch.column(Col.WARNINGS).to_pylist()]
         blobs = batch.column(Col.IMAGE_BYTES).to_pylist()
-        cap_bytes = batch.column(Col.CAPTION_BYTES).to_pylist()
-        images, orig_h, orig_w, captions = [], [], [], []
+        captions = read_captions(batch, warns)
+        images, orig_h, orig_w = [], [], []
         for i in range(batch.num_rows):
             pixels, hw = PLACEHOLDER, (0, 0)
-            caption, cap_notes = decode_caption(cap_bytes[i])
-            warns[i].extend(cap_notes)
             if errors[i] is None:
                 try:
                     decoded = decode_image(blobs[i], self.request, self.max_pixels)
@@ -66,7 +74,6 @@ class DecodeImages(Stage):
             images.append(pixels)
             orig_h.append(hw[0])
             orig_w.append(hw[1])
-            captions.append(caption)
         out = batch.drop_columns([c for c in self.drops if c in batch.column_names])
         out = out.set_column(out.schema.get_field_index(Col.ERROR), Col.ERROR, pa.array(errors, pa.string()))
         out = out.set_column(

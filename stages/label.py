@@ -2,24 +2,52 @@
 
 ``setup`` builds every teacher once per actor.  Each batch is cut into
 forward batches of ``batch_size`` images; the teachers run in config order
-on the same decoded pixels, each seeing the outputs of those before it.
-If a teacher raises on a forward batch, the images are retried one by one
-and only the ones that still fail get an error row; the run goes on.
+on the same decoded pixels, each seeing the outputs of those before it
+(a teacher's own ``batch_size`` cuts its share further).  If a teacher
+raises on a forward batch, the images are retried one by one and only the
+ones that still fail get an error row; the run goes on.
+
+Inside the actor the forward batches run as a three-step pipeline, so the
+device never waits on the actor's own CPU work::
+
+    prepare batch i+1            forward batch i              finish batch i-1
+    (decode if ray.decode=actor, (teachers' device work:      (wait for the results'
+     canvas, pinned memory,       forward, post-processing,    device-to-host copy,
+     host-to-device copy on a     one device-to-host copy      RLE, label rows)
+     copy stream)                 started per batch)
+
+Preparing and finishing run on one helper thread each; on CUDA the copies use
+their own streams (:mod:`labelmill.models.transfer`).  The same code runs on
+CPU, where the helper threads overlap decoding and encoding with the forward.
+Only the last teacher of the run finishes on the helper thread: the outputs
+of earlier ones may be read by the next teacher (``upstream``), so they
+finish at once.
+
+With ``decode="actor"`` the stage takes the reader's raw bytes and decodes
+each forward batch itself (:func:`labelmill.io.images.decode_batch`: nvJPEG
+on a GPU, PIL otherwise), instead of the decode tasks doing it before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from labelmill.schemas.records import TeacherOutput
+from labelmill.io.images import ImageDecodeError, decode_batch
+from labelmill.models.transfer import DeviceTensor, side_stream
+from labelmill.schemas.records import ImageRequest, TeacherOutput
 from labelmill.schemas.tables import LABEL_STRUCT, Col, label_to_struct, meta_dict, regions_array
 from labelmill.stages.base import Resources, Stage
-from labelmill.teachers.base import ImageBatch, Teacher, TeacherConfig, build_teacher
+from labelmill.stages.decode import read_captions
+from labelmill.teachers.base import ImageBatch, Pending, Teacher, TeacherConfig, build_teacher
 
 
 def pick_device(preference: str, gpus: float) -> torch.device:
@@ -30,6 +58,13 @@ def pick_device(preference: str, gpus: float) -> torch.device:
     if preference == "cuda":
         raise RuntimeError("ray.device=cuda but this worker sees no CUDA device")
     return torch.device("cpu")
+
+
+@dataclass
+class _Prepared:
+    rows: list[int]  # batch rows of the images in ``batch``
+    batch: ImageBatch | None
+    canvas: DeviceTensor | None
 
 
 class LabelImages(Stage):
@@ -50,7 +85,14 @@ class LabelImages(Stage):
         gpus: float = 0.0,
         torch_threads: int | None = None,
         device: str = "auto",
+        decode: str = "tasks",
+        request: ImageRequest | None = None,
+        max_pixels: int = 90_000_000,
     ):
+        if decode not in ("tasks", "actor"):
+            raise ValueError(f"decode must be 'tasks' or 'actor', not {decode!r}")
+        if decode == "actor" and request is None:
+            raise ValueError("decode='actor' needs the image request the teachers share")
         self.teacher_configs = teachers
         self.allow_random_init = allow_random_init
         self.batch_size = batch_size
@@ -58,7 +100,14 @@ class LabelImages(Stage):
         self.gpus = gpus
         self.torch_threads = torch_threads
         self.device_preference = device
+        self.decode = decode
+        self.request = request
+        self.max_pixels = max_pixels
         self.teachers: list[Teacher] = []
+        if decode == "actor":  # the decode stage's job moves in here
+            self.requires = (Col.ERROR, Col.WARNINGS, Col.IMAGE_BYTES, Col.CAPTION_BYTES, Col.META_JSON)
+            self.produces = (Col.CAPTION, Col.ORIG_H, Col.ORIG_W, *type(self).produces)
+            self.drops = (Col.IMAGE_BYTES, Col.IMAGE_EXT, Col.CAPTION_BYTES)
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus, gpus=self.gpus)
@@ -77,53 +126,97 @@ class LabelImages(Stage):
             os.environ["OMP_NUM_THREADS"] = str(self.torch_threads)
         self.device = pick_device(self.device_preference, self.gpus)
         self.teachers = [build_teacher(cfg, self.device, self.allow_random_init) for cfg in self.teacher_configs]
+        for teacher in self.teachers:
+            teacher.apply_gpu_options()
         self.provenance_json = json.dumps(
             {t.name: t.provenance().__dict__ for t in self.teachers}, sort_keys=True
         )
+        self._prepare_pool = ThreadPoolExecutor(1, thread_name_prefix="label-prepare")
+        self._finish_pool = ThreadPoolExecutor(1, thread_name_prefix="label-finish")
 
-    # ----------------------------------------------------------------- run
-    def _image_batch(self, rows: list[int], images, orig_h, orig_w, captions, keys, metas) -> ImageBatch:
-        side = max(max(images[r].shape[0], images[r].shape[1]) for r in rows)
-        canvas = torch.zeros((len(rows), side, side, 3), dtype=torch.uint8)
-        for j, r in enumerate(rows):
-            img = images[r]
-            canvas[j, : img.shape[0], : img.shape[1]] = torch.from_numpy(np.ascontiguousarray(img))
-        if self.device.type == "cuda":
-            canvas = canvas.pin_memory().to(self.device, non_blocking=True)
-        return ImageBatch(
+    # ------------------------------------------------------------- prepare
+    def _prepare(self, rows: list[int], cols: dict, errors, warns) -> _Prepared:
+        """Pixels of ``rows`` as an ImageBatch whose canvas is on its way to the device."""
+        on_cuda = self.device.type == "cuda"
+        with torch.cuda.stream(side_stream(self.device, "h2d")) if on_cuda else contextlib.nullcontext():
+            return self._prepare_here(rows, cols, errors, warns)
+
+    def _prepare_here(self, rows: list[int], cols: dict, errors, warns) -> _Prepared:
+        if self.decode == "actor":
+            images, keep = [], []
+            got = decode_batch([cols["blobs"][r] for r in rows], self.request, self.max_pixels, self.device)
+            for r, item in zip(rows, got):
+                if isinstance(item, ImageDecodeError):
+                    errors[r] = str(item)
+                    continue
+                cols["orig_h"][r], cols["orig_w"][r] = item.orig_hw
+                warns[r].extend(item.warnings)
+                images.append(item.pixels)
+                keep.append(r)
+            rows = keep
+        else:
+            images = [cols["images"][r] for r in rows]
+        if not rows:
+            return _Prepared(rows, None, None)
+        side = max(max(im.shape[0], im.shape[1]) for im in images)
+        hosts = None
+        if isinstance(images[0], np.ndarray):  # host pixels: fill a (pinned, on CUDA) canvas through numpy
+            hosts = images
+            canvas = torch.zeros((len(rows), side, side, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            view = canvas.numpy()
+            for j, im in enumerate(images):
+                view[j, : im.shape[0], : im.shape[1]] = im
+        else:  # decoded on the device
+            canvas = torch.zeros((len(rows), side, side, 3), dtype=torch.uint8, device=images[0].device)
+            for j, im in enumerate(images):
+                canvas[j, : im.shape[0], : im.shape[1]] = im
+        batch = ImageBatch(
             canvas=canvas,
-            work_hw=[(int(images[r].shape[0]), int(images[r].shape[1])) for r in rows],
-            orig_hw=[(int(orig_h[r]), int(orig_w[r])) for r in rows],
-            captions=[captions[r] for r in rows],
-            keys=[keys[r] for r in rows],
-            metas=[meta_dict(metas[r]) for r in rows],
+            work_hw=[(int(im.shape[0]), int(im.shape[1])) for im in images],
+            orig_hw=[(int(cols["orig_h"][r]), int(cols["orig_w"][r])) for r in rows],
+            captions=[cols["captions"][r] for r in rows],
+            keys=[cols["keys"][r] for r in rows],
+            metas=[meta_dict(cols["metas"][r]) for r in rows],
+            host=hosts,
         )
+        return _Prepared(rows, batch, DeviceTensor(canvas, self.device))
 
-    def _run_teacher(self, teacher: Teacher, batch: ImageBatch, upstream) -> tuple[list, list[str | None]]:
-        """Outputs per image (None where it failed) and per-image failure reasons."""
+    # ------------------------------------------------------------- teachers
+    def _run_teacher(self, teacher: Teacher, batch: ImageBatch, upstream, defer: bool):
+        """(Pending outputs, per-image failure reasons); ``defer`` lets the result wait on the host copy."""
         try:
             with torch.inference_mode():
-                outs = teacher.predict(batch, upstream)
-            if len(outs) != len(batch):
-                raise RuntimeError(f"returned {len(outs)} outputs for {len(batch)} images")
-            return list(outs), [None] * len(batch)
+                pending = teacher.predict_async(batch, upstream)
+            if not defer:
+                pending = Pending.ready(self._checked(teacher, batch, pending.result()))
+            return pending, [None] * len(batch)
         except Exception as exc:
-            if len(batch) == 1:
-                return [None], [f"teacher {teacher.name} failed: {traceback.format_exc(limit=2).strip()}"]
-            batch_failure = f"{type(exc).__name__}: {exc}"
-        # the batch failed: retry image by image; only images that fail alone become errors,
-        # and the ones that succeed say that their batch failed
+            return self._one_by_one(teacher, batch, upstream, exc)
+
+    def _checked(self, teacher: Teacher, batch: ImageBatch, outs) -> list:
+        if len(outs) != len(batch):
+            raise RuntimeError(f"teacher {teacher.name} returned {len(outs)} outputs for {len(batch)} images")
+        return list(outs)
+
+    def _one_by_one(self, teacher: Teacher, batch: ImageBatch, upstream, exc: Exception):
+        """The batch failed: retry image by image; only images that fail alone become errors."""
+        if len(batch) == 1:
+            reason = "".join(traceback.format_exception(exc, limit=2)).strip()
+            return Pending.ready([None]), [f"teacher {teacher.name} failed: {reason}"]
+        batch_failure = f"{type(exc).__name__}: {exc}"
         outs: list[TeacherOutput | None] = []
         errors: list[str | None] = []
         for i in range(len(batch)):
             one_up = {name: [vals[i]] for name, vals in upstream.items()}
-            o, e = self._run_teacher(teacher, batch.subset([i]), one_up)
+            pending, e = self._run_teacher(teacher, batch.subset([i]), one_up, defer=False)
+            o = pending.result()
             if o[0] is not None:
                 o[0].warnings.append(f"teacher {teacher.name}: batched forward failed ({batch_failure}); labelled alone")
             outs.extend(o)
             errors.extend(e)
-        return outs, errors
+        return Pending.ready(outs), errors
 
+    # ---------------------------------------------------------------- batch
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         errors = batch.column(Col.ERROR).to_pylist()
@@ -131,53 +224,103 @@ class LabelImages(Stage):
         todo = [i for i in range(n) if errors[i] is None]
         labels: list[list[dict]] = [[] for _ in range(n)]
         regions: list[list[tuple]] = [[] for _ in range(n)]
-        if todo:
-            images = batch.column(Col.IMAGE).combine_chunks().to_numpy()
-            orig_h = batch.column(Col.ORIG_H).to_pylist()
-            orig_w = batch.column(Col.ORIG_W).to_pylist()
-            captions = batch.column(Col.CAPTION).to_pylist()
-            keys = batch.column(Col.KEY).to_pylist()
-            metas = batch.column(Col.META_JSON).to_pylist()
-            for start in range(0, len(todo), self.batch_size):
-                rows = todo[start : start + self.batch_size]
-                ib = self._image_batch(rows, images, orig_h, orig_w, captions, keys, metas)
-                self._label(ib, rows, labels, regions, errors, warns)
-        out = batch.drop_columns([Col.IMAGE])
+        cols = {
+            "keys": batch.column(Col.KEY).to_pylist(),
+            "metas": batch.column(Col.META_JSON).to_pylist(),
+        }
+        if self.decode == "actor":
+            cols["captions"] = read_captions(batch, warns)
+            cols["blobs"] = batch.column(Col.IMAGE_BYTES).to_pylist()
+            cols["orig_h"], cols["orig_w"] = [0] * n, [0] * n
+        else:
+            cols["captions"] = batch.column(Col.CAPTION).to_pylist()
+            cols["orig_h"] = batch.column(Col.ORIG_H).to_pylist()
+            cols["orig_w"] = batch.column(Col.ORIG_W).to_pylist()
+            if todo:
+                cols["images"] = batch.column(Col.IMAGE).combine_chunks().to_numpy()
+        chunks = [todo[s : s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
+        self._pipeline(chunks, cols, labels, regions, errors, warns)
+
+        out = batch.drop_columns([c for c in self.drops if c in batch.column_names])
         out = out.set_column(out.schema.get_field_index(Col.ERROR), Col.ERROR, pa.array(errors, pa.string()))
         out = out.set_column(
             out.schema.get_field_index(Col.WARNINGS), Col.WARNINGS, pa.array(warns, pa.list_(pa.string()))
         )
+        if self.decode == "actor":
+            out = out.append_column(Col.CAPTION, pa.array(cols["captions"], pa.string()))
+            out = out.append_column(Col.ORIG_H, pa.array(cols["orig_h"], pa.int32()))
+            out = out.append_column(Col.ORIG_W, pa.array(cols["orig_w"], pa.int32()))
         out = out.append_column(Col.LABELS, pa.array(labels, pa.list_(LABEL_STRUCT)))
         out = out.append_column(Col.REGIONS, regions_array(regions))
         return out.append_column(Col.PROVENANCE, pa.array([self.provenance_json] * n, pa.string()))
 
-    def _label(self, ib: ImageBatch, rows: list[int], labels, regions, errors, warns) -> None:
+    def _pipeline(self, chunks: list[list[int]], cols, labels, regions, errors, warns) -> None:
+        """Prepare chunk i+1 and finish chunk i-1 on helper threads while chunk i runs."""
+        if not chunks:
+            return
+        prepared: Future = self._prepare_pool.submit(self._prepare, chunks[0], cols, errors, warns)
+        finishing: list[Future] = []
+        for k in range(len(chunks)):
+            prep = prepared.result()
+            if k + 1 < len(chunks):
+                prepared = self._prepare_pool.submit(self._prepare, chunks[k + 1], cols, errors, warns)
+            if prep.batch is None:
+                continue
+            prep.batch.canvas = prep.canvas.get()
+            finish = self._forward(prep.batch, prep.rows, errors, warns)
+            finishing.append(self._finish_pool.submit(finish, labels, regions, errors, warns))
+        for f in finishing:
+            f.result()
+
+    def _forward(self, ib: ImageBatch, rows: list[int], errors, warns):
+        """Run every teacher on one forward batch; returns the function that finishes it."""
         upstream: dict[str, list[TeacherOutput | None]] = {}
-        for teacher in self.teachers:
+        results: list[tuple[Teacher, list[tuple[list[int], Pending, list]]]] = []
+        for t, teacher in enumerate(self.teachers):
+            last = t == len(self.teachers) - 1
             idx = list(range(len(rows)))
             if teacher.needs_caption():
                 idx = [j for j in idx if ib.captions[j]]
                 for j in set(range(len(rows))) - set(idx):
                     warns[rows[j]].append(f"teacher {teacher.name} skipped: no caption")
-            sub = ib if len(idx) == len(rows) else ib.subset(idx)
-            sub_up = {k: [v[j] for j in idx] for k, v in upstream.items()}
-            outs = [None] * len(rows)
-            if idx:
-                got, errs = self._run_teacher(teacher, sub, sub_up)
-                for j, o, e in zip(idx, got, errs):
-                    outs[j] = o
-                    if e is not None and errors[rows[j]] is None:
-                        errors[rows[j]] = e
-            upstream[teacher.name] = outs
-            for j, out in enumerate(outs):
-                if out is None:
-                    continue
-                r = rows[j]
-                labels[r].extend(label_to_struct(lab, teacher.name) for lab in out.labels)
-                if out.regions is not None:
-                    regions[r].append((teacher.name, out.regions))
-                warns[r].extend(out.warnings)
-        for j, r in enumerate(rows):
-            if errors[r] is not None:  # a failed sample keeps no partial labels
-                labels[r] = []
-                regions[r] = []
+            size = teacher.config.batch_size or len(idx) or 1
+            parts = []
+            for s in range(0, len(idx), size):
+                part = idx[s : s + size]
+                sub = ib if len(part) == len(rows) else ib.subset(part)
+                sub_up = {k: [v[j] for j in part] for k, v in upstream.items()}
+                pending, errs = self._run_teacher(teacher, sub, sub_up, defer=last)
+                parts.append((part, pending, errs, sub, sub_up))
+            if not last:
+                outs: list[TeacherOutput | None] = [None] * len(rows)
+                for part, pending, errs, _, _ in parts:
+                    for j, o in zip(part, pending.result()):
+                        outs[j] = o
+                upstream[teacher.name] = outs
+            results.append((teacher, parts))
+
+        def finish(labels, regions, errors, warns) -> None:
+            for teacher, parts in results:
+                for part, pending, errs, sub, sub_up in parts:
+                    try:
+                        got = self._checked(teacher, sub, pending.result())
+                    except Exception as exc:  # failed on the host side: redo this part image by image
+                        with torch.inference_mode():
+                            again, errs = self._one_by_one(teacher, sub, sub_up, exc)
+                        got = again.result()
+                    for j, out, err in zip(part, got, errs):
+                        r = rows[j]
+                        if err is not None and errors[r] is None:
+                            errors[r] = err
+                        if out is None:
+                            continue
+                        labels[r].extend(label_to_struct(lab, teacher.name) for lab in out.labels)
+                        if out.regions is not None:
+                            regions[r].append((teacher.name, out.regions))
+                        warns[r].extend(out.warnings)
+            for r in rows:
+                if errors[r] is not None:  # a failed sample keeps no partial labels
+                    labels[r] = []
+                    regions[r] = []
+
+        return finish

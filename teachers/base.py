@@ -24,6 +24,21 @@ Life cycle (the label stage drives it, once per Ray actor):
    and masks in original-image pixels.  ``upstream`` holds the outputs of the
    teachers that ran before it on the same batch (the ViLD embedder uses
    GLIP's boxes this way).
+
+   A teacher that can finish on the host while the device already runs the
+   next batch overrides ``predict_async`` instead: it queues the forward and
+   the device-side post-processing, starts one device-to-host copy of the
+   results (:class:`labelmill.models.transfer.HostCopy`) and returns a
+   :class:`Pending` whose ``result()`` waits for that copy and builds the
+   outputs (RLE, label rows).  The label stage calls ``result()`` on another
+   thread, overlapped with the next forward.  ``predict`` must stay
+   equivalent to ``predict_async(...).result()``.
+
+Options every teacher accepts (:class:`TeacherConfig`): ``batch_size``
+(images per forward; the label stage cuts its batches to it),
+``channels_last`` and ``compile`` (see :meth:`Teacher.apply_gpu_options`).
+Precision is each teacher's own ``precision`` key where it has one
+(``auto`` = bf16 autocast on CUDA, fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +55,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labelmill.models.common import WeightsError, config_hash, file_sha256  # noqa: F401  (public API)
 from labelmill.schemas.records import ImageRequest, Provenance, TeacherOutput
+
+
+#: TeacherConfig keys that change speed, never labels: left out of config hashes
+PERFORMANCE_KEYS = frozenset({"batch_size", "channels_last", "compile"})
 
 
 class TeacherConfig(BaseModel):
@@ -51,6 +70,15 @@ class TeacherConfig(BaseModel):
     name: str | None = Field(
         default=None, description="instance name written with every label; defaults to the type"
     )
+    batch_size: int | None = Field(
+        default=None, gt=0, description="images per forward of this teacher; default: ray.batch_size"
+    )
+    channels_last: bool = Field(default=False, description="convert the teacher's networks to channels_last")
+    compile: bool = Field(default=False, description="torch.compile the teacher's networks (first batches slow)")
+
+    def label_dump(self) -> dict[str, Any]:
+        """The config as JSON data, without the speed-only keys (what label hashes cover)."""
+        return self.model_dump(mode="json", exclude=set(PERFORMANCE_KEYS))
 
     @property
     def instance_name(self) -> str:
@@ -90,6 +118,9 @@ class ImageBatch:
     captions: list[str | None]
     keys: list[str]
     metas: list[dict[str, Any]]
+    #: the same images as host uint8 (h, w, 3) arrays when the stage has them
+    #: (CPU decode); lets a teacher that preprocesses on the host skip a copy back
+    host: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -98,6 +129,12 @@ class ImageBatch:
         """Image ``i`` as a uint8 (H, W, 3) view of the canvas."""
         h, w = self.work_hw[i]
         return self.canvas[i, :h, :w]
+
+    def host_image(self, i: int) -> np.ndarray:
+        """Image ``i`` as a host uint8 (H, W, 3) array (copied back only if needed)."""
+        if self.host is not None:
+            return self.host[i]
+        return self.image(i).cpu().numpy()
 
     def subset(self, idx: Sequence[int]) -> "ImageBatch":
         idx = list(idx)
@@ -108,7 +145,22 @@ class ImageBatch:
             captions=[self.captions[i] for i in idx],
             keys=[self.keys[i] for i in idx],
             metas=[self.metas[i] for i in idx],
+            host=None if self.host is None else [self.host[i] for i in idx],
         )
+
+
+class Pending:
+    """Outputs of a batch that may still be on their way from the device."""
+
+    def __init__(self, finish: Callable[[], list[TeacherOutput]]):
+        self._finish = finish
+
+    @classmethod
+    def ready(cls, outputs: list[TeacherOutput]) -> "Pending":
+        return cls(lambda: outputs)
+
+    def result(self) -> list[TeacherOutput]:
+        return self._finish()
 
 
 class Teacher(ABC):
@@ -142,6 +194,22 @@ class Teacher(ABC):
     ) -> list[TeacherOutput]:
         """Label every image of ``batch``; one output per image, in order."""
 
+    def predict_async(self, batch: ImageBatch, upstream: dict[str, list[TeacherOutput]]) -> Pending:
+        """Queue the batch's device work; the returned :class:`Pending` finishes on the host."""
+        return Pending.ready(self.predict(batch, upstream))
+
+    def torch_modules(self) -> list[torch.nn.Module]:
+        """The networks ``channels_last``/``compile`` apply to: by default the module attributes."""
+        return [v for v in vars(self).values() if isinstance(v, torch.nn.Module)]
+
+    def apply_gpu_options(self) -> None:
+        """Apply the config's ``channels_last`` and ``compile`` to :meth:`torch_modules`."""
+        for module in self.torch_modules():
+            if self.config.channels_last:
+                module.to(memory_format=torch.channels_last)
+            if self.config.compile:
+                module.compile(dynamic=None)
+
     def clip_provenance(self, weights: str, sha256: str) -> Provenance:
         """Provenance of a teacher whose weights are one file (or random init)."""
         return Provenance(
@@ -157,7 +225,7 @@ class Teacher(ABC):
         return False
 
     def config_hash(self) -> str:
-        return config_hash(self.config.model_dump(mode="json"))
+        return config_hash(self.config.label_dump())
 
 
 # --------------------------------------------------------------------------
@@ -168,6 +236,7 @@ _BUILTIN = {
     "maskclip": "labelmill.teachers.maskclip:MaskCLIPTeacher",
     "glip": "labelmill.teachers.glip:GLIPTeacher",
     "vild": "labelmill.teachers.vild:ViLDEmbedder",
+    "null": "labelmill.teachers.null:NullTeacher",
 }
 
 

@@ -28,8 +28,16 @@ import torch
 from pydantic import Field
 
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
-from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig, WeightsError, file_sha256
 from labelmill.models.common import autocast_dtype
+from labelmill.teachers.base import (
+    ImageBatch,
+    ImageRequest,
+    Pending,
+    Teacher,
+    TeacherConfig,
+    WeightsError,
+    file_sha256,
+)
 from labelmill.teachers.maskclip import VocabularyFile
 from labelmill.teachers.vocab import load_vocabulary
 
@@ -171,8 +179,16 @@ class GLIPTeacher(Teacher):
 
         return [caption_prompt(c) for c in captions]
 
+    def torch_modules(self) -> list[torch.nn.Module]:
+        model = self.predictor.model  # the predictor calls these, not GLIP.forward
+        return [model.backbone, model.language_backbone, model.rpn.head]
+
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
-        images = [batch.image(i).cpu().numpy() for i in range(len(batch))]
+        return self.predict_async(batch, upstream).result()
+
+    def predict_async(self, batch: ImageBatch, upstream) -> Pending:
+        """Forward and device post-processing now; the labels once the one host copy lands."""
+        images = [batch.host_image(i) for i in range(len(batch))]
         if self.vocab_prompts is not None:
             prompts = [self.vocab_prompts] * len(batch)
         else:
@@ -185,11 +201,16 @@ class GLIPTeacher(Teacher):
                 outputs[i] = TeacherOutput(warnings=[f"teacher {self.name}: caption has no noun phrase"])
             else:
                 runnable.append(i)
-        if runnable:
-            dets = self.predictor.predict([images[i] for i in runnable], [prompts[i] for i in runnable])
-            for i, det in zip(runnable, dets):
+        if not runnable:
+            return Pending.ready(outputs)
+        waiting = self.predictor.predict_async([images[i] for i in runnable], [prompts[i] for i in runnable])
+
+        def finish() -> list[TeacherOutput]:
+            for i, det in zip(runnable, waiting()):
                 outputs[i] = TeacherOutput(labels=self._labels(det, prompts[i], batch.work_hw[i], batch.orig_hw[i]))
-        return outputs
+            return outputs
+
+        return Pending(finish)
 
     def _labels(self, det, prompt, work_hw, orig_hw) -> list[Label]:
         oh, ow = orig_hw

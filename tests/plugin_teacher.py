@@ -63,3 +63,38 @@ class GroundTruthTeacher(Teacher):
                                                                            "counts": rle["counts"]}))
             outs.append(TeacherOutput(labels=labels))
         return outs
+
+
+class ProbeConfig(TeacherConfig):
+    """Reports what the label stage handed it: a digest of each image's pixels."""
+
+    short_side: int = 64
+    max_long_side: int = 128
+    fail_on_key: str | None = None
+
+    def image_request(self) -> ImageRequest:
+        return ImageRequest(short_side=self.short_side, max_long_side=self.max_long_side)
+
+
+class ProbeTeacher(Teacher):
+    """One box per image whose class name is the sha1 of its working pixels (host or device)."""
+
+    Config = ProbeConfig
+
+    def provenance(self) -> Provenance:
+        return Provenance(self.name, self.config.type, "probe", "0" * 64, self.config_hash())
+
+    def predict(self, batch, upstream):
+        import hashlib
+
+        outs = []
+        for i, key in enumerate(batch.keys):
+            if key == self.config.fail_on_key:
+                raise RuntimeError(f"cannot label {key}")
+            pixels = batch.image(i).cpu().numpy()
+            digest = hashlib.sha1(pixels.tobytes()).hexdigest()
+            h, w = batch.work_hw[i]
+            oh, ow = batch.orig_hw[i]
+            outs.append(TeacherOutput(labels=[Label(kind="box", score=1.0, bbox=(0.0, 0.0, float(w), float(h)),
+                                                    class_name=digest, area=float(oh * ow))]))
+        return outs

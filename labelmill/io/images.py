@@ -144,3 +144,104 @@ def decode_caption(data: bytes | None) -> tuple[str | None, list[str]]:
     except UnicodeDecodeError as exc:
         text = data.decode("utf-8", errors="replace").strip()
         return text, [f"caption is not valid UTF-8 (byte {exc.start}); undecodable bytes replaced by U+FFFD"]
+
+
+# --------------------------------------------------------------------------
+# Batched decode on a CUDA device (nvJPEG through torchvision)
+# --------------------------------------------------------------------------
+
+_NVJPEG_MODES = ("RGB", "L")
+
+
+def nvjpeg_target(data: bytes, request: ImageRequest, max_pixels: int) -> tuple[int, int, int, int] | None:
+    """(orig_h, orig_w, work_h, work_w) if nvJPEG can decode ``data`` to what :func:`decode_image`
+    would give; None when the image needs the CPU path (not a baseline RGB/grey JPEG, EXIF
+    rotation, too large, unreadable header: the CPU path then reports the reason)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format != "JPEG" or img.mode not in _NVJPEG_MODES or img.info.get("progressive"):
+            return None
+        width, height = img.size
+        if width <= 0 or height <= 0 or width * height > max_pixels:
+            return None
+        if int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1) != 1:
+            return None
+    except Exception:
+        return None
+    scale = min(1.0, request.scale_for(height, width))
+    return height, width, max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def decode_batch(
+    blobs: list[bytes | None], request: ImageRequest, max_pixels: int, device
+) -> list[DecodedImage | ImageDecodeError]:
+    """Decode many images at once: (h, w, 3) uint8 pixels, tensors on a CUDA ``device``,
+    numpy arrays (exactly :func:`decode_image`'s) on CPU.
+
+    On CUDA, the JPEGs :func:`nvjpeg_target` accepts are decoded in one
+    batched ``torchvision.io.decode_jpeg(device="cuda")`` call and resized on
+    the GPU (bilinear, antialiased: close to, not bit-equal with, PIL's
+    draft + bilinear resize); every other image takes :func:`decode_image`
+    and is copied to the device.  On CPU every image takes
+    :func:`decode_image`, so pixels equal the decode tasks' exactly.
+    """
+    import torch
+
+    device = torch.device(device)
+    out: list[DecodedImage | ImageDecodeError | None] = [None] * len(blobs)
+    gpu_idx, targets = [], []
+    if device.type == "cuda":
+        for i, data in enumerate(blobs):
+            target = nvjpeg_target(data, request, max_pixels) if data else None
+            if target is not None:
+                gpu_idx.append(i)
+                targets.append(target)
+    if gpu_idx:
+        decoded = _nvjpeg(blobs, gpu_idx, device)
+        for i, target, pixels in zip(gpu_idx, targets, decoded):
+            if pixels is None:
+                continue  # nvJPEG refused it: the CPU path decides
+            out[i] = DecodedImage(pixels=_resize_chw(pixels, target[2], target[3]), orig_hw=(target[0], target[1]))
+    for i, data in enumerate(blobs):
+        if out[i] is not None:
+            continue
+        try:
+            got = decode_image(data, request, max_pixels)
+        except ImageDecodeError as exc:
+            out[i] = exc
+            continue
+        if device.type == "cuda":
+            got.pixels = torch.from_numpy(np.array(got.pixels)).to(device)
+        out[i] = got
+    return out  # type: ignore[return-value]
+
+
+def _nvjpeg(blobs, idx: list[int], device) -> list:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in idx]
+    try:
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except Exception:  # one bad file fails the batched call: retry one by one
+        pass
+    out = []
+    for data in datas:
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except Exception:
+            out.append(None)
+    return out
+
+
+def _resize_chw(pixels, height: int, width: int):
+    """(3, H, W) uint8 -> (height, width, 3) uint8, bilinear with antialiasing."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(pixels.shape[1:]) != (height, width):
+        resized = F.interpolate(
+            pixels[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )[0]
+        pixels = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return pixels.permute(1, 2, 0).contiguous()

@@ -35,13 +35,15 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
 
+from labelmill.models.transfer import HostCopy
+
 from .model import GLIP
-from .postprocess import RawDetections, select_detections
+from .postprocess import RawDetections, merge_and_pack, select_batch
 from .preprocess import PreparedImage, choose_canvas, pad_to, padded_size, prepare_image
 from .text import Prompt, encode_prompts, vocabulary_prompts
 
@@ -148,6 +150,10 @@ class GLIPPredictor:
     # --------------------------------------------------------------- inference
     def predict(self, images: Sequence, prompts: Sequence[PromptLike]) -> list[Detections]:
         """Detect the phrases of ``prompts[i]`` in ``images[i]`` for every i."""
+        return self.predict_async(images, prompts)()
+
+    def predict_async(self, images: Sequence, prompts: Sequence[PromptLike]) -> Callable[[], list[Detections]]:
+        """Queue the work of :meth:`predict`; calling the result waits for the one host copy."""
         if len(images) != len(prompts):
             raise ValueError("need exactly one prompt (or list of prompt chunks) per image")
         chunks = [[p] if isinstance(p, Prompt) else list(p) for p in prompts]
@@ -163,7 +169,7 @@ class GLIPPredictor:
             for shape, members in groups.items():
                 for image_batch in _batches(members, self.max_batch_size):
                     self._run_images(shape, image_batch, prepared, chunks, raw)
-        return [self._merge(prepared[i], chunks[i], [raw[(i, j)] for j in range(len(chunks[i]))]) for i in range(len(images))]
+            return self._merge_all(prepared, chunks, raw)
 
     def predict_vocabulary(self, images: Sequence, class_names: Sequence[str], **prompt_kwargs) -> list[Detections]:
         """Detect a class list in every image; ``phrase_indices`` index ``class_names``."""
@@ -171,7 +177,11 @@ class GLIPPredictor:
         return self.predict(images, [prompt_chunks] * len(images))
 
     def _run_images(self, shape, image_batch, prepared, chunks, raw) -> None:
-        pixels = pad_to([prepared[i].tensor for i in image_batch], shape).to(self.device)
+        pixels = pad_to([prepared[i].tensor for i in image_batch], shape)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        else:
+            pixels = pixels.to(self.device)
         features = self.model.encode_images(pixels)
         jobs = [(pos, i, j) for pos, i in enumerate(image_batch) for j in range(len(chunks[i]))]
         for job_batch in _batches(jobs, self.max_batch_size):
@@ -190,36 +200,47 @@ class GLIPPredictor:
             out = self.model.predict_from_features(
                 job_features, encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
             )
-            for b, (_, i, j) in enumerate(job_batch):
-                raw[(i, j)] = select_detections(
-                    [t[b] for t in out.box_deltas],
-                    [t[b] for t in out.centerness],
-                    [t[b] for t in out.token_logits],
-                    out.anchors,
-                    encoded.positive_maps[b],
-                    prepared[i].resized_size,
-                    pre_nms_thresh=self.pre_nms_thresh,
-                    pre_nms_top_n=self.pre_nms_top_n,
-                    nms_thresh=self.nms_thresh,
-                    max_detections=self.detections_per_prompt,
-                )
+            found = select_batch(
+                out.box_deltas,
+                out.centerness,
+                out.token_logits,
+                out.anchors,
+                list(encoded.positive_maps[: len(job_batch)]),
+                [prepared[i].resized_size for _, i, _ in job_batch],
+                pre_nms_thresh=self.pre_nms_thresh,
+                pre_nms_top_n=self.pre_nms_top_n,
+                nms_thresh=self.nms_thresh,
+                max_detections=self.detections_per_prompt,
+            )
+            for (_, i, j), det in zip(job_batch, found):
+                raw[(i, j)] = det
 
-    def _merge(self, image: PreparedImage, prompts: list[Prompt], parts: list[RawDetections]) -> Detections:
-        offsets = np.cumsum([0] + [len(p.phrases) for p in prompts])
-        boxes = torch.cat([r.boxes.float().cpu() for r in parts])
-        scores = torch.cat([r.scores.float().cpu() for r in parts])
-        labels = torch.cat([r.phrase_indices.cpu() + int(off) for r, off in zip(parts, offsets)])
-        sx, sy = image.scale
-        boxes = boxes * torch.tensor([sx, sy, sx, sy])
-        keep = scores >= self.score_floor
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        order = torch.argsort(scores, descending=True, stable=True)
-        if self.max_detections_per_image is not None:
-            order = order[: self.max_detections_per_image]
-        phrases = tuple(t for p in prompts for t in p.texts)
-        return Detections(
-            boxes[order].numpy().astype(np.float32),
-            scores[order].numpy().astype(np.float32),
-            labels[order].numpy().astype(np.int64),
-            phrases,
+    def _merge_all(self, prepared: list[PreparedImage], chunks: list[list[Prompt]], raw) -> Callable[[], list[Detections]]:
+        """Merge chunks per image on the device; one device-to-host copy for the whole call."""
+        if not prepared:
+            return lambda: []
+        packed, counts = merge_and_pack(
+            [[raw[(i, j)] for j in range(len(chunks[i]))] for i in range(len(prepared))],
+            [np.cumsum([0] + [len(p.phrases) for p in c]).tolist()[:-1] for c in chunks],
+            [p.scale for p in prepared],
+            score_floor=self.score_floor,
+            max_detections=self.max_detections_per_image,
         )
+        copy = HostCopy(packed)
+        return lambda: self._unpack(copy.get().numpy(), chunks, counts)
+
+    @staticmethod
+    def _unpack(host: np.ndarray, chunks: list[list[Prompt]], counts: list[int]) -> list[Detections]:
+        out, start = [], 0
+        for prompts, n in zip(chunks, counts):
+            rows = host[start : start + n]
+            start += n
+            out.append(
+                Detections(
+                    rows[:, :4].astype(np.float32),
+                    rows[:, 4].astype(np.float32),
+                    rows[:, 5].astype(np.int64),
+                    tuple(t for p in prompts for t in p.texts),
+                )
+            )
+        return out

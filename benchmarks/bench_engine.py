@@ -1,0 +1,339 @@
+"""Engine ceiling, and the label actor's CPU cost outside the forward.
+
+    python benchmarks/bench_engine.py                      # both parts, defaults below
+    python benchmarks/bench_engine.py --images 2048 --shards 16 --skip-teachers
+
+1. **Ceiling.**  The null teacher (no network, one fixed label per image)
+   runs the whole engine -- read -> decode -> label -> filter -> write, Delta
+   commits included -- and, in the same process on the same already-started
+   local Ray, a decode-only job reads and decodes the same shards with the
+   same plan (read tasks, CPUs) and drops the pixels.  ratio = engine img/s
+   / decode-only img/s; the goal is >= 0.9 (the engine adds < 10 % to
+   decoding).  Ray start-up is outside both timings; each job's wall time
+   runs from building the dataset to the last row (the engine's includes its
+   commits).
+2. **Actor CPU outside the forward** (``--teachers``).  In-process, one torch
+   thread, so a forward's CPU time is the calling thread's: per teacher,
+   thread CPU-ms per image of ``predict_async(...).result()`` minus the CPU
+   inside the networks' forward calls (hooks), on decoded photos; and the
+   label stage's own cost per image (canvas, Arrow rows) with the null
+   teacher.  On CPU the "device" post-processing runs on the CPU and is
+   counted here; on a GPU it runs on the device (see gpu_suite.sh).
+
+Models are random-init ("small" sizes below, see benchmarks/workload.py):
+the figures measure the engine, not label quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import numpy as np  # noqa: E402
+
+from workload import ForwardClock, build_shards, photos, teacher_sections  # noqa: E402
+
+NULL = {"type": "null", "short_side": 448, "max_long_side": 1333}
+
+
+def run_config(shards: list[str], out: str, batch: int) -> dict:
+    return {
+        "input": {"shards": shards},
+        "output": {"path": out, "commit_every_shards": 4},
+        "teachers": [NULL],
+        "ray": {"batch_size": batch, "device": "cpu"},
+        "allow_random_init": True,
+        "progress_interval_s": 3600,
+    }
+
+
+def decode_only(cfg) -> tuple[int, float]:
+    """Rows and seconds of the same read + decode, pixels dropped at the driver."""
+    import ray
+
+    from labelmill.engine.runtime import configure_ray_data, default_budget_mb, plan_resources
+    from labelmill.pipelines.label import build_stages, dataset
+    from labelmill.io.shards import list_shards
+
+    res = ray.cluster_resources()
+    plan = plan_resources(cfg.ray, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    read, stages = build_stages(cfg, plan)
+    configure_ray_data(plan, default_budget_mb(plan, cfg.ray.batch_size, stages[0].request.max_long_side))
+    urls = list_shards(cfg.input.shards, cfg.input.storage_options)
+    t0 = time.perf_counter()
+    rows = 0
+    for b in dataset(read, stages[:1], urls, cfg, plan).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += sum(1 for k in b.column("kind").to_pylist() if k == "sample")
+    return rows, time.perf_counter() - t0
+
+
+def engine(cfg) -> tuple[int, float]:
+    from labelmill.pipelines.label import run
+
+    t0 = time.perf_counter()
+    summary = run(cfg, stream=open(os.devnull, "w"))
+    return summary.counters.samples, time.perf_counter() - t0
+
+
+def in_process(cfg, shards: list[str], work: Path) -> dict:
+    """Both jobs in this one process, no Ray: the same stage objects, block by block."""
+    import uuid
+
+    from labelmill import __version__
+    from labelmill.engine.runtime import plan_resources
+    from labelmill.pipelines.label import build_stages
+    from labelmill.stages.write import CommitWriter
+    from labelmill.store.commit import OutputStore
+
+    plan = plan_resources(cfg.ray, float(os.cpu_count() or 1), 0.0)
+    read, (decode, label, filt) = build_stages(cfg, plan)
+    label.setup()
+    t0 = time.perf_counter()
+    n_dec = 0
+    for url in shards:
+        for block in read.read_blocks(url):
+            out = decode.process_batch(block)
+            n_dec += sum(1 for k in out.column("kind").to_pylist() if k == "sample")
+    t_dec = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store = OutputStore(cfg.output.path, {}, cfg.output.compression)
+    store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
+    writer = CommitWriter(store, cfg.output.commit_every_shards, cfg.label_hash(), uuid.uuid4().hex, __version__)
+    parts = dict.fromkeys(("read", "decode", "label", "filter", "write"), 0.0)
+
+    def timed(name, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        parts[name] += time.perf_counter() - t
+        return out
+
+    for url in shards:
+        blocks = read.read_blocks(url)
+        while (block := timed("read", next, blocks, None)) is not None:
+            b = timed("decode", decode.process_batch, block)
+            b = timed("label", label.process_batch, b)
+            timed("write", writer.add, timed("filter", filt.process_batch, b))
+    timed("write", writer.finish)
+    t_eng = time.perf_counter() - t0
+    n_eng = writer.committed.samples
+    assert n_dec == n_eng, (n_dec, n_eng)
+    return {"decode_only_img_s": n_dec / t_dec, "engine_img_s": n_eng / t_eng,
+            "ratio": (n_eng / t_eng) / (n_dec / t_dec),
+            **{f"engine_{k}_ms_per_img": 1000 * v / n_eng for k, v in parts.items()}}
+
+
+def ceiling(args, work: Path, blobs: list[bytes]) -> dict:
+    from labelmill.config import load_config
+
+    shards = build_shards(work / "shards", blobs, args.images, args.shards)
+    if args.in_process:
+        rounds = []
+        for r in range(args.rounds):
+            cfg = load_config(run_config(shards, str(work / f"out-{r}"), args.batch))
+            rounds.append(in_process(cfg, shards, work))
+            print(f"round {r} (in-process): {json.dumps({k: round(v, 3) for k, v in rounds[-1].items()})}", flush=True)
+        return {"mode": "in-process (no Ray)", "images": args.images, "shards": args.shards, "rounds": rounds,
+                "ratio_mean": float(np.mean([r["ratio"] for r in rounds]))}
+    import ray
+
+    from labelmill.config import load_config
+
+    for attempt in range(4):  # a loaded shared VM can miss Ray's fixed 30 s node start-up wait
+        try:
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+            break
+        except Exception as exc:
+            print(f"ray.init failed ({exc}); retrying", flush=True)
+            ray.shutdown()
+            time.sleep(10)
+    else:
+        raise RuntimeError("could not start a local Ray")
+    try:
+        rounds = []
+        for r in range(args.rounds):
+            out = work / f"out-{r}"
+            cfg = load_config(run_config(shards, str(out), args.batch))
+            n_dec, t_dec = decode_only(cfg)
+            n_eng, t_eng = engine(cfg)
+            assert n_dec == n_eng == args.images, (n_dec, n_eng)
+            rounds.append({"decode_only_img_s": n_dec / t_dec, "engine_img_s": n_eng / t_eng,
+                           "ratio": (n_eng / t_eng) / (n_dec / t_dec)})
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"round {r}: {json.dumps({k: round(v, 3) for k, v in rounds[-1].items()})}", flush=True)
+    finally:
+        ray.shutdown()
+    return {
+        "mode": "local Ray",
+        "images": args.images,
+        "shards": args.shards,
+        "rounds": rounds,
+        "ratio_mean": float(np.mean([r["ratio"] for r in rounds])),
+    }
+
+
+def decoded_batches(blobs, request, batch: int, n: int):
+    import torch
+
+    from labelmill.io.images import decode_image
+    from labelmill.teachers.base import ImageBatch
+
+    decoded = [decode_image(blobs[i % len(blobs)], request, 90_000_000) for i in range(n)]
+    out = []
+    for s in range(0, n, batch):
+        part = decoded[s : s + batch]
+        side = max(max(d.pixels.shape[:2]) for d in part)
+        canvas = torch.zeros((len(part), side, side, 3), dtype=torch.uint8)
+        for j, d in enumerate(part):
+            canvas[j, : d.pixels.shape[0], : d.pixels.shape[1]] = torch.from_numpy(np.array(d.pixels))
+        out.append(ImageBatch(canvas, [d.pixels.shape[:2] for d in part], [d.orig_hw for d in part],
+                              ["a person riding a horse near a car"] * len(part), [f"k{s + j}" for j in range(len(part))],
+                              [{} for _ in part], host=[d.pixels for d in part]))
+    return out
+
+
+def teacher_costs(args, blobs: list[bytes]) -> dict:
+    import torch
+
+    from labelmill.teachers.base import build_teacher, validate_teacher_config
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    sections = teacher_sections("small")
+    results = {}
+    glip_outs: list = []
+    for name in ("glip", "maskclip", "vild_dense", "vild_crop"):
+        cfg = validate_teacher_config(sections[name])
+        teacher = build_teacher(cfg, device, allow_random_init=True)
+        batches = decoded_batches(blobs, cfg.image_request(), args.teacher_batch, args.teacher_images)
+        clock = ForwardClock(teacher.torch_modules())
+        total = 0.0
+        n = 0
+        for b, batch in enumerate(batches):
+            upstream = {"glip": glip_outs[b]} if name.startswith("vild") else {}
+            if b == 1:  # batch 0 warms up
+                clock.cpu, total, n = 0.0, 0.0, 0
+            t0 = time.thread_time()
+            with torch.inference_mode():
+                outs = teacher.predict_async(batch, upstream).result()
+            total += time.thread_time() - t0
+            n += len(batch)
+            if name == "glip":
+                glip_outs.append(outs)
+        clock.remove()
+        all_outs = glip_outs[-1] if name == "glip" else outs
+        results[name] = {
+            "stored_bytes_per_img": stored_bytes(name, all_outs),
+            "images": n,
+            "cpu_ms_per_img_total": 1000 * total / n,
+            "cpu_ms_per_img_forward": 1000 * clock.cpu / n,
+            "cpu_ms_per_img_outside_forward": 1000 * (total - clock.cpu) / n,
+            "labels_per_img": float(np.mean([len(o.labels) + (len(o.regions.boxes) if o.regions else 0)
+                                             for o in outs])),
+        }
+        print(f"{name}: {json.dumps({k: round(v, 2) for k, v in results[name].items()})}", flush=True)
+    results["label_stage_null"] = stage_cost(args, blobs)
+    print(f"label stage (null teacher): {results['label_stage_null']}", flush=True)
+    return results
+
+
+def stored_bytes(teacher: str, outs) -> float:
+    """Bytes per image of these outputs as zstd Parquet (label rows, or region rows)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from labelmill.schemas.tables import LABEL_STRUCT, label_to_struct, regions_array
+
+    labels = [label_to_struct(lab, teacher) for o in outs for lab in o.labels]
+    if labels:
+        table = pa.table({"label": pa.array(labels, LABEL_STRUCT)}).flatten()
+    else:
+        table = pa.table({"regions": regions_array([[(teacher, o.regions)] for o in outs if o.regions is not None])})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.tell() / len(outs)
+
+
+def stage_cost(args, blobs: list[bytes]) -> dict:
+    """CPU-ms per image of LabelImages.process_batch itself (null teacher), decode in the actor or not."""
+    import pyarrow as pa
+
+    from labelmill.schemas.records import ImageRequest, RowKind
+    from labelmill.schemas.tables import Col
+    from labelmill.stages.decode import DecodeImages
+    from labelmill.stages.label import LabelImages
+    from labelmill.teachers.base import validate_teacher_config
+
+    n = args.teacher_images
+    request = ImageRequest(short_side=448, max_long_side=1333)
+    raw = pa.table({
+        Col.KEY: [f"k{i}" for i in range(n)], Col.SHARD: ["s"] * n, Col.KIND: [RowKind.SAMPLE.value] * n,
+        Col.IMAGE_BYTES: pa.array([blobs[i % len(blobs)] for i in range(n)], pa.binary()),
+        Col.IMAGE_EXT: ["jpg"] * n, Col.CAPTION_BYTES: pa.array([b"a photo"] * n, pa.binary()),
+        Col.META_JSON: ["{}"] * n, Col.ERROR: pa.array([None] * n, pa.string()),
+        Col.WARNINGS: pa.array([[] for _ in range(n)], pa.list_(pa.string())),
+    })
+    decoded = DecodeImages(request, 90_000_000, 1).process_batch(raw)
+    out = {}
+    for mode, batch in (("tasks", decoded), ("actor", raw)):
+        stage = LabelImages([validate_teacher_config(NULL)], allow_random_init=True, batch_size=args.teacher_batch,
+                            cpus=1, gpus=0, torch_threads=1, device="cpu", decode=mode, request=request)
+        stage.setup()
+        stage.process_batch(batch)
+        t0 = time.process_time()
+        stage.process_batch(batch)
+        out[f"decode_{mode}_cpu_ms_per_img"] = round(1000 * (time.process_time() - t0) / n, 3)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--teacher-images", type=int, default=24)
+    ap.add_argument("--teacher-batch", type=int, default=8)
+    ap.add_argument("--skip-ceiling", action="store_true")
+    ap.add_argument("--in-process", action="store_true",
+                    help="ceiling without Ray: the same stages, one process (for a box too loaded to start Ray)")
+    ap.add_argument("--skip-teachers", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    import torch
+
+    blobs, source = photos()
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "images_from": source,
+        "command": "python benchmarks/bench_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    try:
+        if not args.skip_ceiling:
+            report["ceiling"] = ceiling(args, work, blobs)
+        if not args.skip_teachers:
+            report["teachers"] = teacher_costs(args, blobs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Shared by the engine benchmark and the GPU suite: images, shards, teachers, clocks.
+
+Images: the 128 COCO photos in ../shared/data/coco128 when present, else
+scikit-image's bundled sample photos re-encoded as JPEG at varied sizes
+(no network needed), else synthetic gradients.  Teachers are random-init
+(no model hub): real architectures (open_clip ViT-B/16, ViT-L/14, GLIP-T)
+on the GPU, small ones ("small") for CPU runs.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "images"
+# photos bundled inside scikit-image's package (read from disk: no download is ever tried)
+SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "ihc.png", "hubble_deep_field.jpg",
+                  "retina.jpg", "motorcycle_left.png", "color.png", "brick.png", "grass.png", "camera.png")
+SIZES = ((640, 480), (480, 640), (1024, 768), (800, 600), (500, 375), (1280, 720), (333, 500), (640, 427))
+
+
+def photos(limit: int | None = None) -> tuple[list[bytes], str]:
+    """JPEG bytes of real photos and where they came from."""
+    files = sorted(glob.glob(str(COCO128 / "*.jpg")))
+    if files:
+        return [Path(f).read_bytes() for f in files[:limit]], f"coco128 ({len(files[:limit])} photos)"
+    from PIL import Image
+
+    arrays = []
+    try:
+        import os
+
+        from skimage import data
+
+        for name in SKIMAGE_PHOTOS:
+            try:
+                arr = np.asarray(Image.open(os.path.join(data.data_dir, name)).convert("RGB"))
+            except Exception:
+                continue
+            if arr.ndim == 2:
+                arr = np.repeat(arr[..., None], 3, 2)
+            arrays.append(arr[..., :3].astype(np.uint8))
+    except ImportError:
+        pass
+    source = f"scikit-image samples ({len(arrays)} photos) at {len(SIZES)} sizes"
+    if not arrays:
+        rng = np.random.default_rng(0)
+        y, x = np.mgrid[0:480, 0:640]
+        arrays = [np.stack([(x + 7 * k) % 256, (y * 3) % 256, rng.integers(0, 255, (480, 640))], -1).astype(np.uint8)
+                  for k in range(8)]
+        source = "synthetic gradients"
+    out = []
+    for k in range(max(len(arrays), len(SIZES)) * 2):
+        arr = arrays[k % len(arrays)]
+        w, h = SIZES[k % len(SIZES)]
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((w, h), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out[:limit], source
+
+
+def build_shards(folder: Path, blobs: list[bytes], n_images: int, n_shards: int) -> list[str]:
+    from labelmill.io.shards import write_shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-n_images // n_shards)
+    paths, k = [], 0
+    for s in range(n_shards):
+        samples = []
+        while len(samples) < per and k < n_images:
+            samples.append((f"{k:08d}", {"jpg": blobs[k % len(blobs)], "txt": b"a person riding a horse near a car"}))
+            k += 1
+        paths.append(write_shard(str(folder / f"bench-{s:05d}.tar"), samples))
+    return paths
+
+
+SMALL_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "patch_size": 16, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+
+COCO80 = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush"
+).replace("_", " ").split(" ")
+
+
+def teacher_sections(scale: str) -> dict[str, dict]:
+    """Teacher config sections: ``real`` (GPU suite: real architectures) or ``small`` (CPU)."""
+    clip = {"model": "ViT-B-16"} if scale == "real" else {"arch_config": SMALL_CLIP}
+    glip_arch = "glip_t" if scale == "real" else "tiny"
+    glip_size = (800, 1333) if scale == "real" else (480, 800)
+    vocab = "coco-stuff-171"
+    return {
+        "maskclip": {"type": "maskclip", "pretrained": None, **clip, "vocabulary": vocab, "templates": "single",
+                     "image_size": 448, "logit_scale": 100.0},
+        "glip": {"type": "glip", "architecture": glip_arch, "tokenizer": "builtin-test", "mode": "vocabulary",
+                 "vocabulary": [c for c in COCO80 if c][:40], "min_size": glip_size[0], "max_size": glip_size[1],
+                 # random weights score ~0.01; thresholds 0 give post-processing a trained model's load
+                 "pre_nms_thresh": 0.0, "score_floor": 0.0, "max_detections_per_image": 100},
+        "vild_dense": {"type": "vild", "pretrained": None, **clip, "mode": "dense", "dense_image_size": 448, "whole_image": True,
+                       "proposals": [{"teacher": "glip"}]},
+        "vild_crop": {"type": "vild", "pretrained": None, **clip, "mode": "crop", "whole_image": True, "max_regions": 32,
+                      "proposals": [{"teacher": "glip"}]},
+    }
+
+
+class ForwardClock:
+    """CPU time of this thread spent inside the networks' forward calls (nesting counted once)."""
+
+    def __init__(self, modules):
+        self.cpu = 0.0
+        self.wall = 0.0
+        self._depth = 0
+        self._t0 = (0.0, 0.0)
+        self._handles = []
+        seen = set()
+        for m in modules:
+            for sub in (m, getattr(m, "visual", None)):
+                if sub is not None and id(sub) not in seen:
+                    seen.add(id(sub))
+                    self._handles.append(sub.register_forward_pre_hook(self._enter))
+                    self._handles.append(sub.register_forward_hook(self._leave))
+
+    def _enter(self, *args):
+        if self._depth == 0:
+            self._t0 = (time.thread_time(), time.perf_counter())
+        self._depth += 1
+
+    def _leave(self, *args):
+        self._depth -= 1
+        if self._depth == 0:
+            self.cpu += time.thread_time() - self._t0[0]
+            self.wall += time.perf_counter() - self._t0[1]
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+class GpuSampler:
+    """GPU utilisation samples (percent) every ``interval`` s: pynvml, else nvidia-smi."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.samples: list[float] = []
+        self.source = "none"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _reader(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.source = "pynvml"
+            return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception:
+            pass
+        import shutil
+        import subprocess
+
+        if shutil.which("nvidia-smi"):
+            self.source = "nvidia-smi"
+
+            def read():
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True, text=True, timeout=5,
+                )
+                return float(out.stdout.strip().splitlines()[0])
+
+            return read
+        return None
+
+    def _loop(self):
+        read = self._reader()
+        while read is not None and not self._stop.is_set():
+            try:
+                self.samples.append(read())
+            except Exception:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def mean(self, skip: float = 0.2) -> float | None:
+        """Mean over the samples after the first ``skip`` fraction (warm-up)."""
+        s = self.samples[int(len(self.samples) * skip):]
+        return float(np.mean(s)) if s else None
