@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import encode, photo
-from labelmill.schemas.records import ImageRequest, RowKind
+from labelmill.schemas.records import ImageRequest
 from labelmill.schemas.tables import Col
 from labelmill.stages.decode import DecodeImages
 from labelmill.stages.label import LabelImages
@@ -46,15 +46,14 @@ def raw_batch() -> pa.Table:
         ("k5", encode(photo(40, 30, seed=5)), b"\xff\xfe bad utf8"),
         ("k6", encode(np.asarray(photo(120, 90, seed=6))[:, :, 0].copy(), "JPEG"), b"grey"),
     ]
-    n = len(samples) + 1
+    n = len(samples)
     return pa.table(
         {
-            Col.KEY: [s[0] for s in samples] + ["end"],
+            Col.KEY: [s[0] for s in samples],
             Col.SHARD: ["s.tar"] * n,
-            Col.KIND: [RowKind.SAMPLE.value] * len(samples) + [RowKind.SHARD_END.value],
-            Col.IMAGE_BYTES: pa.array([s[1] for s in samples] + [None], pa.binary()),
+            Col.IMAGE_BYTES: pa.array([s[1] for s in samples], pa.binary()),
             Col.IMAGE_EXT: ["jpg"] * n,
-            Col.CAPTION_BYTES: pa.array([s[2] for s in samples] + [None], pa.binary()),
+            Col.CAPTION_BYTES: pa.array([s[2] for s in samples], pa.binary()),
             Col.META_JSON: [json.dumps({"i": i}) for i in range(n)],
             Col.ERROR: pa.array([None] * n, pa.string()),
             Col.WARNINGS: pa.array([[] for _ in range(n)], pa.list_(pa.string())),
