@@ -269,7 +269,7 @@ def stage_cost(args, blobs: list[bytes]) -> dict:
     """CPU-ms per image of LabelImages.process_batch itself (null teacher), decode in the actor or not."""
     import pyarrow as pa
 
-    from labelmill.schemas.records import ImageRequest, RowKind
+    from labelmill.schemas.records import ImageRequest
     from labelmill.schemas.tables import Col
     from labelmill.stages.decode import DecodeImages
     from labelmill.stages.label import LabelImages
@@ -278,7 +278,7 @@ def stage_cost(args, blobs: list[bytes]) -> dict:
     n = args.teacher_images
     request = ImageRequest(short_side=448, max_long_side=1333)
     raw = pa.table({
-        Col.KEY: [f"k{i}" for i in range(n)], Col.SHARD: ["s"] * n, Col.KIND: [RowKind.SAMPLE.value] * n,
+        Col.KEY: [f"k{i}" for i in range(n)], Col.SHARD: ["s"] * n,
         Col.IMAGE_BYTES: pa.array([blobs[i % len(blobs)] for i in range(n)], pa.binary()),
         Col.IMAGE_EXT: ["jpg"] * n, Col.CAPTION_BYTES: pa.array([b"a photo"] * n, pa.binary()),
         Col.META_JSON: ["{}"] * n, Col.ERROR: pa.array([None] * n, pa.string()),

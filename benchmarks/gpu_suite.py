@@ -103,11 +103,10 @@ def timed_loop(fn, seconds: float, device, warmup: int = 2, min_iters: int = 3):
 def raw_table(blobs: list[bytes], n: int):
     import pyarrow as pa
 
-    from labelmill.schemas.records import RowKind
     from labelmill.schemas.tables import Col
 
     return pa.table({
-        Col.KEY: [f"k{i:06d}" for i in range(n)], Col.SHARD: ["s"] * n, Col.KIND: [RowKind.SAMPLE.value] * n,
+        Col.KEY: [f"k{i:06d}" for i in range(n)], Col.SHARD: ["s"] * n,
         Col.IMAGE_BYTES: pa.array([blobs[i % len(blobs)] for i in range(n)], pa.binary()),
         Col.IMAGE_EXT: ["jpg"] * n,
         Col.CAPTION_BYTES: pa.array([b"a person riding a horse near a car"] * n, pa.binary()),
