@@ -136,6 +136,43 @@ def quiet_ray_warnings() -> None:
                             module=r"ray(\..*)?")
 
 
+# A small process that outlives a killed driver just long enough to stop the
+# Ray processes it started.  Ray ties GCS and raylet to the driver (the kernel
+# kills them with it), but its agents can linger for minutes after kill -9.
+_WATCHDOG = r"""
+import sys, time, psutil
+driver, me, seen = int(sys.argv[1]), psutil.Process(), {}
+while True:
+    try:
+        proc = psutil.Process(driver)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            break
+        for child in proc.children(recursive=True):
+            try:
+                if child.pid != me.pid and "ray" in " ".join(child.cmdline()):
+                    seen[child.pid] = child.create_time()
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        break
+    time.sleep(1.0)
+for pid, created in seen.items():
+    try:
+        leftover = psutil.Process(pid)
+        if leftover.create_time() == created:
+            leftover.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _watch_embedded_ray() -> None:
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+
+
 def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start an embedded local Ray.
 
@@ -163,6 +200,7 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
         log_to_driver=True,
         configure_logging=False,
     )
+    _watch_embedded_ray()
     return True, False
 
 
