@@ -3,11 +3,14 @@
 Each 4-connected component's outer boundary is traced along pixel edges (a
 mask pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``), so the polygon's
 vertices are exact pixel corners and a point-in-polygon test at pixel
-centres gives the (hole-filled) mask back.  Holes are not representable in the
-Ultralytics format and are filled.  Several components become one polygon
-joined by zero-width bridges walked out and back (the approach YOLO
-converters use for multi-part COCO masks), so the polygon's filled area is
-the union of the parts.  Collinear points are dropped; no vertex moves.
+centres gives the mask back exactly, except that holes, which the
+Ultralytics format cannot hold, are filled (each part's own holes; a gap
+that several parts enclose together stays open).  Several components
+become one polygon joined by zero-width bridges walked out and back (the
+approach YOLO converters use for multi-part COCO masks), each chosen to pass
+between pixel centres, so the polygon's filled area is the union of the
+parts (a rasteriser that also fills boundary pixels, like OpenCV's, adds the
+one-pixel-wide bridge lines).  Collinear points are dropped; no vertex moves.
 """
 
 from __future__ import annotations
@@ -69,18 +72,11 @@ def _boundary_loops(component: np.ndarray) -> list[np.ndarray]:
 
 
 def _drop_collinear(pts: np.ndarray) -> np.ndarray:
-    if len(pts) > 1 and np.allclose(pts[0], pts[-1]):
-        pts = pts[:-1]
-    keep = []
-    n = len(pts)
-    for i in range(n):
-        a, b, c = pts[i - 1], pts[i], pts[(i + 1) % n]
-        if np.allclose(a, b):
-            continue
-        cross = (b[0] - a[0]) * (c[1] - b[1]) - (b[1] - a[1]) * (c[0] - b[0])
-        if abs(cross) > 1e-9:
-            keep.append(b)
-    return np.asarray(keep if len(keep) >= 3 else pts, dtype=np.float64)
+    """Keep the corners of a closed lattice path (every vertex where the direction turns)."""
+    d_in = pts - np.roll(pts, 1, axis=0)
+    d_out = np.roll(pts, -1, axis=0) - pts
+    turns = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0
+    return pts[turns] if turns.sum() >= 3 else pts
 
 
 def mask_polygon(rle: dict) -> np.ndarray:
@@ -102,14 +98,29 @@ def mask_polygon(rle: dict) -> np.ndarray:
     return _bridge(parts)
 
 
+def _misses_pixel_centres(d: np.ndarray) -> np.ndarray:
+    """Whether a segment between lattice points with offsets ``d`` (N, 2) avoids every pixel centre.
+
+    ``(x0, y0) + t (dx, dy)`` hits a centre ``(a + 1/2, b + 1/2)`` only when
+    ``(2(a - x0) + 1) dy == (2(b - y0) + 1) dx``, which needs dx and dy to
+    hold the same power of two; a segment whose dx and dy differ there (an
+    axis-parallel one included) passes between centres, so rasterising the
+    polygon at pixel centres never sees the bridge.
+    """
+    dx, dy = np.abs(d[:, 0]).astype(np.int64), np.abs(d[:, 1]).astype(np.int64)
+    return (dx == 0) | (dy == 0) | ((dx & -dx) != (dy & -dy))
+
+
 def _bridge(parts: list[np.ndarray]) -> np.ndarray:
-    """Join polygons into one: each part starts at its point nearest the previous part's start."""
+    """Join polygons into one: each part starts at the vertex nearest the previous part's start
+    among those whose bridge passes between pixel centres; the walk returns along the same bridges."""
     if len(parts) == 1:
         return parts[0]
     starts, rotated = [], []
     prev = parts[0][0]
     for p in parts:
-        j = int(np.argmin(((p - prev) ** 2).sum(1)))
+        dist = ((p - prev) ** 2).sum(1) + np.where(_misses_pixel_centres(p - prev), 0, 1e12)
+        j = int(np.argmin(dist))
         r = np.concatenate([p[j:], p[:j], p[j : j + 1]])  # closed loop back to its start
         rotated.append(r)
         starts.append(r[0])
