@@ -33,13 +33,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export_coco(args: argparse.Namespace) -> int:
-    from labelmill.export.coco import export_coco
+def _cmd_export(args: argparse.Namespace) -> int:
+    from labelmill.export.base import parse_version, run_export
 
-    manifest = export_coco(
-        args.output, args.dest, images_per_file=args.images_per_file,
-        teachers=args.teacher or None, version=args.version,
-    )
+    options = {k: getattr(args, k) for k in args.format_options if getattr(args, k, None) is not None}
+    manifest = run_export(args.format, args.output, args.dest, version=parse_version(args.version),
+                          overwrite=args.overwrite, **options)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -110,17 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser(
-        "export-coco",
-        help="write COCO instances (and grounding) JSON from a run's output",
-        description="Stream the committed labels of OUTPUT into sharded COCO JSON files under DEST.",
-    )
-    p.add_argument("output", help="the run's output.path")
-    p.add_argument("dest", help="folder for the COCO files")
-    p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
-    p.add_argument("--teacher", action="append", help="only this teacher (repeatable)")
-    p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
-    p.set_defaults(func=_cmd_export_coco)
+    _add_export_parsers(sub)
 
     p = sub.add_parser(
         "report",
@@ -157,11 +146,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXPORT_EXIT_CODES = """exit codes: 2 bad option (unknown class or teacher, bad --category-ids), 4 OUTPUT or
+--version not found, 5 DEST exists (use --overwrite) or two images share a name, 6 nothing to export
+(the version is empty, or every sample in it failed)"""
+
+
+def _add_export_parsers(sub) -> None:
+    def common(p, *options: str) -> None:
+        p.add_argument("output", help="the run's output.path")
+        p.add_argument("dest", help="folder to write (must not exist, unless --overwrite)")
+        p.add_argument("--version", help="dataset version: a number, or an ISO timestamp (the version current "
+                       "then); default: the latest")
+        p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+        p.add_argument("--classes", nargs="+", metavar="CLASS", help="only these classes")
+        p.set_defaults(func=_cmd_export, format_options=["classes", *options])
+
+    def teachers_and_ids(p) -> None:
+        p.add_argument("--teacher", dest="teachers", action="append", help="only this teacher (repeatable)")
+        p.add_argument("--category-ids", help="the ids to keep: JSON {name: id}, or a COCO file with 'categories' "
+                       "(default: official COCO ids for COCO-80 classes, else vocabulary index + 1)")
+
+    def images(p) -> None:
+        p.add_argument("--images", choices=["link", "copy", "none"], default="copy",
+                       help="copy the images out of the shards (default), hard-link them from an extraction "
+                       "cache (--image-cache), or write none (use your own image folder)")
+        p.add_argument("--image-cache", help="extraction cache for --images link "
+                       "(default $LABELMILL_IMAGE_CACHE or ~/.cache/labelmill/images)")
+
+    p = sub.add_parser(
+        "export-coco", help="write COCO instances (and MDETR grounding) JSON from a dataset version",
+        description="Stream one version of OUTPUT into sharded COCO JSON files under DEST: per teacher "
+        "instances_NNNNN.json (RLE masks, scores; official COCO ids for COCO-80 classes) and, for caption-mode "
+        "GLIP, MDETR-style grounding_NNNNN.json.", epilog=EXPORT_EXIT_CODES)
+    common(p, "teachers", "category_ids", "images_per_file")
+    p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
+    teachers_and_ids(p)
+    p.set_defaults(format="coco")
+
+    p = sub.add_parser(
+        "export-yolo", help="write an Ultralytics (YOLO) detection or segmentation dataset",
+        description="Ultralytics label files (normalised cx cy w h, or polygons traced from the RLE masks) and "
+        "data.yaml for one teacher, with the images linked or copied from the shards.", epilog=EXPORT_EXIT_CODES)
+    common(p, "task", "teacher", "images", "image_cache")
+    p.add_argument("--task", choices=["detect", "segment"], default="detect")
+    p.add_argument("--teacher", help="the teacher whose labels to export (needed if several have class labels)")
+    images(p)
+    p.set_defaults(format="yolo")
+
+    p = sub.add_parser(
+        "export-fiftyone", help="write a FiftyOne-loadable COCO detection dataset (RLE masks, scores)",
+        description="FiftyOne's COCODetectionDataset layout: DEST/data/ (images) and DEST/labels/<teacher>.json. "
+        "See the README for the loader snippet.", epilog=EXPORT_EXIT_CODES)
+    common(p, "teachers", "category_ids", "images", "image_cache")
+    teachers_and_ids(p)
+    images(p)
+    p.set_defaults(format="fiftyone")
+
+
 def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
+    from labelmill.data import OutputNotFound, VersionNotFound
+    from labelmill.export.base import ExportError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
-    from labelmill.store.read import OutputNotFound, VersionNotFound
     from labelmill.store.lock import LockHeld
     from labelmill.teachers.base import WeightsError
 
@@ -183,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     except ShardListError as exc:
         print(f"labelmill: input error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except (OutputConflictError, OutputNotFound, VersionNotFound) as exc:
+    except (OutputNotFound, VersionNotFound) as exc:
+        print(f"labelmill: input error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OutputConflictError as exc:
         print(f"labelmill: output error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
     except LockHeld as exc:
         print(f"labelmill: lock held: {exc}", file=sys.stderr)
         return EXIT_LOCK_HELD
+    except ExportError as exc:
+        print(f"labelmill: export error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

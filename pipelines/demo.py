@@ -109,7 +109,7 @@ def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] |
     shards = build_demo_shards(os.path.join(out, "shards"))
     cfg = load_config(demo_config(out, teachers or ["maskclip"]), overrides)
     summary = run(cfg)
-    coco = export_coco(cfg.output.path, os.path.join(out, "coco"))
+    coco = export_coco(cfg.output.path, os.path.join(out, "coco"), overwrite=True)  # a re-run refreshes it
     report = write_report(cfg.output.path, os.path.join(out, "report.html"))
     return {
         "shards": shards,

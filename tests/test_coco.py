@@ -23,7 +23,7 @@ def ground_truth_file(samples, path) -> str:
     for i, (key, members) in enumerate(samples, 1):
         meta = json.loads(members["json"])
         h, w = meta["annotations"][0]["segmentation"]["size"]
-        images.append({"id": i, "file_name": key, "height": h, "width": w})
+        images.append({"id": i, "file_name": f"{key}.png", "height": h, "width": w})
         for a in meta["annotations"]:
             rle = {"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}
             cats[a["category"]] = a["category_id"]
@@ -71,7 +71,8 @@ def test_coco_round_trip_through_the_pipeline_is_exact(tmp_path, ray_session):
         total_images += len(coco.imgs)
         for ann in coco.dataset["annotations"]:
             img = coco.imgs[ann["image_id"]]
-            key = img["file_name"]
+            key = img["key"]
+            assert img["file_name"] == f"{key}.png"  # the image's real name in the shard
             (truth,) = [a for a in json.loads(dict(samples)[key]["json"])["annotations"]
                         if a["segmentation"]["counts"] == ann["segmentation"]["counts"]]
             expected = mask_utils.decode({"size": truth["segmentation"]["size"],
@@ -101,7 +102,7 @@ def test_real_coco128_annotations_round_trip(tmp_path, ray_session):
         key = img["file_name"].rsplit(".", 1)[0]
         data = (COCO128 / "images" / img["file_name"]).read_bytes()
         samples.append((key, {"jpg": data, "txt": b"a photo", "json": json.dumps({"annotations": meta}).encode()}))
-        gt_images.append({**img, "file_name": key})
+        gt_images.append(img)  # the user's own file names (000000000009.jpg ...)
         gt_anns += [a for a in anns]
     write_shard(str(tmp_path / "shards" / "coco.tar"), samples)
     out = str(tmp_path / "out")
@@ -112,3 +113,17 @@ def test_real_coco128_annotations_round_trip(tmp_path, ray_session):
                                    "categories": coco.dataset["categories"]}))
     files = [str(tmp_path / "coco" / f) for f in manifest["files"]["gt"]["instances"]]
     assert evaluate(str(gt_path), files, "segm") == pytest.approx(1.0)
+    # no remapping: file names, category ids and supercategories are the user's own
+    official = {c["id"]: c for c in coco.dataset["categories"]}
+    ours = COCO(files[0])
+    gt = COCO(str(gt_path))
+    by_name = {i["file_name"]: i["id"] for i in gt.dataset["images"]}
+    assert all(official[c["id"]] == {k: c[k] for k in ("id", "name", "supercategory")}
+               for c in ours.dataset["categories"])
+    dets = [{"image_id": by_name[ours.imgs[a["image_id"]]["file_name"]], "category_id": a["category_id"],
+             "segmentation": a["segmentation"], "score": a["score"]} for a in ours.dataset["annotations"]]
+    ev = COCOeval(gt, gt.loadRes(dets), "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)

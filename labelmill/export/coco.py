@@ -1,203 +1,192 @@
-"""COCO export of one dataset version's labels, streamed shard by shard.
+"""COCO ``instances`` export (plus MDETR grounding files), from a pinned version, streamed.
 
-``export_coco(output, dest)`` writes, for each teacher of the run:
+``labelmill export-coco OUTPUT DEST`` writes, for each teacher:
 
-* ``<teacher>/instances_00000.json, ...``: COCO ``instances`` files (images,
-  annotations with ``bbox``, ``area``, ``score``, ``iscrowd`` and, for masks,
-  an RLE ``segmentation``; ``categories``) of at most ``images_per_file``
-  images each, which ``pycocotools.coco.COCO`` loads as they are;
-* for grounding teachers (labels with a phrase and no class id, i.e. GLIP in
-  caption mode), ``grounding_00000.json, ...`` in the MDETR/GLIP style: every
-  image carries its ``caption`` and every annotation its ``tokens_positive``
-  character spans into it and its ``phrase``.
+* ``<teacher>/instances_00000.json, ...``: COCO files (``images``,
+  ``annotations`` with ``bbox``, ``area``, ``score``, ``iscrowd`` and, for
+  masks, an RLE ``segmentation``; ``categories``) of at most
+  ``images_per_file`` images each, which ``pycocotools.coco.COCO`` loads;
+* for grounding teachers (GLIP in caption mode) ``grounding_00000.json, ...``
+  in the MDETR style (see :mod:`labelmill.export.mdetr`).
 
-Image ids are assigned in shard order, then index, so they are stable for a
-given dataset version (``version=``, default the latest); ``file_name`` is the sample key and ``shard`` /
-``index`` say where the image lives.  Samples that failed are left out;
-samples without labels are kept as images without annotations.
+Category ids are the ones users already have (:mod:`labelmill.export.categories`):
+official COCO ids for COCO-80 classes, or a map passed with ``--category-ids``.
+``file_name`` is the image's name as it appears in the shard (``KEY.ext``), so
+the export joins to a folder of the original images; ``shard`` and ``index``
+say where the image lives.  Image ids run 1.. in (shard, index) order.
+Samples that failed are left out; samples without labels are images without
+annotations.  Every JSON file is written as a stream (annotations spool to a
+temporary file), so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass, field
+import shutil
+import tempfile
 from typing import Any
 
-import pyarrow as pa
-
-from labelmill.store.read import DatasetVersion, open_version
-
-
-@dataclass
-class _Writer:
-    fs: Any
-    folder: str
-    stem: str
-    images_per_file: int
-    categories: list[dict]
-    grounding: bool
-    files: list[str] = field(default_factory=list)
-    images: list[dict] = field(default_factory=list)
-    annotations: list[dict] = field(default_factory=list)
-    next_ann: int = 1
-
-    def add(self, image: dict, anns: list[dict]) -> None:
-        self.images.append(image)
-        for ann in anns:
-            ann["id"] = self.next_ann
-            self.next_ann += 1
-            self.annotations.append(ann)
-        if len(self.images) >= self.images_per_file:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.images:
-            return
-        name = f"{self.stem}_{len(self.files):05d}.json"
-        doc = {
-            "info": {"description": f"labelmill pseudo-labels ({self.stem})"},
-            "licenses": [],
-            "images": self.images,
-            "annotations": self.annotations,
-            "categories": self.categories,
-        }
-        self.fs.makedirs(self.folder, exist_ok=True)
-        with self.fs.open(posixpath.join(self.folder, name), "w") as fh:
-            json.dump(doc, fh)
-        self.files.append(name)
-        self.images, self.annotations = [], []
+from labelmill.export.base import (
+    Destination, ExportOptionError, ExportSource, Sample, Writer, register, run_export, select_classes,
+    select_teachers,
+)
+from labelmill.export.categories import categories_for, load_category_ids
 
 
-@dataclass
-class TeacherCatalog:
-    """What a teacher's labels contain: categories (vocabulary labels) and phrases."""
+class CocoJsonStream:
+    """A COCO JSON file written incrementally: images go straight out, annotations spool to a temp file."""
 
-    categories: list[dict]
-    grounding: bool
+    def __init__(self, dest: Destination, rel: str, categories: list[dict], description: str):
+        self.rel = rel
+        self._fh = dest.open(rel, "w")
+        self._fh.write('{"info": ' + json.dumps({"description": description}) + ', "licenses": [], '
+                       '"categories": ' + json.dumps(categories) + ', "images": [')
+        self._spool = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.images = 0
+        self.annotations = 0
 
+    def add(self, image: dict, annotations: list[dict]) -> None:
+        self._fh.write((", " if self.images else "") + json.dumps(image))
+        self.images += 1
+        for ann in annotations:
+            self._spool.write((", " if self.annotations else "") + json.dumps(ann))
+            self.annotations += 1
 
-def catalog(ds: DatasetVersion) -> dict[str, TeacherCatalog]:
-    """Per teacher: class names ordered by class id then name, and whether it grounds phrases."""
-    seen: dict[str, dict[str, int]] = {}
-    grounding: set[str] = set()
-    if "labels" not in ds.table_names():
-        return {}
-    for table in ds.iter_batches("labels", ["teacher", "class_name", "class_id", "phrase"]):
-        for teacher, name, cid, phrase in zip(*(table.column(c).to_pylist() for c in table.column_names)):
-            best = seen.setdefault(teacher, {})
-            if phrase is not None and cid is None:
-                grounding.add(teacher)
-            if cid is None:
-                continue
-            best[name] = min(best.get(name, cid), cid)
-    out = {}
-    for teacher, names in seen.items():
-        ordered = sorted(names, key=lambda n: (names[n], n))
-        cats = [{"id": i + 1, "name": n, "supercategory": "pseudo"} for i, n in enumerate(ordered)]
-        out[teacher] = TeacherCatalog(cats, teacher in grounding)
-    return out
+    def close(self) -> None:
+        self._fh.write('], "annotations": [')
+        self._spool.seek(0)
+        shutil.copyfileobj(self._spool, self._fh)
+        self._spool.close()
+        self._fh.write("]}")
+        self._fh.close()
 
 
-def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storage_options: dict | None = None,
-                teachers: list[str] | None = None, version: int | str | None = None) -> dict[str, Any]:
-    """Write COCO files for the labels of one dataset version of ``output`` (default: the latest) into ``dest``."""
-    import fsspec
+class ShardedCoco:
+    """``<folder>/<stem>_00000.json, ...``: a new file every ``images_per_file`` images (None: one file)."""
 
-    ds = open_version(output, version, storage_options=storage_options)
-    dest_fs, dest_root = fsspec.core.url_to_fs(dest, **(storage_options or {}))
-    cats = catalog(ds)
-    names = sorted(cats) if teachers is None else list(teachers)
-    unknown = [t for t in names if t not in cats]
-    if unknown:
-        raise ValueError(f"no labels from teachers {unknown} in {output}; present: {sorted(cats)}")
+    def __init__(self, dest: Destination, folder: str, stem: str, categories: list[dict],
+                 images_per_file: int | None, description: str, single_name: str | None = None):
+        self.dest, self.folder, self.stem = dest, folder, stem
+        self.categories, self.images_per_file = categories, images_per_file
+        self.description, self.single_name = description, single_name
+        self.files: list[str] = []
+        self._current: CocoJsonStream | None = None
+        self._next_ann = 1
 
-    instances: dict[str, _Writer] = {}
-    grounding: dict[str, _Writer] = {}
-    cat_ids: dict[str, dict[str, int]] = {}
-    for t in names:
-        folder = posixpath.join(dest_root, t)
-        if cats[t].categories:
-            instances[t] = _Writer(dest_fs, folder, "instances", images_per_file, cats[t].categories, False)
-            cat_ids[t] = {c["name"]: c["id"] for c in cats[t].categories}
-        if cats[t].grounding:
-            grounding[t] = _Writer(dest_fs, folder, "grounding", images_per_file, [GROUNDING_CATEGORY], True)
+    def add(self, image: dict, annotations: list[dict]) -> None:
+        if self._current is None:
+            if self.single_name is not None:
+                name = self.single_name
+            else:
+                name = posixpath.join(self.folder, f"{self.stem}_{len(self.files):05d}.json")
+            self._current = CocoJsonStream(self.dest, name, self.categories, self.description)
+            self.files.append(name)
+        for ann in annotations:
+            ann["id"] = self._next_ann
+            self._next_ann += 1
+        self._current.add(image, annotations)
+        if self.images_per_file and self._current.images >= self.images_per_file:
+            self.close()
 
-    label_files = ds.shard_paths("labels") if "labels" in ds.table_names() else {}
-    image_id = 0
-    for shard, sample_files in ds.shard_paths("samples").items():  # one shard in memory at a time
-        samples = ds.read_paths(sample_files).sort_by([("shard", "ascending"), ("index", "ascending")])
-        labels = ds.read_paths(label_files[shard]) if label_files.get(shard) else None
-        grouped = _group_labels(labels) if labels is not None else {}
-        for row in samples.to_pylist():
-            if row["status"] == "error":
-                continue
-            image_id += 1
-            image = {
-                "id": image_id,
-                "file_name": row["key"],
-                "width": row["image_width"],
-                "height": row["image_height"],
-                "shard": row["shard"],
-                "index": row["index"],
-            }
-            if row["caption"] is not None:
-                image["caption"] = row["caption"]
-            rows = grouped.get((row["shard"], row["index"]), [])
-            for t in names:
-                mine = [r for r in rows if r["teacher"] == t]
-                if t in instances:
-                    anns = [_annotation(r, image_id, cat_ids[t]) for r in mine if r["class_id"] is not None]
-                    instances[t].add(dict(image), anns)
-                if t in grounding and row["caption"] is not None:
-                    anns = [_grounding_annotation(r, image_id) for r in mine
-                            if r["phrase"] is not None and r["class_id"] is None]
-                    grounding[t].add(dict(image), anns)
-    report: dict[str, dict[str, list[str]]] = {t: {} for t in names}
-    for kind, writers in (("instances", instances), ("grounding", grounding)):
-        for t, w in writers.items():
-            w.flush()
-            report[t][kind] = [posixpath.join(t, f) for f in w.files]
-    manifest = {"source": output, "version": ds.version, "images": image_id, "files": report}
-    dest_fs.makedirs(dest_root, exist_ok=True)
-    with dest_fs.open(posixpath.join(dest_root, "manifest.json"), "w") as fh:
-        json.dump(manifest, fh, indent=2)
-    return manifest
+    def close(self) -> list[str]:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        return self.files
 
 
-GROUNDING_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+def image_entry(sample: Sample) -> dict[str, Any]:
+    image = {"id": sample.image_id, "file_name": sample.file_name, "width": sample.width, "height": sample.height,
+             "shard": sample.shard, "key": sample.key, "index": sample.index}
+    if sample.caption is not None:
+        image["caption"] = sample.caption
+    return image
 
 
-def _group_labels(labels: pa.Table) -> dict[tuple[str, int], list[dict]]:
-    grouped: dict[tuple[str, int], list[dict]] = {}
-    for row in labels.to_pylist():
-        grouped.setdefault((row["shard"], row["index"]), []).append(row)
-    return grouped
+def box_fields(row: dict) -> dict[str, Any]:
+    return {"bbox": [round(float(v), 2) for v in row["bbox"]], "area": float(row["area"] or 0.0),
+            "score": round(float(row["score"]), 5), "iscrowd": 0}
 
 
-def _annotation(row: dict, image_id: int, cat_ids: dict[str, int]) -> dict:
-    ann = {
-        "image_id": image_id,
-        "category_id": cat_ids[row["class_name"]],
-        "bbox": [round(float(v), 2) for v in row["bbox"]],
-        "area": float(row["area"]),
-        "score": round(float(row["score"]), 5),
-        "iscrowd": 0,
-    }
+def instance_annotation(row: dict, image_id: int, category_id: int) -> dict[str, Any]:
+    ann = {"image_id": image_id, "category_id": category_id, **box_fields(row)}
     seg = row.get("segmentation")
     if seg is not None:
         ann["segmentation"] = {"size": [int(v) for v in seg["size"]], "counts": seg["counts"]}
     return ann
 
 
-def _grounding_annotation(row: dict, image_id: int) -> dict:
-    return {
-        "image_id": image_id,
-        "category_id": 1,
-        "bbox": [round(float(v), 2) for v in row["bbox"]],
-        "area": float(row["area"]),
-        "score": round(float(row["score"]), 5),
-        "iscrowd": 0,
-        "phrase": row["phrase"],
-        "tokens_positive": [[int(a), int(b)] for a, b in (row["tokens_positive"] or [])],
-    }
+class InstancesByTeacher:
+    """Per teacher: the categories (ids users already have) and the instance files being written."""
+
+    def __init__(self, dest: Destination, source: ExportSource, teachers: list[str] | None,
+                 classes: list[str] | None, category_ids: str | dict | None, images_per_file: int | None,
+                 file_for: dict[str, str] | None = None):
+        id_map = load_category_ids(category_ids) if isinstance(category_ids, str) else category_ids
+        catalog = source.catalog()
+        self.teachers = [t for t in select_teachers(source, teachers) if catalog[t].classes]
+        if classes:
+            select_classes(source, self.teachers, classes)
+        self.cat_ids: dict[str, dict[str, int]] = {}
+        self.files: dict[str, ShardedCoco] = {}
+        self.categories: dict[str, list[dict]] = {}
+        for t in self.teachers:
+            names = [c for c in (classes or catalog[t].ordered()) if c in catalog[t].classes]
+            cats = categories_for(catalog[t].classes, names, id_map)
+            self.categories[t] = cats
+            self.cat_ids[t] = {c["name"]: c["id"] for c in cats}
+            single = file_for.get(t) if file_for else None
+            self.files[t] = ShardedCoco(dest, t, "instances", cats, images_per_file,
+                                        f"labelmill pseudo-labels ({t}, version {source.version})", single)
+
+    def add(self, sample: Sample) -> None:
+        image = image_entry(sample)
+        for t in self.teachers:
+            ids = self.cat_ids[t]
+            anns = [instance_annotation(r, sample.image_id, ids[r["class_name"]]) for r in sample.labels
+                    if r["teacher"] == t and r["class_id"] is not None and r["class_name"] in ids]
+            self.files[t].add(dict(image), anns)
+
+    def close(self) -> dict[str, list[str]]:
+        return {t: w.close() for t, w in self.files.items()}
+
+
+@register("coco")
+class CocoWriter(Writer):
+    """``instances`` files per teacher, plus MDETR grounding files for grounding teachers."""
+
+    def __init__(self, dest: Destination, source: ExportSource, *, teachers: list[str] | None = None,
+                 classes: list[str] | None = None, category_ids: str | dict | None = None,
+                 images_per_file: int = 50_000, grounding: bool = True):
+        from labelmill.export.mdetr import GroundingByTeacher
+
+        super().__init__(dest, source)
+        self.instances = InstancesByTeacher(dest, source, teachers, classes, category_ids, images_per_file)
+        wanted = select_teachers(source, teachers)
+        self.grounding = GroundingByTeacher(dest, source, wanted, images_per_file) if grounding and not classes \
+            else None
+        self.teachers = wanted
+
+    def add(self, sample: Sample) -> None:
+        self.instances.add(sample)
+        if self.grounding is not None:
+            self.grounding.add(sample)
+
+    def close(self) -> dict[str, Any]:
+        files: dict[str, dict[str, list[str]]] = {t: {} for t in self.teachers}
+        for t, names in self.instances.close().items():
+            files[t]["instances"] = names
+        if self.grounding is not None:
+            for t, names in self.grounding.close().items():
+                files[t]["grounding"] = names
+        return {"files": files, "categories": self.instances.categories}
+
+
+def export_coco(output: str, dest: str, *, version: int | str | None = None, images_per_file: int = 50_000,
+                storage_options: dict | None = None, teachers: list[str] | None = None,
+                classes: list[str] | None = None, category_ids: str | dict | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Write COCO files for version ``version`` (default: latest) of ``output`` into ``dest``."""
+    return run_export("coco", output, dest, version=version, overwrite=overwrite, storage_options=storage_options,
+                      teachers=teachers, classes=classes, category_ids=category_ids, images_per_file=images_per_file)

@@ -38,6 +38,7 @@ class RawSample:
     index: int
     image: bytes | None = None
     image_ext: str | None = None
+    image_name: str | None = None  # the image member's name in the tar, as written (e.g. ``dir/0001.JPG``)
     caption: bytes | None = None
     meta: str | None = None
     error: str | None = None
@@ -347,20 +348,23 @@ class _Assembler:
         self.seen: dict[str, int] = {}
         self.key: str | None = None
         self.files: dict[str, bytes] = {}
+        self.names: dict[str, str] = {}
 
-    def add(self, key: str, ext: str, data: bytes) -> RawSample | None:
+    def add(self, key: str, ext: str, data: bytes, name: str | None = None) -> RawSample | None:
         flushed = None
         if self.key is not None and (key != self.key or ext in self.files):
             flushed = self.flush()
         self.key = key
         self.files[ext] = data
+        if name is not None:
+            self.names[ext] = name
         return flushed
 
     def flush(self, error: str | None = None) -> RawSample | None:
         if self.key is None:
             return None
-        key, files = self.key, self.files
-        self.key, self.files = None, {}
+        key, files, names = self.key, self.files, self.names
+        self.key, self.files, self.names = None, {}, {}
         sample = RawSample(key=key, index=self.index)
         self.index += 1
         if key in self.seen:
@@ -372,6 +376,7 @@ class _Assembler:
         if images:
             sample.image_ext = images[0]
             sample.image = files[images[0]]
+            sample.image_name = names.get(images[0])
             if len(images) > 1:
                 sample.warnings.append(f"several images {images}; used .{images[0]}")
         elif sample.error is None:
@@ -424,7 +429,7 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Itera
                 data = extracted.read() if extracted is not None else b""
                 reading = None
                 members += 1
-                done = asm.add(key, ext.lower(), data)
+                done = asm.add(key, ext.lower(), data, name)
                 if done is not None:
                     yield done
     except Exception as exc:  # truncated tar, bad gzip, dropped connection

@@ -1,0 +1,69 @@
+"""Export building blocks without a pipeline: mask -> polygon exactness, category id maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from scipy import ndimage
+from skimage.draw import polygon2mask
+
+from labelmill.export.base import ExportOptionError
+from labelmill.export.categories import COCO_80, categories_for, load_category_ids
+from labelmill.export.polygons import mask_polygon
+
+
+def _rle(m: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode()}
+
+
+def _parts_filled(m: np.ndarray) -> np.ndarray:
+    parts, n = ndimage.label(m)
+    out = np.zeros_like(m)
+    for i in range(1, n + 1):
+        out |= ndimage.binary_fill_holes(parts == i)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["blocks", "noise"])
+def test_polygon_reproduces_the_mask_at_pixel_centres(kind):
+    """Rectangles in several parts, and salt noise full of corner contacts: the polygon is exact."""
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        if kind == "noise":
+            m = rng.random((9, 11)) > 0.6
+        else:
+            m = np.zeros((30, 40), bool)
+            for _ in range(rng.integers(1, 5)):
+                y, x = rng.integers(0, 25), rng.integers(0, 35)
+                m[y : y + rng.integers(1, 8), x : x + rng.integers(1, 8)] = True
+        if not m.any():
+            continue
+        poly = mask_polygon(_rle(m))
+        assert np.array_equal(poly, np.round(poly))  # vertices are pixel corners
+        drawn = polygon2mask(m.shape, np.stack([poly[:, 1] - 0.5, poly[:, 0] - 0.5], 1))
+        assert np.array_equal(drawn, _parts_filled(m))
+
+
+def test_coco_80_table_and_id_maps(tmp_path):
+    assert len(COCO_80) == 80 and COCO_80[0] == (1, "person", "person") and COCO_80[-1][0] == 90
+    assert categories_for({"dog": 0, "cat": 1}, ["dog", "cat"]) == [
+        {"id": 17, "name": "cat", "supercategory": "animal"}, {"id": 18, "name": "dog", "supercategory": "animal"}]
+    # not all COCO names: the vocabulary index + 1, whichever classes have labels
+    assert [c["id"] for c in categories_for({"cat": 0, "grass": 2}, ["cat", "grass"])] == [1, 3]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"grass": 5, "cat": {"id": 9, "supercategory": "pet"}}))
+    ids = load_category_ids(str(plain))
+    assert categories_for({"cat": 0, "grass": 2}, ["cat", "grass"], ids) == [
+        {"id": 5, "name": "grass", "supercategory": "none"}, {"id": 9, "name": "cat", "supercategory": "pet"}]
+    with pytest.raises(ExportOptionError, match=r"no id for class\(es\) \['sky'\]"):
+        categories_for({"sky": 3}, ["sky"], ids)
+    dupes = tmp_path / "dupes.json"
+    dupes.write_text(json.dumps({"a": 1, "b": 1}))
+    with pytest.raises(ExportOptionError, match="more than one class"):
+        load_category_ids(str(dupes))
+    with pytest.raises(ExportOptionError, match="does not exist"):
+        load_category_ids(str(tmp_path / "missing.json"))
