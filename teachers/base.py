@@ -187,6 +187,7 @@ _BUILTIN = {
     "maskclip": "labelmill.teachers.maskclip:MaskCLIPTeacher",
     "glip": "labelmill.teachers.glip:GLIPTeacher",
     "vild": "labelmill.teachers.vild:ViLDEmbedder",
+    "student": "labelmill.teachers.student:StudentTeacher",
 }
 
 
