@@ -47,6 +47,14 @@ def _cmd_export_coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_odvg(args: argparse.Namespace) -> int:
+    from labelmill.export.odvg import export_odvg
+
+    print(json.dumps(export_odvg(args.output, args.dest, version=args.version, teacher=args.teacher,
+                                 threshold=args.threshold), indent=2))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
@@ -143,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
     p.add_argument("--teacher", action="append", help="only this teacher (repeatable)")
     p.set_defaults(func=_cmd_export_coco)
+
+    p = sub.add_parser(
+        "export-odvg",
+        help="write the grounding labels of a dataset version as ODVG JSONL",
+        description="One JSON line per image with its caption and grounded boxes (xyxy, phrase, tokens_positive).",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("dest", help="JSONL file to write")
+    p.add_argument("--version", type=int, default=None, help="dataset version (default latest)")
+    p.add_argument("--teacher", help="only this teacher")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum box score")
+    p.set_defaults(func=_cmd_export_odvg)
 
     p = sub.add_parser(
         "report",
