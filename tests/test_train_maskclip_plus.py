@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import make_shards, run_config, tiny_maskclip
+from helpers import make_shards, run_config
 
 import labelmill.data
 from labelmill.cli import main

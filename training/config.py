@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from labelmill.config import ConfigError, apply_override, parse_override
+from labelmill.config import ConfigError, read_config_data
 
 
 class _Strict(BaseModel):
@@ -167,20 +166,7 @@ def load_train_config(task: str, source: str | Path | dict, overrides: list[str]
     """Read, override and validate a training config.  Raises ConfigError."""
     if task not in TASKS:
         raise ConfigError(f"unknown training task {task!r}: {sorted(TASKS)}")
-    if isinstance(source, dict):
-        data = yaml.safe_load(yaml.safe_dump(source))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("the config must be a mapping at the top level")
-    for text in overrides or []:
-        apply_override(data, *parse_override(text))
+    data = read_config_data(source, overrides)
     data.setdefault("task", task)
     try:
         return TASKS[task].model_validate(data)

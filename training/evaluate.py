@@ -7,7 +7,6 @@ are matched to samples by ``file_name`` = sample key.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterator
 
