@@ -127,7 +127,7 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
     kwargs = dict(fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=8,
-                  concurrency=cfg.data.prepare_workers, num_cpus=cfg.data.prepare_cpus)
+                  compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
     datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND).map_batches(PrepareGrounding, **kwargs)}
     if cfg.gold_ratio > 0:
         rows = [r for g in cfg.gold for r in gold_records(g)]

@@ -206,6 +206,8 @@ def predict_labels(model: SegStudent, image: np.ndarray, device="cpu") -> tuple[
 
 def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels and vocabulary, build the streamed dataset."""
+    import ray.data
+
     from labelmill.training.data import open_version, sample_dataset, summarise_labels
 
     ds = open_version(cfg.data)
@@ -223,7 +225,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
                                      f"teacher's {len(vocabulary)}")
     samples = sample_dataset(ds, cfg.data, summary.teacher, KIND)
     train = samples.map_batches(PrepareSegmentation, fn_constructor_args=(cfg.model_dump(mode="json"), mapping, vocabulary),
-                                batch_size=8, concurrency=cfg.data.prepare_workers,
+                                batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
                                 num_cpus=cfg.data.prepare_cpus)
     extra = {"vocabulary": vocabulary, "embeddings": emb.tolist(),
              "provenance": {"output": ds.output, "version": ds.version, "teacher": summary.teacher,
