@@ -215,7 +215,7 @@ def test_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path)
                             start_new_session=True)
     run_dir = tmp_path / "runs" / "killed"
     try:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline and proc.poll() is None:
             if len(list(run_dir.glob("checkpoint_*"))) >= 1 and list((run_dir / "metrics").glob("*.parquet")):
                 break
