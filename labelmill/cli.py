@@ -43,6 +43,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_odvg(args: argparse.Namespace) -> int:
+    from labelmill.export.odvg import export_odvg
+
+    print(json.dumps(export_odvg(args.output, args.dest, version=args.version, teacher=args.teacher,
+                                 threshold=args.threshold), indent=2))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
@@ -79,6 +87,27 @@ def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from labelmill.pipelines.train import train
+    from labelmill.training.config import load_train_config
+
+    cfg = load_train_config(args.task, args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    print(json.dumps(train(cfg), indent=2, default=str))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from labelmill.training.evaluate import evaluate
+
+    result = evaluate(args.checkpoint, args.output, version=args.version, gt=args.gt, teacher=args.teacher,
+                      threshold=args.threshold, max_images=args.max_images, tokenizer=args.tokenizer)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labelmill",
@@ -112,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parsers(sub)
 
     p = sub.add_parser(
+        "export-odvg",
+        help="write the grounding labels of a dataset version as ODVG JSONL",
+        description="One JSON line per image with its caption and grounded boxes (xyxy, phrase, tokens_positive).",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("dest", help="JSONL file to write")
+    p.add_argument("--version", type=int, default=None, help="dataset version (default latest)")
+    p.add_argument("--teacher", help="only this teacher")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum box score")
+    p.set_defaults(func=_cmd_export_odvg)
+
+    p = sub.add_parser(
         "report",
         help="write an HTML report with mask overlays and per-class counts",
         description="Render the first images of OUTPUT with their labels, plus per-class and per-status counts.",
@@ -143,6 +184,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--random-init", action="store_true", help="random weights, for testing only (loud banner)")
     p.set_defaults(func=_cmd_text_embeddings)
+
+    p = sub.add_parser(
+        "train",
+        help="train a student (maskclip-plus or glip) on a dataset version with Ray Train",
+        description="Train a student from the labels of a pinned dataset version. The config is validated "
+        "before any work starts; re-running the same checkpoint.name resumes from its last checkpoint.",
+    )
+    p.add_argument("task", choices=["maskclip-plus", "glip"], help="which student")
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a student checkpoint: mIoU (segmentation) or COCO AP (detection)",
+        description="Score a student on the images of a dataset version: against the version's own teacher "
+        "labels, or against COCO-format ground truth (--gt; images matched by file_name = sample key).",
+    )
+    p.add_argument("checkpoint", help="student checkpoint folder (MaskCLIP+ or GLIP)")
+    p.add_argument("output", help="labelmill output whose images (and labels) to use")
+    p.add_argument("--version", type=int, default=None, help="dataset version (default latest)")
+    p.add_argument("--gt", help="COCO-format ground truth JSON (default: the version's teacher labels)")
+    p.add_argument("--teacher", help="teacher whose labels are the reference (default: the only one)")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum reference label score")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--tokenizer", help="GLIP: BERT tokenizer folder (default: the checkpoint's)")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -211,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.store.commit import OutputConflictError
     from labelmill.store.lock import LockHeld
     from labelmill.teachers.base import WeightsError
+    from labelmill.training.errors import TrainingError
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -241,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOCK_HELD
     except ExportError as exc:
         print(f"labelmill: export error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingError as exc:
+        print(f"labelmill: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
 
 

@@ -224,6 +224,15 @@ def _list_index(node: list, part: str, parts: list[str]) -> int:
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config.  Raises :class:`ConfigError`."""
+    data = read_config_data(source, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def read_config_data(source: str | Path | dict, overrides: list[str] | None = None) -> dict:
+    """A config mapping from YAML (or a dict, deep-copied) with ``key.path=value`` overrides applied."""
     if isinstance(source, dict):
         data = yaml.safe_load(yaml.safe_dump(source))  # deep copy
     else:
@@ -239,7 +248,4 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     for text in overrides or []:
         parts, value = parse_override(text)
         apply_override(data, parts, value)
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+    return data

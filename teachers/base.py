@@ -237,6 +237,7 @@ _BUILTIN = {
     "glip": "labelmill.teachers.glip:GLIPTeacher",
     "vild": "labelmill.teachers.vild:ViLDEmbedder",
     "null": "labelmill.teachers.null:NullTeacher",
+    "student": "labelmill.teachers.student:StudentTeacher",
 }
 
 

@@ -1,0 +1,26 @@
+"""Student training: a pinned dataset version -> Ray Data -> Ray Train -> a student checkpoint.
+
+``train(task, cfg)`` composes the pieces of :mod:`labelmill.training`: the
+task's ``prepare`` (pin the version, check labels and vocabulary, build the
+streamed dataset) and the shared Ray Train ``fit``.
+"""
+
+from __future__ import annotations
+
+from labelmill.config import RayConfig
+from labelmill.engine.runtime import start_ray
+from labelmill.training.data import quiet_ray_data
+from labelmill.training.loop import fit
+
+
+def train(cfg) -> dict:
+    if cfg.task == "maskclip-plus":
+        from labelmill.training.maskclip_plus import prepare
+    else:
+        from labelmill.training.glip import prepare
+    start_ray(RayConfig(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus))
+    quiet_ray_data()
+    datasets, extra = prepare(cfg)
+    result = fit(cfg, datasets, extra)
+    result["dataset"] = extra.get("provenance", {})
+    return result

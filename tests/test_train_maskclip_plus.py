@@ -1,0 +1,239 @@
+"""MaskCLIP+ student training on Ray Train, from labels the pipeline wrote (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers import make_shards, run_config
+
+import labelmill.data
+from labelmill.cli import main
+from labelmill.config import load_config
+from labelmill.pipelines.label import run
+from labelmill.pipelines.train import train
+from labelmill.training.augment import Augment
+from labelmill.training.config import load_train_config
+from labelmill.training.loop import read_metrics
+from labelmill.training.targets import IGNORE, class_map, grounding_target
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, ray_session):
+    """12 images in 2 shards, labelled by the random-init tiny MaskCLIP teacher."""
+    root = tmp_path_factory.mktemp("mcp")
+    make_shards(root / "shards", 2, 6)
+    run(load_config(run_config(str(root / "shards"), str(root / "out"))))
+    return root
+
+
+def train_cfg(root: Path, name: str, steps: int, **over) -> dict:
+    cfg = {
+        "data": {"output": str(root / "out"), "image_size": 96, "augment": False, "repeat": 8},
+        "model": {"backbone": "tiny"},
+        "optim": {"optimizer": "adamw", "lr": 3e-3, "max_steps": steps, "batch_size": 4,
+                  "schedule": "constant", "weight_decay": 0.0},
+        "checkpoint": {"path": str(root / "runs"), "name": name, "every_steps": 20},
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+# ------------------------------------------------------------------ unit
+def test_class_map_threshold_and_overlap():
+    from pycocotools import mask as mu
+
+    def rle(m):
+        r = mu.encode(np.asfortranarray(m.astype(np.uint8)))
+        return {"size": list(m.shape), "counts": r["counts"].decode()}
+
+    a = np.zeros((8, 8), bool)
+    a[:4] = True
+    b = np.zeros((8, 8), bool)
+    b[2:6] = True
+    rows = [{"class_id": 1, "score": 0.9, "segmentation": rle(a)}, {"class_id": 2, "score": 0.4, "segmentation": rle(b)}]
+    m = class_map(rows, 8, 8)
+    assert (m[:4] == 1).all() and (m[4:6] == 2).all() and (m[6:] == IGNORE).all()
+    m = class_map(rows, 8, 8, threshold=0.5)  # load-time threshold: the weak mask becomes ignore
+    assert (m[:4] == 1).all() and (m[4:] == IGNORE).all()
+
+
+def test_augment_moves_image_and_target_together():
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 60, 3), np.uint8)
+    tgt = np.zeros((40, 60), np.int64)
+    img[:, :20] = 200
+    tgt[:, :20] = 3
+    aug = Augment(32, scale=(0.7, 1.5))
+    for _ in range(10):
+        a, t = aug.segmentation(img, tgt, rng)
+        assert a.shape == (32, 32, 3) and t.shape == (32, 32)
+        bright, cls = a[..., 0] > 150, t == 3
+        inner = cls & np.roll(cls, 1, 1) & np.roll(cls, -1, 1)  # away from resampled edges
+        assert bright[inner].all() and not (cls & (a[..., 0] == 0) & (t != IGNORE)).any() or not inner.any()
+    boxes = np.array([[0, 0, 20, 40]], np.float32)
+    a, b, keep = Augment(60, scale=(1, 1), hflip=False, enabled=True).boxes(img, boxes, rng)
+    assert len(keep) == 1 and a[int(b[0, 1]) + 2, int(b[0, 0]) + 2, 0] == 200
+
+
+def test_grounding_target_skips_images_without_a_box_at_threshold():
+    rows = [{"bbox": [1, 2, 3, 4], "score": 0.3, "caption": "a dog", "tokens_positive": [[2, 5]], "phrase": "dog"}]
+    assert grounding_target(rows, threshold=0.5) is None
+    t = grounding_target(rows, threshold=0.2)
+    assert t.caption == "a dog" and t.boxes.tolist() == [[1, 2, 4, 6]] and t.tokens_positive == [[[2, 5]]]
+    v = grounding_target([{"bbox": [0, 0, 2, 2], "score": 0.9, "class_name": "cat"}])
+    assert v.caption == "cat. " and v.tokens_positive == [[[0, 3]]]
+
+
+def test_untrusted_pickle_and_missing_checkpoint(tmp_path):
+    from labelmill.models.deeplab import StudentCheckpointError, load_tensors
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("side effect",))
+
+    path = tmp_path / "model.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(StudentCheckpointError, match="untrusted pickle"):
+        load_tensors(str(path))
+    with pytest.raises(StudentCheckpointError, match="does not exist"):
+        load_tensors(str(tmp_path / "nope.pt"))
+
+
+def test_config_validated_before_work(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"output": "x", "imge_size": 3}, "checkpoint": {"path": "y"}}))
+    assert main(["train", "maskclip-plus", str(bad)]) == 2
+    assert "data.imge_size: unknown key" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_student_learns_its_teacher_then_resumes_and_round_trips(labelled):
+    from labelmill.models.deeplab import load_student, save_student
+    from labelmill.training.evaluate import segmentation_agreement
+
+    result = train(load_train_config("maskclip-plus", train_cfg(labelled, "r1", 60)))
+    assert result["step"] == 60 and result["dataset"]["version"] == labelmill.data.open(str(labelled / "out")).version
+    metrics = read_metrics(str(labelled / "runs"), "r1")
+    assert metrics["step"].tolist() == list(range(1, 61))
+    assert {"loss_ce", "lr", "samples_per_s"} <= set(metrics.columns)
+    assert metrics["loss"].iloc[-10:].mean() < metrics["loss"].iloc[:5].mean()
+
+    student = load_student(result["checkpoint"])
+    score = segmentation_agreement(student, labelmill.data.open(str(labelled / "out")))
+    assert score["images"] == 12
+    assert score["pixel_accuracy"] >= 0.9, score
+
+    # checkpoint round trip: saved and loaded again, the same predictions
+    save_student(student, str(labelled / "copy"))
+    again = load_student(str(labelled / "copy"))
+    x = torch.randint(0, 255, (2, 64, 96, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(student(x), again(x))
+
+    # the same run name resumes: the step count continues from the checkpoint
+    more = train(load_train_config("maskclip-plus", train_cfg(labelled, "r1", 70)))
+    assert more["step"] == 70
+    metrics = read_metrics(str(labelled / "runs"), "r1")
+    assert metrics["step"].tolist() == list(range(1, 71))
+    assert set(metrics.loc[metrics.step > 60, "start_step"]) == {60}
+
+
+@pytest.mark.slow
+def test_two_workers_and_self_training(labelled):
+    cfg = train_cfg(labelled, "two", 6, scaling={"num_workers": 2, "cpus_per_worker": 0.5},
+                    self_training={"start_step": 3, "threshold": 0.0})
+    result = train(load_train_config("maskclip-plus", cfg))
+    assert result["step"] == 6
+    metrics = read_metrics(str(labelled / "runs"), "two")
+    assert metrics["step"].tolist() == list(range(1, 7))
+    # both workers' samples count: 2 workers x batch 4 per step
+    assert metrics["samples"].iloc[-1] == 6 * 2 * 4
+    assert metrics["self_training"].fillna(0).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.slow
+def test_bad_inputs_exit_with_clear_errors(labelled, tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump(train_cfg(labelled, "bad", 2, data={"threshold": 1.0})))
+    assert main(["train", "maskclip-plus", str(cfg)]) == 4
+    assert "no usable mask labels" in capsys.readouterr().err
+    cfg.write_text(yaml.safe_dump(train_cfg(labelled, "bad", 2, model={"init_from": str(tmp_path / "missing")})))
+    assert main(["train", "maskclip-plus", str(cfg)]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), str(labelled / "out")]) == 3
+
+
+@pytest.mark.slow
+def test_trained_student_relabels_and_a_second_round_trains_on_it(labelled, tmp_path, capsys):
+    first = train(load_train_config("maskclip-plus", train_cfg(labelled, "round1", 4)))
+    ckpt = first["checkpoint"]
+    # a vocabulary that differs from the checkpoint's is refused before any work
+    bad = run_config(str(labelled / "shards"), str(tmp_path / "bad"),
+                     teachers=[{"type": "student", "checkpoint": ckpt, "vocabulary": ["cat", "dog"]}])
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "vocabulary mismatch" in capsys.readouterr().err
+
+    out2 = tmp_path / "round2-labels"
+    cfg = run_config(str(labelled / "shards"), str(out2), teachers=[{"type": "student", "checkpoint": ckpt,
+                                                                    "image_size": 96}])
+    (tmp_path / "relabel.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "relabel.yaml")]) == 0
+    ds = labelmill.data.open(str(out2))
+    labels = ds.read("labels", columns=["teacher", "class_name"])
+    assert labels.num_rows > 0 and set(labels.column("teacher").to_pylist()) == {"student"}
+
+    cfg2 = train_cfg(labelled, "round2", 3, data={"output": str(out2)}, model={"init_from": ckpt})
+    second = train(load_train_config("maskclip-plus", cfg2))
+    assert second["step"] == 3 and second["dataset"]["output"] == str(out2)
+    assert second["dataset"]["teacher"] == "student"
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path):
+    cfg = train_cfg(labelled, "killed", 30)
+    cfg["checkpoint"].update({"path": str(tmp_path / "runs"), "every_steps": 5})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "labelmill", "train", "maskclip-plus", str(path), "ray.num_cpus=2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = tmp_path / "runs" / "killed"
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(run_dir.glob("checkpoint_*"))) >= 1 and list((run_dir / "metrics").glob("*.parquet")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # driver and every Ray process it started
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    before = read_metrics(str(tmp_path / "runs"), "killed")
+    done = int(before["step"].max())
+    assert 0 < done < 30
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = read_metrics(str(tmp_path / "runs"), "killed")
+    assert after["step"].tolist() == list(range(1, 31))
+    resumed = set(after.loc[after.step > done, "start_step"])
+    assert len(resumed) == 1 and 0 < resumed.pop() <= done  # continued from a checkpoint, not from 0

@@ -1,0 +1,174 @@
+"""Training configs: YAML in, validated pydantic objects out (like ``labelmill run``).
+
+Overrides are ``key.path=value`` pairs; every problem is reported with its
+key path before any work starts (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from labelmill.config import ConfigError, read_config_data
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataSection(_Strict):
+    output: str = Field(description="a labelmill output (local or s3://) holding the teacher's labels")
+    version: int | str | None = Field(default=None, description="dataset version (number or ISO time); default latest")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the output")
+    shard_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for reading the original shards (images by key)")
+    teacher: str | None = Field(default=None, description="teacher instance whose labels to learn; default: the only one")
+    threshold: float = Field(default=0.0, ge=0, le=1, description="load-time minimum label score")
+    image_size: int = Field(default=512, ge=16, description="side of the square training crop")
+    scale: tuple[float, float] = Field(default=(0.5, 2.0), description="random rescale range")
+    hflip: bool = True
+    augment: bool = True
+    repeat: int = Field(default=1, gt=0, description="passes over the version per Ray Data iteration (small sets)")
+    max_image_pixels: int = Field(default=90_000_000, gt=0)
+    read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of a shard-reading task")
+    prepare_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of a decode+target+augment worker")
+    prepare_workers: int = Field(default=1, gt=0, description="decode+target+augment actors")
+
+
+class OptimSection(_Strict):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=1000, gt=0, description="optimizer steps in total (resumes continue the count)")
+    batch_size: int = Field(default=8, gt=0, description="images per worker per micro-batch")
+    grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
+    bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU)")
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float | None = Field(default=None, gt=0)
+
+
+class CheckpointSection(_Strict):
+    path: str = Field(description="Ray Train storage path (local folder or s3://bucket/prefix)")
+    name: str = Field(default="student", description="run name; re-running the same name resumes")
+    every_steps: int = Field(default=500, gt=0)
+    keep: int = Field(default=2, gt=0)
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// paths")
+
+
+class RaySection(_Strict):
+    address: str | None = None
+    num_cpus: float | None = Field(default=None, gt=0)
+
+
+class SelfTraining(_Strict):
+    start_step: int | None = Field(default=None, ge=0, description="from this step the student's predictions are the targets")
+    threshold: float = Field(default=0.0, ge=0, le=1, description="pixels less confident than this are ignored")
+
+
+class Transductive(_Strict):
+    seen_classes: list[str] = Field(description="classes whose gold masks come from the shards' json annotations")
+
+
+class SegModel(_Strict):
+    backbone: Literal["resnet50", "resnet101", "tiny"] = "resnet101"
+    embed_dim: int | None = Field(default=None, gt=0, description="default: the text embeddings' width")
+    logit_scale: float = Field(default=50.0, gt=0)
+    freeze_classifier: bool = Field(default=True, description="keep the text-embedding classifier fixed (open vocabulary)")
+    text_embeddings: str | None = Field(
+        default=None, description="Parquet file from `labelmill text-embeddings`; default: computed with the "
+        "teacher's own CLIP, vocabulary and prompt templates (from the output's run config)")
+    init_from: str | None = Field(default=None, description="a student checkpoint (directory or model.pt) to start from")
+    backbone_weights: str | None = Field(default=None, description="local torchvision backbone state dict")
+
+
+class TrainCommon(_Strict):
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection
+    ray: RaySection = Field(default_factory=RaySection)
+    report_interval_s: float = Field(
+        default=2.0, ge=0, description="report the latest step's metrics to Ray Train at most this often "
+        "(every step is written to the metrics table)")
+
+
+class MaskCLIPPlusConfig(TrainCommon):
+    task: Literal["maskclip-plus"] = "maskclip-plus"
+    model: SegModel = Field(default_factory=SegModel)
+    self_training: SelfTraining = Field(default_factory=SelfTraining)
+    transductive: Transductive | None = None
+
+
+class GoldSection(_Strict):
+    path: str = Field(description="ODVG JSONL or MDETR/COCO grounding JSON")
+    images: str = Field(description="folder of the gold images (file_name is relative to it)")
+    format: Literal["odvg", "mdetr"] | None = Field(default=None, description="default: from the file suffix")
+
+
+class GLIPModel(_Strict):
+    preset: Literal["glip_l", "glip_t", "tiny"] = "glip_l"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="GLIPConfig fields to replace")
+    init_from: str | None = Field(default=None, description="official GLIP weights or an earlier round's checkpoint")
+    tokenizer: str = Field(description="local BERT tokenizer folder")
+    freeze_language: bool = False
+    freeze_backbone: bool = False
+    language_lr_scale: float = Field(default=1.0, ge=0)
+    backbone_lr_scale: float = Field(default=1.0, ge=0)
+    allow_unsafe_pickle: bool = Field(default=False, description="load official .pth pickles (trusted files only)")
+
+
+class GLIPLoss(_Strict):
+    atss_topk: int = Field(default=9, gt=0)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = 2.0
+    centerness_weight: float = 1.0
+
+
+class GLIPTrainConfig(TrainCommon):
+    task: Literal["glip"] = "glip"
+    model: GLIPModel
+    gold: list[GoldSection] = Field(default_factory=list)
+    gold_ratio: float = Field(default=0.0, ge=0, le=1, description="share of each batch drawn from gold data")
+    loss: GLIPLoss = Field(default_factory=GLIPLoss)
+
+    @model_validator(mode="after")
+    def _gold(self) -> "GLIPTrainConfig":
+        if self.gold_ratio > 0 and not self.gold:
+            raise ValueError("gold_ratio > 0 needs at least one gold source")
+        return self
+
+
+TASKS = {"maskclip-plus": MaskCLIPPlusConfig, "glip": GLIPTrainConfig}
+
+
+def _format(exc: ValidationError) -> str:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        out.append(f"{loc}: {'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}")
+    return "; ".join(out)
+
+
+def load_train_config(task: str, source: str | Path | dict, overrides: list[str] | None = None):
+    """Read, override and validate a training config.  Raises ConfigError."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown training task {task!r}: {sorted(TASKS)}")
+    data = read_config_data(source, overrides)
+    data.setdefault("task", task)
+    try:
+        return TASKS[task].model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None

@@ -1,0 +1,285 @@
+"""GLIP self-training: a GLIP student (Swin-L by default) on a version's GLIP-T pseudo-labels mixed with gold data.
+
+Pseudo-labels are the ``box`` rows of a ``glip`` teacher (caption mode:
+caption, phrase, ``tokens_positive``; vocabulary mode: a ``"a. b. "``
+caption is rebuilt).  Gold grounding data (ODVG JSONL or MDETR/COCO JSON
+with ``tokens_positive``) is streamed as a second Ray dataset; each batch
+takes ``round(gold_ratio * batch_size)`` samples from it.  The trained
+weights are written with official key names (``model.safetensors``) so a
+``glip`` teacher loads them as they are (``weights: .../model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from labelmill.training.augment import Augment
+from labelmill.training.config import GLIPTrainConfig
+from labelmill.training.errors import CheckpointError
+from labelmill.training.targets import grounding_target
+
+KIND = "box"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "glip.json"
+
+
+def glip_config(model_cfg):
+    from labelmill.models.glip import GLIPConfig
+
+    return getattr(GLIPConfig, model_cfg.preset)().with_overrides(**model_cfg.overrides)
+
+
+def token_map(offsets: list[tuple[int, int]], spans_per_box: list[list[list[int]]], length: int) -> torch.Tensor:
+    """Binary (boxes, length): the tokens whose characters overlap each box's spans."""
+    out = torch.zeros(len(spans_per_box), length)
+    for b, spans in enumerate(spans_per_box):
+        for s, e in spans:
+            for t, (ts, te) in enumerate(offsets[:length]):
+                if te > ts and ts < e and te > s:
+                    out[b, t] = 1.0
+    return out
+
+
+# ----------------------------------------------------------- Ray Data side
+class PrepareGrounding:
+    """map_batches: image bytes + box rows (or gold records) -> augmented crop, caption, boxes, spans."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = GLIPTrainConfig.model_validate(cfg)
+        d = self.cfg.data
+        self.aug = Augment(d.image_size, tuple(d.scale), d.hflip, d.augment)
+        self.rng = np.random.default_rng()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from labelmill.io.images import decode_image
+        from labelmill.schemas.records import ImageRequest
+
+        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
+        out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": []}
+        for data, labels in zip(batch["image_bytes"], batch["labels_json"]):
+            target = grounding_target(json.loads(labels), self.cfg.data.threshold)
+            if target is None:
+                continue  # no box at the threshold: the image teaches nothing
+            img = decode_image(bytes(data), big, self.cfg.data.max_image_pixels).pixels
+            crop, boxes, keep = self.aug.boxes(img, target.boxes, self.rng)
+            if len(keep) == 0:
+                continue
+            out["image"].append(crop)
+            out["caption"].append(target.caption)
+            out["boxes_json"].append(json.dumps(boxes.tolist()))
+            out["spans_json"].append(json.dumps([target.tokens_positive[i] for i in keep]))
+        if not out["image"]:
+            s = self.cfg.data.image_size
+            return {"image": np.zeros((0, s, s, 3), np.uint8), "caption": np.array([], object),
+                    "boxes_json": np.array([], object), "spans_json": np.array([], object)}
+        return {"image": np.stack(out["image"]), "caption": np.array(out["caption"], object),
+                "boxes_json": np.array(out["boxes_json"], object), "spans_json": np.array(out["spans_json"], object)}
+
+
+def gold_records(gold) -> list[dict]:
+    """Gold grounding records -> rows shaped like pseudo-label rows (image bytes read lazily by path)."""
+    fmt = gold.format or ("odvg" if gold.path.endswith((".jsonl", ".odvg")) else "mdetr")
+    rows = []
+    if fmt == "odvg":
+        with open(gold.path) as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                g = rec.get("grounding") or {}
+                labels = [{"bbox": [r["bbox"][0], r["bbox"][1], r["bbox"][2] - r["bbox"][0], r["bbox"][3] - r["bbox"][1]],
+                           "score": 1.0, "caption": g.get("caption"), "phrase": r.get("phrase"),
+                           "tokens_positive": r.get("tokens_positive")} for r in g.get("regions", [])]
+                rows.append({"path": os.path.join(gold.images, rec["filename"]), "labels_json": json.dumps(labels)})
+    else:
+        with open(gold.path) as fh:
+            coco = json.load(fh)
+        anns: dict[int, list] = {}
+        for a in coco.get("annotations", []):
+            anns.setdefault(a["image_id"], []).append(a)
+        for img in coco.get("images", []):
+            labels = [{"bbox": a["bbox"], "score": 1.0, "caption": img.get("caption"), "phrase": a.get("phrase"),
+                       "tokens_positive": a.get("tokens_positive")} for a in anns.get(img["id"], [])]
+            rows.append({"path": os.path.join(gold.images, img["file_name"]), "labels_json": json.dumps(labels)})
+    return rows
+
+
+def _read_image(row: dict) -> dict:
+    with open(row["path"], "rb") as fh:
+        return {"image_bytes": fh.read(), "labels_json": row["labels_json"]}
+
+
+def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
+    """Driver side: pin the version, check labels, build the pseudo-label (and gold) streams."""
+    import ray.data
+
+    from labelmill.training.data import open_version, sample_dataset, summarise_labels
+
+    if not os.path.exists(cfg.model.tokenizer) and cfg.model.tokenizer != "builtin-test":
+        raise CheckpointError(f"tokenizer folder {cfg.model.tokenizer} does not exist")
+    if cfg.model.init_from and not os.path.isfile(cfg.model.init_from):
+        raise CheckpointError(f"model.init_from {cfg.model.init_from} does not exist")
+    ds = open_version(cfg.data)
+    summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
+    kwargs = dict(fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=8,
+                  compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
+    datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND).map_batches(PrepareGrounding, **kwargs)}
+    if cfg.gold_ratio > 0:
+        rows = [r for g in cfg.gold for r in gold_records(g)]
+        datasets["gold"] = ray.data.from_items(rows).map(_read_image, num_cpus=cfg.data.read_cpus).map_batches(
+            PrepareGrounding, **kwargs)
+    extra = {"provenance": {"output": ds.output, "version": ds.version, "teacher": summary.teacher,
+                            "labels": summary.rows}}
+    return datasets, extra
+
+
+# ------------------------------------------------------------- worker side
+class GroundingTask:
+    def __init__(self, cfg: dict, extra: dict):
+        from labelmill.teachers.glip import load_glip_tokenizer
+
+        self.cfg = GLIPTrainConfig.model_validate(cfg)
+        self.arch = glip_config(self.cfg.model)
+        self.tokenizer = load_glip_tokenizer(self.cfg.model.tokenizer)
+        self.provenance = extra.get("provenance", {})
+        self.n_gold = round(self.cfg.gold_ratio * self.cfg.optim.batch_size)
+
+    def build_model(self):
+        from labelmill.models.glip import GLIP, load_glip_weights
+        from labelmill.models.glip.checkpoint import CheckpointError as GLIPCheckpointError
+
+        model = GLIP(self.arch)
+        m = self.cfg.model
+        if m.init_from:
+            try:
+                load_glip_weights(model, m.init_from, strict=False, allow_unsafe_pickle=m.allow_unsafe_pickle)
+            except (GLIPCheckpointError, FileNotFoundError) as exc:
+                raise CheckpointError(str(exc).splitlines()[0]) from None
+        model.language_backbone.requires_grad_(not m.freeze_language)
+        model.backbone.body.requires_grad_(not m.freeze_backbone)
+        return model
+
+    def param_groups(self, model) -> list[dict[str, Any]]:
+        m = self.cfg.model
+        lang = [p for p in model.language_backbone.parameters() if p.requires_grad]
+        body = [p for p in model.backbone.body.parameters() if p.requires_grad]
+        taken = {id(p) for p in lang + body}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+        return [{"params": rest, "lr_scale": 1.0}, {"params": body, "lr_scale": m.backbone_lr_scale},
+                {"params": lang, "lr_scale": m.language_lr_scale}]
+
+    def mix_gold(self, batch: dict, gold_shard, gold_iter):
+        """Replace the last ``n_gold`` samples of a batch with gold samples (restarting the gold stream)."""
+        if self.n_gold <= 0:
+            return batch, gold_iter
+        need, parts = self.n_gold, []
+        while need > 0:
+            if gold_iter is None:
+                gold_iter = iter(gold_shard.iter_batches(batch_size=self.n_gold, batch_format="numpy"))
+            g = next(gold_iter, None)
+            if g is None:
+                gold_iter = None
+                continue
+            take = min(need, len(g["caption"]))
+            parts.append({k: v[:take] for k, v in g.items()})
+            need -= take
+        keep = max(0, len(batch["caption"]) - self.n_gold)
+        mixed = {k: np.concatenate([batch[k][:keep]] + [p[k] for p in parts]) for k in batch}
+        return mixed, gold_iter
+
+    def inputs(self, batch: dict, device) -> dict[str, Any]:
+        from labelmill.models.glip.loss import GroundingTargets
+
+        mean = torch.tensor(self.arch.pixel_mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.arch.pixel_std, device=device).view(1, 3, 1, 1)
+        rgb = torch.as_tensor(np.ascontiguousarray(batch["image"])).to(device).permute(0, 3, 1, 2).float()
+        images = (rgb.flip(1) - mean) / std  # BGR, 0-255, GLIP's normalisation
+        enc = self.tokenizer(list(batch["caption"]), padding="longest", truncation=True,
+                             max_length=self.arch.max_query_len, return_offsets_mapping=True, return_tensors="pt")
+        length = enc["input_ids"].shape[1]
+        targets = []
+        for offsets, boxes, spans in zip(enc["offset_mapping"].tolist(), batch["boxes_json"], batch["spans_json"]):
+            b = torch.tensor(json.loads(boxes), dtype=torch.float32).view(-1, 4)
+            targets.append(GroundingTargets(b.to(device), token_map([tuple(o) for o in offsets], json.loads(spans), length)))
+        return {"images": images, "input_ids": enc["input_ids"].to(device),
+                "attention_mask": enc["attention_mask"].to(device), "targets": targets}
+
+    def batch_len(self, inputs) -> int:
+        return int(inputs["images"].shape[0])
+
+    def loss(self, model, inputs, step: int):
+        from labelmill.models.glip.loss import LossWeights, glip_loss
+
+        out = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
+        lw = self.cfg.loss
+        return glip_loss(out, inputs["targets"], inputs["attention_mask"],
+                         LossWeights(lw.atss_topk, lw.focal_alpha, lw.focal_gamma, lw.box_weight, lw.centerness_weight))
+
+    def save(self, model, folder: str) -> None:
+        from labelmill.models.glip import save_glip_weights
+
+        save_glip_weights(model, os.path.join(folder, WEIGHTS_FILE))
+        with open(os.path.join(folder, META_FILE), "w") as fh:
+            json.dump({"preset": self.cfg.model.preset, "overrides": self.cfg.model.overrides,
+                       "tokenizer": self.cfg.model.tokenizer, "dataset": self.provenance}, fh, indent=2)
+
+    def load(self, model, folder: str) -> None:
+        from labelmill.models.glip import load_glip_weights
+
+        load_glip_weights(model, os.path.join(folder, WEIGHTS_FILE))
+
+
+def teacher_section(checkpoint: str, **kw) -> dict:
+    """The `glip` teacher config that relabels with a trained GLIP student."""
+    with open(os.path.join(checkpoint, META_FILE)) as fh:
+        meta = json.load(fh)
+    if meta["overrides"]:
+        raise CheckpointError("a student with architecture overrides cannot be a glip teacher (presets only)")
+    return {"type": "glip", "architecture": meta["preset"], "weights": os.path.join(checkpoint, WEIGHTS_FILE),
+            "tokenizer": meta["tokenizer"], **kw}
+
+
+def evaluate_detection(checkpoint: str, ds, *, gt: str | None = None, teacher: str | None = None,
+                       threshold: float = 0.0, max_images: int | None = None, tokenizer: str | None = None) -> dict:
+    """COCO AP (pycocotools) of a GLIP student against COCO ground truth or the version's teacher boxes."""
+    import pyarrow.compute as pc
+
+    from labelmill.teachers.base import build_teacher, validate_teacher_config
+    from labelmill.training.data import summarise_labels
+    from labelmill.training.evaluate import coco_ap, iter_images
+
+    section = teacher_section(checkpoint, mode="caption")
+    if tokenizer:
+        section["tokenizer"] = tokenizer
+    glip = build_teacher(validate_teacher_config(section), torch.device("cpu"))
+    summary = summarise_labels(ds, KIND, teacher, threshold)
+    rows = ds.read("labels", columns=["shard", "key", "bbox", "score", "caption", "phrase", "tokens_positive"],
+                   filter=(pc.field("teacher") == summary.teacher) & (pc.field("kind") == KIND)).to_pylist()
+    by_key: dict = {}
+    for r in rows:
+        if (r["score"] or 0) >= threshold:
+            by_key.setdefault((r["shard"], r["key"]), []).append(r)
+    images, anns, dets = [], [], []
+    from labelmill.models.glip import caption_prompt
+
+    for n, (shard, key, image) in enumerate(iter_images(ds, set(by_key))):
+        if max_images and n >= max_images:
+            break
+        ref = by_key[(shard, key)]
+        images.append({"id": n + 1, "file_name": key, "height": image.shape[0], "width": image.shape[1]})
+        for r in ref:
+            anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": 1, "bbox": list(r["bbox"]),
+                         "area": float(r["bbox"][2] * r["bbox"][3]), "iscrowd": 0})
+        found = glip.predictor.predict([image], [caption_prompt(ref[0]["caption"] or "")])[0]
+        for box, score in zip(found.boxes.tolist(), found.scores.tolist()):
+            dets.append({"image_id": n + 1, "category_id": 1, "score": float(score),
+                         "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    gt_data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "object"}]}
+    out = coco_ap(gt_data, dets)
+    out.update({"images": len(images), "reference": gt or f"teacher {summary.teacher} of version {ds.version}"})
+    return out

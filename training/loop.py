@@ -1,0 +1,275 @@
+"""The Ray Train loop shared by the students.
+
+``fit`` starts a :class:`ray.train.torch.TorchTrainer` (DDP over gloo on CPU,
+NCCL on GPU) whose workers each pull their share of the streamed dataset
+with ``get_dataset_shard``.  Per optimizer step: gradient accumulation over
+``grad_accum`` micro-batches, bf16 autocast on GPU, a warm-up + poly /
+cosine / constant learning-rate schedule, and metrics (loss terms, lr,
+samples/s) reported to Ray Train.  Every ``checkpoint.every_steps`` steps,
+rank 0 writes a checkpoint (student files + optimizer + step) through Ray
+Train to local or s3:// storage, and appends the steps' metrics to the
+``metrics/`` Parquet table next to the checkpoints.  Running the same run
+name again resumes from the last checkpoint: the step count continues.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optimizer.pt"
+METRICS_DIR = "metrics"
+
+
+def make_task(kind: str, cfg: dict, extra: dict):
+    if kind == "maskclip-plus":
+        from labelmill.training.maskclip_plus import SegTask
+
+        return SegTask(cfg, extra)
+    if kind == "glip":
+        from labelmill.training.glip import GroundingTask
+
+        return GroundingTask(cfg, extra)
+    raise ValueError(f"unknown training task {kind!r}")
+
+
+def lr_factor(step: int, optim) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based)."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    t = min(1.0, (step - optim.warmup_steps) / span)
+    if optim.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    return (1 - t) ** 0.9
+
+
+def storage(checkpoint) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    path = checkpoint.path
+    if "://" not in path:
+        return os.path.abspath(path), None
+    import fsspec
+    import pyarrow.fs as pafs
+
+    fs, root = fsspec.core.url_to_fs(path, **checkpoint.storage_options)
+    return root, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def run_dir(checkpoint) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of the run folder that holds checkpoints and metrics."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(checkpoint.path, **checkpoint.storage_options)
+    if "://" not in checkpoint.path:
+        root = os.path.abspath(root)
+    return fs, posixpath.join(root, checkpoint.name)
+
+
+def write_metrics(checkpoint, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not rows:
+        return
+    fs, root = run_dir(checkpoint)
+    folder = posixpath.join(root, METRICS_DIR)
+    fs.makedirs(folder, exist_ok=True)
+    name = f"part-{rows[0]['step']:09d}-{rows[-1]['step']:09d}.parquet"
+    keys = sorted({k for r in rows for k in r})
+    table = pa.table({k: [r.get(k) for r in rows] for k in keys})
+    with fs.open(posixpath.join(folder, name), "wb") as fh:
+        pq.write_table(table, fh)
+
+
+def read_metrics(path: str, name: str = "student", storage_options: dict | None = None):
+    """The metrics table of a run as pandas, one row per step (a re-run step keeps its latest row)."""
+    import fsspec
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    folder = posixpath.join(root, name, METRICS_DIR)
+    files = sorted(fs.glob(posixpath.join(folder, "part-*.parquet"))) if fs.exists(folder) else []
+    frames = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            frames.append(pq.read_table(fh).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=["step"])
+    df = pd.concat(frames, ignore_index=True)
+    return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from labelmill.training.config import TASKS
+
+    cfg = TASKS[config["task"]].model_validate(config["cfg"])
+    task = make_task(config["task"], config["cfg"], config["extra"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    optim = cfg.optim
+    torch.manual_seed(optim.seed + rank)
+    if device.type == "cpu" and config.get("torch_threads"):
+        torch.set_num_threads(int(config["torch_threads"]))
+
+    model = task.build_model()
+    state = {"step": 0, "samples": 0}
+    ckpt = ray.train.get_checkpoint()
+    optim_state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            task.load(model, folder)
+            with open(os.path.join(folder, STATE_FILE)) as fh:
+                state = json.load(fh)
+            optim_state = torch.load(os.path.join(folder, OPTIM_FILE), map_location="cpu", weights_only=True)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    core = getattr(model, "module", model)
+    groups = task.param_groups(core)
+    for g in groups:
+        g["lr"] = optim.lr * g.get("lr_scale", 1.0)
+        g["base_lr"] = g["lr"]
+    groups = [g for g in groups if g["params"]]
+    if optim.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim_state is not None:
+        opt.load_state_dict(optim_state)
+    autocast = device.type == "cuda" and optim.bf16
+
+    shard = ray.train.get_dataset_shard("train")
+    gold = ray.train.get_dataset_shard("gold") if config.get("has_gold") else None
+    step = start_step = int(state["step"])
+    pending: list[dict] = []
+    model.train()
+
+    def save_checkpoint(metrics: dict) -> None:
+        nonlocal pending
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                task.save(core, tmp)
+                torch.save(opt.state_dict(), os.path.join(tmp, OPTIM_FILE))
+                with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+                    json.dump({"step": step, "samples": state["samples"], "task": config["task"],
+                               "dataset": config["extra"].get("provenance", {})}, fh)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            write_metrics(cfg.checkpoint, pending)
+        else:
+            ray.train.report(metrics)
+        pending = []
+
+    gold_iter = None
+    last_report = t_prev = time.perf_counter()
+    while step < optim.max_steps:
+        batches = iter(shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy", drop_last=True))
+        steps_this_epoch = 0
+        while step < optim.max_steps:
+            micro = []
+            for _ in range(optim.grad_accum):
+                b = next(batches, None)
+                if b is None:
+                    break
+                if gold is not None:
+                    b, gold_iter = task.mix_gold(b, gold, gold_iter)
+                micro.append(b)
+            ok = torch.tensor([1 if len(micro) == optim.grad_accum else 0])
+            if world > 1:
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not int(ok):
+                break  # some worker ran out: every worker starts the next pass together
+            factor = lr_factor(step, optim)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            totals: dict[str, float] = {}
+            n_samples = 0
+            for i, b in enumerate(micro):
+                inputs = task.inputs(b, device)
+                sync = i == len(micro) - 1 or world == 1
+                ctx_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+                with ctx_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, terms = task.loss(model, inputs, step)
+                    (loss / len(micro)).backward()
+                for k, v in terms.items():
+                    totals[k] = totals.get(k, 0.0) + v / len(micro)
+                totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) / len(micro)
+                n_samples += task.batch_len(inputs)
+            if optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_epoch += 1
+            state["samples"] += n_samples * world
+            now = time.perf_counter()
+            dt, t_prev = now - t_prev, now  # the whole step: data wait, compute, reporting
+            metrics = {"step": step, "lr": opt.param_groups[0]["lr"], "samples_per_s": n_samples * world / dt,
+                       "samples": state["samples"], "start_step": start_step, **totals}
+            pending.append(metrics)
+            if step % cfg.checkpoint.every_steps == 0 or step == optim.max_steps:
+                save_checkpoint(metrics)
+            elif time.perf_counter() - last_report >= cfg.report_interval_s:
+                # Ray Train takes one report per worker per poll (about 2 s): reporting
+                # every step would throttle training, so every step goes to the metrics
+                # table and the latest step to Ray Train at this interval
+                ray.train.report(metrics)
+                last_report = time.perf_counter()
+        if steps_this_epoch == 0 and step < optim.max_steps:
+            raise RuntimeError(
+                f"a pass over the data gave no full batch: fewer than batch_size*grad_accum*workers = "
+                f"{optim.batch_size * optim.grad_accum * world} usable samples per pass (raise data.repeat)")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fit(cfg, datasets: dict, extra: dict) -> dict:
+    """Train with Ray Train; returns {checkpoint, step, metrics_path}."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc = cfg.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker or 1
+    scaling = ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                      resources_per_worker=resources)
+    path, fs = storage(cfg.checkpoint)
+    run_config = ray.train.RunConfig(
+        name=cfg.checkpoint.name, storage_path=path, storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        failure_config=ray.train.FailureConfig(max_failures=0),
+    )
+    loop_config = {"task": cfg.task, "cfg": cfg.model_dump(mode="json"), "extra": extra,
+                   "has_gold": "gold" in datasets, "torch_threads": max(1, int(sc.cpus_per_worker))}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+        datasets=datasets, torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    ckpt = result.checkpoint
+    return {"checkpoint": ckpt.path if ckpt is not None else None,
+            "run_dir": run_dir(cfg.checkpoint)[1],
+            "step": (result.metrics or {}).get("step")}

@@ -1,0 +1,233 @@
+"""MaskCLIP+ training: DeepLab student, text-embedding classifier, self-training, transductive option."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labelmill.models.deeplab import SegStudent, StudentCheckpointError, StudentSpec, load_tensors, read_spec, save_student
+from labelmill.training.augment import Augment
+from labelmill.training.config import MaskCLIPPlusConfig
+from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch
+from labelmill.training.targets import IGNORE, class_map
+
+KIND = "mask"
+
+
+# ------------------------------------------------------------------ driver side
+def teacher_section(output: str, storage_options: dict, teacher: str) -> tuple[dict, bool]:
+    """The run-config section of ``teacher`` in an output, and its allow_random_init."""
+    from labelmill.store.commit import OutputStore
+
+    stored = OutputStore(output, storage_options).read_config() or {}
+    run = stored.get("config", {})
+    for section in run.get("teachers", []):
+        if (section.get("name") or section.get("type", "").rsplit(":", 1)[-1].lower()) == teacher:
+            return section, bool(run.get("allow_random_init"))
+    raise NoUsableLabels(f"{output} records no config for teacher {teacher!r}; cannot rebuild its text classifier")
+
+
+def checkpoint_classifier(path: str) -> tuple[list[str], torch.Tensor, StudentSpec]:
+    try:
+        spec, model_file = read_spec(path)
+        state = load_tensors(model_file)
+    except StudentCheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
+    return list(spec.vocabulary), state["classifier.weight"][:, :, 0, 0].float(), spec
+
+
+def text_embeddings(cfg: MaskCLIPPlusConfig, teacher: str) -> tuple[list[str], torch.Tensor]:
+    """Vocabulary and (C, D) prompt-ensemble text embeddings the classifier starts from."""
+    import pyarrow.parquet as pq
+
+    from labelmill.store.regions import text_embeddings_table
+    from labelmill.teachers.vocab import load_vocabulary
+
+    if cfg.model.text_embeddings:
+        table = pq.read_table(cfg.model.text_embeddings, columns=["class_name", "embedding"])
+        emb = np.asarray(table.column("embedding").to_pylist(), np.float32)
+        return table.column("class_name").to_pylist(), torch.from_numpy(emb)
+    if cfg.model.init_from:
+        names, emb, _ = checkpoint_classifier(cfg.model.init_from)
+        return names, emb
+    section, random_ok = teacher_section(cfg.data.output, cfg.data.storage_options, teacher)
+    if section.get("type") == "student":
+        names, emb, _ = checkpoint_classifier(section["checkpoint"])
+        return names, emb
+    if section.get("type") != "maskclip":
+        raise NoUsableLabels(f"teacher {teacher!r} is a {section.get('type')!r} teacher; MaskCLIP+ learns from maskclip masks")
+    vocab = section.get("vocabulary", "coco-stuff-171")
+    table = text_embeddings_table(
+        section.get("model", "ViT-B-16"), section.get("pretrained"), vocab, section.get("templates", "maskclip85"),
+        arch_config=section.get("arch_config"), allow_random_init=random_ok and section.get("pretrained") is None,
+        cache_dir=section.get("cache_dir"),
+    )
+    emb = np.asarray(table.column("embedding").to_pylist(), np.float32)
+    return load_vocabulary(vocab).names if not isinstance(vocab, list) else list(vocab), torch.from_numpy(emb)
+
+
+def class_mapping(stored: dict[int, str], vocabulary: list[str]) -> dict[int, int]:
+    """Stored class id -> student class id; refuses labels whose class the student lacks or renumbers."""
+    index = {n: i for i, n in enumerate(vocabulary)}
+    missing = sorted({n for n in stored.values() if n not in index})
+    if missing:
+        raise VocabularyMismatch(f"the labels name classes the student vocabulary lacks: {missing[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''} ({len(vocabulary)} student classes)")
+    return {cid: index[name] for cid, name in stored.items()}
+
+
+# ----------------------------------------------------------- Ray Data side
+class PrepareSegmentation:
+    """map_batches: image bytes + mask rows -> augmented (image, class map) crops."""
+
+    def __init__(self, cfg: dict, mapping: dict[int, int], vocabulary: list[str]):
+        self.cfg = MaskCLIPPlusConfig.model_validate(cfg)
+        d = self.cfg.data
+        self.aug = Augment(d.image_size, tuple(d.scale), d.hflip, d.augment)
+        self.mapping = {int(k): v for k, v in mapping.items()}
+        self.seen = None
+        if self.cfg.transductive is not None:
+            self.seen = {vocabulary.index(n) for n in self.cfg.transductive.seen_classes}
+            self.index = {n: i for i, n in enumerate(vocabulary)}
+        self.rng = np.random.default_rng()
+
+    def target(self, rows: list[dict], meta_json: str, h: int, w: int) -> np.ndarray:
+        tgt = class_map(rows, h, w, self.cfg.data.threshold, self.mapping)
+        if self.seen is None:
+            return tgt
+        # transductive zero-shot: teacher labels only for unseen classes, gold masks for seen ones
+        tgt[np.isin(tgt, list(self.seen))] = IGNORE
+        anns = (json.loads(meta_json) if meta_json else {}).get("annotations", [])
+        gold = [{"class_id": self.index[a["category"]], "score": 1.0, "segmentation": a["segmentation"]}
+                for a in anns if self.index.get(a.get("category")) in self.seen and a.get("segmentation")]
+        gold_map = class_map(gold, h, w)
+        tgt[gold_map != IGNORE] = gold_map[gold_map != IGNORE]
+        return tgt
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from labelmill.io.images import decode_image
+        from labelmill.schemas.records import ImageRequest
+
+        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
+        images, targets = [], []
+        for data, labels, meta in zip(batch["image_bytes"], batch["labels_json"], batch["meta_json"]):
+            img = decode_image(bytes(data), big, self.cfg.data.max_image_pixels).pixels
+            tgt = self.target(json.loads(labels), meta, *img.shape[:2])
+            a, b = self.aug.segmentation(img, tgt, self.rng)
+            images.append(a)
+            targets.append(b.astype(np.int16))
+        return {"image": np.stack(images), "target": np.stack(targets)}
+
+
+# ------------------------------------------------------------- worker side
+class SegTask:
+    """What the Ray Train loop needs to train a MaskCLIP+ student."""
+
+    def __init__(self, cfg: dict, extra: dict):
+        self.cfg = MaskCLIPPlusConfig.model_validate(cfg)
+        self.vocabulary = extra["vocabulary"]
+        self.embeddings = torch.tensor(extra["embeddings"], dtype=torch.float32)
+        self.provenance = extra.get("provenance", {})
+
+    def build_model(self) -> SegStudent:
+        m = self.cfg.model
+        spec = StudentSpec(backbone=m.backbone, vocabulary=list(self.vocabulary),
+                           embed_dim=m.embed_dim or self.embeddings.shape[1], logit_scale=m.logit_scale,
+                           freeze_classifier=m.freeze_classifier, extra=dict(self.provenance))
+        emb = self.embeddings
+        if spec.embed_dim != emb.shape[1]:
+            raise ValueError(f"model.embed_dim {spec.embed_dim} differs from the text embeddings' {emb.shape[1]}")
+        model = SegStudent(spec, emb, backbone_weights=m.backbone_weights)
+        if m.init_from:
+            _, model_file = read_spec(m.init_from)
+            state = load_tensors(model_file)
+            state.pop("classifier.weight", None)  # the classifier comes from the embeddings above
+            model.load_state_dict(state, strict=False)
+        return model
+
+    def param_groups(self, model) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def inputs(self, batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
+        return {"image": torch.as_tensor(batch["image"]).to(device),
+                "target": torch.as_tensor(batch["target"]).long().to(device)}
+
+    def batch_len(self, inputs: dict[str, torch.Tensor]) -> int:
+        return int(inputs["image"].shape[0])
+
+    def loss(self, model, inputs: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        target = inputs["target"]
+        st = self.cfg.self_training
+        terms: dict[str, float] = {}
+        if st.start_step is not None and step >= st.start_step:
+            # self-training: the student's own confident predictions become the targets
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                probs = model(inputs["image"]).float().softmax(1)
+            model.train(was_training)
+            conf, pred = probs.max(1)
+            target = torch.where(conf >= st.threshold, pred, torch.full_like(pred, IGNORE))
+            terms["self_training"] = 1.0
+        logits = model(inputs["image"])
+        valid = target != IGNORE
+        if not bool(valid.any()):
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+        with torch.no_grad():
+            acc = ((logits.argmax(1) == target) & valid).sum().float() / valid.sum().clamp_min(1)
+        terms.update({"loss_ce": float(loss.detach()), "pixel_acc": float(acc)})
+        return loss, terms
+
+    def save(self, model, folder: str) -> None:
+        save_student(model, folder)
+
+    def load(self, model, folder: str) -> None:
+        import os
+
+        from labelmill.models.deeplab import MODEL_FILE
+
+        model.load_state_dict(load_tensors(os.path.join(folder, MODEL_FILE)))
+
+
+def predict_labels(model: SegStudent, image: np.ndarray, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Class map and confidence (H, W) of one uint8 (H, W, 3) image at its own size."""
+    x = torch.as_tensor(np.ascontiguousarray(image))[None].to(device)
+    with torch.no_grad():
+        probs = model(x).float().softmax(1)[0]
+    conf, pred = probs.max(0)
+    return pred.cpu().numpy(), conf.cpu().numpy()
+
+
+def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
+    """Driver side: pin the version, check labels and vocabulary, build the streamed dataset."""
+    import ray.data
+
+    from labelmill.training.data import open_version, sample_dataset, summarise_labels
+
+    ds = open_version(cfg.data)
+    summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
+    vocabulary, emb = text_embeddings(cfg, summary.teacher)
+    mapping = class_mapping(summary.classes, vocabulary)
+    if cfg.transductive is not None:
+        unknown = [c for c in cfg.transductive.seen_classes if c not in vocabulary]
+        if unknown:
+            raise VocabularyMismatch(f"transductive.seen_classes {unknown} are not in the vocabulary")
+    if cfg.model.init_from:
+        names, _, _ = checkpoint_classifier(cfg.model.init_from)
+        if names != vocabulary:
+            raise VocabularyMismatch(f"model.init_from has {len(names)} classes that differ from the "
+                                     f"teacher's {len(vocabulary)}")
+    samples = sample_dataset(ds, cfg.data, summary.teacher, KIND)
+    train = samples.map_batches(PrepareSegmentation, fn_constructor_args=(cfg.model_dump(mode="json"), mapping, vocabulary),
+                                batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
+                                num_cpus=cfg.data.prepare_cpus)
+    extra = {"vocabulary": vocabulary, "embeddings": emb.tolist(),
+             "provenance": {"output": ds.output, "version": ds.version, "teacher": summary.teacher,
+                            "labels": summary.rows}}
+    return {"train": train}, extra

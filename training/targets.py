@@ -1,0 +1,81 @@
+"""Training targets built from stored label rows.
+
+* segmentation: a per-pixel class map from the MaskCLIP masks (COCO RLE);
+  pixels of masks under the load-time threshold, and unlabelled pixels, get
+  ``IGNORE``;
+* grounding: caption, boxes (xyxy, pixels) and ``tokens_positive`` per box,
+  keeping only boxes at or above the threshold; an image with none left is
+  skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+IGNORE = 255
+
+
+def class_map(masks: Sequence[dict[str, Any]], height: int, width: int, threshold: float = 0.0,
+              classes: dict[int, int] | None = None) -> np.ndarray:
+    """(H, W) int64 class ids; ``IGNORE`` where no mask at the threshold covers a pixel.
+
+    ``masks``: dicts with ``class_id``, ``score`` and ``segmentation``
+    ({size, counts}).  ``classes`` optionally maps stored class ids to the
+    student's ids (a stored id missing from it is ignored).  Higher-scored
+    masks win where masks overlap.
+    """
+    out = np.full((height, width), IGNORE, np.int64)
+    for m in sorted(masks, key=lambda m: m["score"] or 0.0):
+        if m.get("segmentation") is None or (m["score"] or 0.0) < threshold:
+            continue
+        cid = m["class_id"] if classes is None else classes.get(m["class_id"])
+        if cid is None:
+            continue
+        seg = m["segmentation"]
+        rle = {"size": [int(v) for v in seg["size"]], "counts": seg["counts"].encode()}
+        if tuple(rle["size"]) != (height, width):
+            raise ValueError(f"mask size {rle['size']} differs from the image's {(height, width)}")
+        out[mask_utils.decode(rle).astype(bool)] = cid
+    return out
+
+
+@dataclass
+class GroundingTarget:
+    caption: str
+    boxes: np.ndarray                       # (N, 4) xyxy pixels, float32
+    tokens_positive: list[list[list[int]]]  # per box: character spans into caption
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0) -> GroundingTarget | None:
+    """Caption + boxes + spans from GLIP label rows; ``None`` when no box reaches ``threshold``.
+
+    Rows of a ``caption``-mode teacher carry ``caption`` and
+    ``tokens_positive``; rows of a ``vocabulary``-mode teacher carry only a
+    class name, so their caption is rebuilt as ``"a. b. "`` with one span
+    per class.
+    """
+    kept = [r for r in rows if r.get("bbox") is not None and (r.get("score") or 0.0) >= threshold]
+    if not kept:
+        return None
+    if all(r.get("caption") and r.get("tokens_positive") for r in kept):
+        caption = kept[0]["caption"]
+        spans = [[[int(a), int(b)] for a, b in r["tokens_positive"]] for r in kept]
+    else:
+        names = sorted({r.get("phrase") or r.get("class_name") for r in kept})
+        caption, where = "", {}
+        for name in names:
+            where[name] = [len(caption), len(caption) + len(name)]
+            caption += name + ". "
+        spans = [[where[r.get("phrase") or r.get("class_name")]] for r in kept]
+    boxes = np.asarray([r["bbox"] for r in kept], np.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # stored xywh -> xyxy
+    scores = np.asarray([r.get("score") or 0.0 for r in kept], np.float32)
+    return GroundingTarget(caption, boxes, spans, scores)
