@@ -44,7 +44,7 @@ def test_bad_input_gets_one_line_and_its_exit_code(outputs, tmp_path, capsys, co
         ([root / "bad", tmp_path / "d2"], 6, "failed version: all 2 samples are errors"),
         ([root / "missing", tmp_path / "d3"], 4, "does not exist"),
         ([root / "good", tmp_path / "d4", "--version", "7"], 4, "has no version 7"),
-        ([root / "good", tmp_path / "d5", "--version", "1999-01-01T00:00:00"], 4, "has no version at"),
+        ([root / "good", tmp_path / "d5", "--version", "1999-01-01T00:00:00"], 4, "had no version yet at"),
         ([root / "good", tmp_path / "d6", "--classes", "unicorn"], 2, "unknown class(es) ['unicorn']"),
     ]
     for args, code, words in cases:

@@ -69,15 +69,17 @@ class DatasetVersion:
         return [n for n in self.store.tables if n in self.record["table_versions"]]
 
     def _log(self, table: str):
-        if table not in self.record["table_versions"]:
-            raise KeyError(f"version {self.version} of {self.output} has no table {table!r}; "
-                           f"it has {self.table_names()}")
+        if table not in self.store.tables:
+            raise KeyError(f"{self.output} has no table {table!r}; tables: {sorted(self.store.tables)}")
         return self.store.tables[table]
 
     def paths(self, table: str) -> list[str]:
-        """Filesystem paths (as ``self.filesystem`` takes them)."""
+        """Filesystem paths (as ``self.filesystem`` takes them); none for a table this version never wrote."""
         if table not in self._files:
             log = self._log(table)
+            if table not in self.record["table_versions"]:  # declared, but nothing committed to it yet
+                self._files[table] = []
+                return []
             entries = log.files(self.record["table_versions"][table])
             self._files[table] = [posixpath.join(log.path, f["path"]) for f in entries]
         return self._files[table]
@@ -86,6 +88,8 @@ class DatasetVersion:
         """Filesystem paths of ``table`` grouped by the shard their rows belong to (sorted by shard)."""
         log = self._log(table)
         groups: dict[str | None, list[str]] = {}
+        if table not in self.record["table_versions"]:
+            return groups
         for f in log.files(self.record["table_versions"][table]):
             groups.setdefault(f.get("shard"), []).append(posixpath.join(log.path, f["path"]))
         return {k: groups[k] for k in sorted(groups, key=lambda s: (s is None, s or ""))}
@@ -156,6 +160,8 @@ class DatasetVersion:
 def open_version(output: str, version: int | str | None = None, *,
                  storage_options: dict | None = None) -> DatasetVersion:
     store = OutputStore(output, storage_options)
+    if not store.fs.exists(store.root):
+        raise OutputNotFound(f"{output} does not exist")
     return DatasetVersion(store, pick_record(store.versions(), version, output))
 
 
