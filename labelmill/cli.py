@@ -52,6 +52,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_yield(args: argparse.Namespace) -> int:
+    from labelmill.store.yields import format_yield, version_yield
+
+    table = version_yield(args.output, args.version)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(format_yield(table))
+    return 0
+
+
+def _add_yield_parser(sub) -> None:
+    p = sub.add_parser(
+        "yield",
+        help="how many labels and images each score threshold (0.1 ... 0.9) keeps, per teacher and class",
+        description="Read the pre-filter score histograms stored with a dataset version and print the number "
+        "of labels and images that survive each score threshold, per teacher and class, without relabelling. "
+        "Labels counted are those the area and per-image limits of the run keep.",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
+    p.add_argument("--json", action="store_true", help="one JSON object (rows plus the histograms)")
+    p.set_defaults(func=_cmd_yield)
+
+
 def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
@@ -132,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=24)
     p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_report)
+
+    _add_yield_parser(sub)
 
     p = sub.add_parser(
         "text-embeddings",
