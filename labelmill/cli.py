@@ -16,30 +16,58 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        print(f"config OK, label hash {cfg.label_hash()}", file=sys.stderr)
-        return 0
+        return _dry_run(cfg, args)
     preflight(cfg)
+    _quiet_terminal()
     summary = run(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
     return 0
 
 
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """Validate, then estimate shards, samples, speed, hours, storage and GPU-hours from a sample."""
+    from labelmill.engine.estimate import estimate, format_estimate
+    from labelmill.pipelines.label import build_pipeline
+
+    if not args.json:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(f"config OK, label hash {cfg.label_hash()}", file=sys.stderr)
+    result = estimate(cfg, build_pipeline(cfg), sample_shards=args.sample_shards, actors=args.actors)
+    if args.json:
+        print(json.dumps({"config_ok": True, "label_hash": cfg.label_hash(), **result}, indent=2))
+    else:
+        print(format_estimate(result), file=sys.stderr)
+    return 0
+
+
+def _add_dry_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, then estimate the run from a few sampled shards and a short "
+                   "timed batch (shards, samples, s/image per teacher, hours, storage, GPU-hours); writes nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object for scripts")
+    p.add_argument("--sample-shards", type=int, default=3, help="with --dry-run: shards to read (default 3)")
+    p.add_argument("--actors", type=int, help="with --dry-run: label actors of the planned cluster "
+                   "(default: ray.teacher_actors / ray.max_actors, else this machine)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from labelmill.pipelines.demo import run_demo
 
+    _quiet_terminal()
     result = run_demo(args.out, teachers=args.teachers.split(","), overrides=args.overrides)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_export_coco(args: argparse.Namespace) -> int:
+    from labelmill.engine.progress import step
     from labelmill.export.coco import export_coco
 
-    manifest = export_coco(
-        args.output, args.dest, images_per_file=args.images_per_file,
-        teachers=args.teacher or None, version=args.version,
-    )
+    with step(f"export coco -> {args.dest}"):
+        manifest = export_coco(
+            args.output, args.dest, images_per_file=args.images_per_file,
+            teachers=args.teacher or None, version=args.version,
+        )
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -105,6 +133,25 @@ def _cmd_text_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="let Ray's own warnings and logs through to the terminal (hidden by default)")
+
+
+def _apply_verbose(args: argparse.Namespace) -> None:
+    import os
+
+    if getattr(args, "verbose", False):
+        os.environ["LABELMILL_VERBOSE"] = "1"
+
+
+def _quiet_terminal() -> None:
+    """Before a run: Ray's C++ info and warning lines are kept off stderr (unless --verbose)."""
+    from labelmill.engine.runtime import filter_native_stderr
+
+    filter_native_stderr()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labelmill",
@@ -120,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    _add_dry_run_options(p)
     p.set_defaults(func=_cmd_run)
+    _add_verbose(p)
 
     p = sub.add_parser(
         "demo",
@@ -134,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", default="maskclip", help="comma-separated: maskclip, glip, vild")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
+    _add_verbose(p)
 
     p = sub.add_parser(
         "export-coco",
@@ -199,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _apply_verbose(args)
     try:
         return args.func(args)
     except ConfigError as exc:

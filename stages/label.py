@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import traceback
 import numpy as np
 import pyarrow as pa
@@ -59,6 +60,8 @@ class LabelImages(Stage):
         self.torch_threads = torch_threads
         self.device_preference = device
         self.teachers: list[Teacher] = []
+        #: teacher name -> [seconds in its forward passes, images] (what ``labelmill run --dry-run`` times)
+        self.teacher_seconds: dict[str, list] = {}
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus, gpus=self.gpus)
@@ -163,7 +166,13 @@ class LabelImages(Stage):
             sub_up = {k: [v[j] for j in idx] for k, v in upstream.items()}
             outs = [None] * len(rows)
             if idx:
+                t0 = time.perf_counter()
                 got, errs = self._run_teacher(teacher, sub, sub_up)
+                if sub.canvas.device.type == "cuda":
+                    torch.cuda.synchronize(sub.canvas.device)
+                spent = self.teacher_seconds.setdefault(teacher.name, [0.0, 0])
+                spent[0] += time.perf_counter() - t0
+                spent[1] += len(idx)
                 for j, o, e in zip(idx, got, errs):
                     outs[j] = o
                     if e is not None and errors[rows[j]] is None:
