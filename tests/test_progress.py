@@ -66,8 +66,9 @@ def test_step_reports_count_rate_and_time():
     assert fmt_duration(3725) == "1h02m" and fmt_duration(None) == "?"
 
 
-RAY_NOISE = re.compile(r"core_worker\.cc|Deprecat|constructor arguments|WARNING worker|ray\._private|"
-                       r"\(MapWorker|\(raylet\)|Warning:|warnings\.warn", re.I)
+# Ray's C++ log lines, its deprecation and actor-argument warnings, raylet output, Python warnings raised in ray
+RAY_NOISE = re.compile(r"\w+\.cc:\d+|Deprecat|constructor arguments|\(raylet\)|site-packages/ray/|"
+                       r"Ray Data|ray\.data|RAY_DEDUP", re.I)
 
 
 @pytest.mark.slow

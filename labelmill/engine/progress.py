@@ -148,17 +148,20 @@ class StageTotals:
 
     def update(self, totals: dict[str, tuple[int, float]]) -> None:
         for stage, (rows, busy) in totals.items():
-            if stage not in self.rows:
-                self.stages.append(stage)
-                self.rates[stage] = 0.0
-            self.rows[stage] = int(rows)
+            self.rows[stage] = int(rows)  # stages not shown are counted, not displayed
             self.busy[stage] = float(busy)
+
+    def overall(self, elapsed: float) -> None:
+        """Rates over the whole run (the last line's)."""
+        for s in self.stages:
+            self.rates[s] = self.rows.get(s, 0) / max(elapsed, 1e-9)
+        self._prev = (time.monotonic() + 1e9, dict(self.rows))  # keep them: no further tick
 
     def tick(self) -> None:
         now = time.monotonic()
         then, prev = self._prev
         dt = now - then
-        if dt > 0:
+        if dt > 0 and then <= now:
             for s in self.stages:
                 self.rates[s] = (self.rows.get(s, 0) - prev.get(s, 0)) / dt
         self._prev = (now, dict(self.rows))
@@ -225,6 +228,9 @@ class Progress:
             self.out.show(self.line(counters, committed))
 
     def close(self, counters, committed) -> None:
+        """The last line: per-stage rates over the whole run."""
+        if self.stages is not None:
+            self.stages.overall(time.monotonic() - self.start)
         self.out.done(self.line(counters, committed))
 
 
