@@ -17,7 +17,7 @@ def cli(*args, env=None):
                           timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["export-coco"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["export-coco"], ["report"], ["yield"]])
 def test_help_on_every_command(command):
     res = cli(*command, "--help")
     assert res.returncode == 0 and "usage: labelmill" in res.stdout
