@@ -146,10 +146,14 @@ def _apply_verbose(args: argparse.Namespace) -> None:
 
 
 def _quiet_terminal() -> None:
-    """Before a run: Ray's C++ info and warning lines are kept off stderr (unless --verbose)."""
-    from labelmill.engine.runtime import filter_native_stderr
+    """Before a run: Ray's C++ info and warning lines are to be kept off stderr (unless --verbose).
 
-    filter_native_stderr()
+    The engine routes stderr through the filter once Ray has started
+    (:func:`labelmill.engine.runtime.filter_native_stderr`).
+    """
+    import os
+
+    os.environ["LABELMILL_QUIET_STDERR"] = "1"
 
 
 def build_parser() -> argparse.ArgumentParser:

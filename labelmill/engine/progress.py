@@ -33,8 +33,14 @@ from typing import Callable, Iterator
 LINE_PREFIX = "[labelmill]"
 
 
+#: whether the real stderr is a terminal, set when fd 2 is routed through a filter (labelmill.engine.runtime)
+STDERR_TTY: bool | None = None
+
+
 def is_tty(stream) -> bool:
     try:
+        if STDERR_TTY is not None and stream.fileno() == 2:
+            return STDERR_TTY and os.environ.get("TERM") != "dumb"
         return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
     except (AttributeError, ValueError):
         return False

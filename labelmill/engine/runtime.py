@@ -148,17 +148,20 @@ def filter_native_stderr() -> None:
     Ray's core worker in this process writes its logs straight to fd 2 (the
     "constructor arguments in the object store" warning every actor pool
     triggers, for one), beyond Python's warnings and logging.  Everything
-    else passes unchanged; ``sys.stderr`` keeps writing to the real terminal,
-    so the progress line still refreshes in place.  The command line
-    installs it before a run (not with ``--verbose``); call it before
-    anything keeps a reference to ``sys.stderr``.
+    else passes unchanged (a status line refreshed in place is passed on at
+    once, not held for its newline).  :func:`start_ray` installs it right
+    after ``ray.init`` when the command line asked for a quiet terminal
+    (``LABELMILL_QUIET_STDERR=1``; never with ``--verbose``), so the Ray
+    processes started by ``ray.init`` keep the real stderr and die with the
+    driver as before.  At exit fd 2 is restored and the filter drained.
     """
-    if verbose():
-        return
     global _filter_installed
-    if _filter_installed or os.name != "posix":
+    if verbose() or _filter_installed or os.name != "posix":
         return
+    import atexit
     import threading
+
+    from labelmill.engine import progress
 
     try:
         if sys.stderr.fileno() != 2:  # stderr is captured or redirected in Python: leave it alone
@@ -168,11 +171,9 @@ def filter_native_stderr() -> None:
         read_end, write_end = os.pipe()
     except (OSError, ValueError, AttributeError):
         return
+    progress.STDERR_TTY = os.isatty(real)  # fd 2 becomes a pipe; the status line should still know
     os.dup2(write_end, 2)
     os.close(write_end)
-    # Python's own stderr keeps the real terminal (and its TTY-ness)
-    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-                           errors="backslashreplace")
     _filter_installed = True
 
     def pump() -> None:
@@ -185,12 +186,25 @@ def filter_native_stderr() -> None:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 out = b"".join(line + b"\n" for line in lines if not native_line_hidden(line))
+                if pending and not pending.startswith((b"[", b"\x1b[3", b"(")):
+                    out, pending = out + pending, b""  # not a Ray log line: e.g. "\r" + a status line
                 if out:
                     os.write(real, out)
             if pending and not native_line_hidden(pending):
                 os.write(real, pending)
 
-    threading.Thread(target=pump, name="labelmill-stderr-filter", daemon=True).start()
+    thread = threading.Thread(target=pump, name="labelmill-stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real, 2)  # closes the pipe's write end: the pump drains and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
 
 
 def quiet_ray_warnings() -> None:
@@ -226,8 +240,11 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     if ray.is_initialized():
         return False, False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    quiet = os.environ.get("LABELMILL_QUIET_STDERR") == "1"
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
+        if quiet:
+            filter_native_stderr()
         return True, True
     # address="local": always a private Ray for this process, never a cluster
     # someone else started on this host with `ray start`.
@@ -238,6 +255,8 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
         log_to_driver=True,
         configure_logging=False,
     )
+    if quiet:
+        filter_native_stderr()
     return True, False
 
 
