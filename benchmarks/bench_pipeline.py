@@ -196,7 +196,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
              commit_every: int, budget_mb: int | None = None, regions: int = 0) -> dict:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
-    from labelmill.engine.runtime import Progress
+    from labelmill.engine.progress import Progress
 
     cfg = load_config(
         {

@@ -16,18 +16,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        print(f"config OK, label hash {cfg.label_hash()}", file=sys.stderr)
-        return 0
+        return _dry_run(cfg, args)
     preflight(cfg)
+    _quiet_terminal()
     summary = run(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
     return 0
 
 
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """Validate, then estimate shards, samples, speed, hours, storage and GPU-hours from a sample."""
+    from labelmill.engine.estimate import estimate, format_estimate
+    from labelmill.pipelines.label import build_pipeline
+
+    if not args.json:
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        print(f"config OK, label hash {cfg.label_hash()}", file=sys.stderr)
+    result = estimate(cfg, build_pipeline(cfg), sample_shards=args.sample_shards, actors=args.actors)
+    if args.json:
+        print(json.dumps({"config_ok": True, "label_hash": cfg.label_hash(), **result}, indent=2))
+    else:
+        print(format_estimate(result), file=sys.stderr)
+    return 0
+
+
+def _add_dry_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, then estimate the run from a few sampled shards and a short "
+                   "timed batch (shards, samples, s/image per teacher, hours, storage, GPU-hours); writes nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object for scripts")
+    p.add_argument("--sample-shards", type=int, default=3, help="with --dry-run: shards to read (default 3)")
+    p.add_argument("--actors", type=int, help="with --dry-run: label actors of the planned cluster "
+                   "(default: ray.teacher_actors / ray.max_actors, else this machine)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from labelmill.pipelines.demo import run_demo
 
+    _quiet_terminal()
     result = run_demo(args.out, teachers=args.teachers.split(","), overrides=args.overrides)
     print(json.dumps(result, indent=2))
     return 0
@@ -36,9 +62,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from labelmill.export.base import parse_version, run_export
 
+    from labelmill.engine.progress import step
+
     options = {k: getattr(args, k) for k in args.format_options if getattr(args, k, None) is not None}
-    manifest = run_export(args.format, args.output, args.dest, version=parse_version(args.version),
-                          overwrite=args.overwrite, **options)
+    with step(f"export {args.format} -> {args.dest}"):
+        manifest = run_export(args.format, args.output, args.dest, version=parse_version(args.version),
+                              overwrite=args.overwrite, **options)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -57,6 +86,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.output, args.dest, max_images=args.max_images, version=args.version)
     print(path)
     return 0
+
+
+def _cmd_yield(args: argparse.Namespace) -> int:
+    from labelmill.store.yields import format_yield, version_yield
+
+    table = version_yield(args.output, args.version)
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        print(format_yield(table))
+    return 0
+
+
+def _add_yield_parser(sub) -> None:
+    p = sub.add_parser(
+        "yield",
+        help="how many labels and images each score threshold (0.1 ... 0.9) keeps, per teacher and class",
+        description="Read the pre-filter score histograms stored with a dataset version and print the number "
+        "of labels and images that survive each score threshold, per teacher and class, without relabelling. "
+        "Labels counted are those the area and per-image limits of the run keep.",
+    )
+    p.add_argument("output", help="the run's output.path")
+    p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
+    p.add_argument("--json", action="store_true", help="one JSON object (rows plus the histograms)")
+    p.set_defaults(func=_cmd_yield)
 
 
 def _cmd_text_embeddings(args: argparse.Namespace) -> int:
@@ -108,6 +162,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="let Ray's own warnings and logs through to the terminal (hidden by default)")
+
+
+def _apply_verbose(args: argparse.Namespace) -> None:
+    import os
+
+    if getattr(args, "verbose", False):
+        os.environ["LABELMILL_VERBOSE"] = "1"
+
+
+def _quiet_terminal() -> None:
+    """Before a run: Ray's C++ info and warning lines are to be kept off stderr (unless --verbose).
+
+    The engine routes stderr through the filter once Ray has started
+    (:func:`labelmill.engine.runtime.filter_native_stderr`).
+    """
+    import os
+
+    os.environ["LABELMILL_QUIET_STDERR"] = "1"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labelmill",
@@ -123,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    _add_dry_run_options(p)
     p.set_defaults(func=_cmd_run)
+    _add_verbose(p)
 
     p = sub.add_parser(
         "demo",
@@ -137,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", default="maskclip", help="comma-separated: maskclip, glip, vild")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides of the demo config")
     p.set_defaults(func=_cmd_demo)
+    _add_verbose(p)
 
     _add_export_parsers(sub)
 
@@ -162,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=24)
     p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_report)
+
+    _add_yield_parser(sub)
 
     p = sub.add_parser(
         "text-embeddings",
@@ -289,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides or []) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _apply_verbose(args)
     try:
         return args.func(args)
     except ConfigError as exc:

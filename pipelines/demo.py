@@ -100,6 +100,7 @@ def demo_config(out: str, teachers: list[str]) -> dict:
 
 
 def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+    from labelmill.engine.progress import step
     from labelmill.export.coco import export_coco
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
@@ -109,8 +110,10 @@ def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] |
     shards = build_demo_shards(os.path.join(out, "shards"))
     cfg = load_config(demo_config(out, teachers or ["maskclip"]), overrides)
     summary = run(cfg)
-    coco = export_coco(cfg.output.path, os.path.join(out, "coco"), overwrite=True)  # a re-run refreshes it
-    report = write_report(cfg.output.path, os.path.join(out, "report.html"))
+    with step("export coco"):
+        coco = export_coco(cfg.output.path, os.path.join(out, "coco"), overwrite=True)  # a re-run refreshes it
+    with step("report"):
+        report = write_report(cfg.output.path, os.path.join(out, "report.html"))
     return {
         "shards": shards,
         "output": cfg.output.path,

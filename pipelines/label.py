@@ -62,5 +62,5 @@ def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     counters = engine.run(build_pipeline(cfg, run_id), [s.url for s in todo], loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(shards), len(shards) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
-    store.record_run(run_id, summary.as_dict())
+    store.record_run(run_id, {**summary.as_dict(), "score_hist": loop.score_hist.to_json()})
     return summary

@@ -61,6 +61,7 @@ class Col:
     DROPPED_LOW_SCORE = "dropped_low_score"
     DROPPED_SMALL_AREA = "dropped_small_area"
     DROPPED_OVER_MAX = "dropped_over_max"
+    PREFILTER_SCORES = "prefilter_scores"  # list<PREFILTER_STRUCT>: every label before the filter
 
 
 DROP_REASONS = {
@@ -286,7 +287,13 @@ MANIFEST = pa.schema(
     [pa.field("shard", pa.string()), pa.field("indices", pa.list_(pa.int64())),
      pa.field("files", pa.list_(STAGED_FILE))]
     + [pa.field(c, pa.int64()) for c in COUNT_COLUMNS]
+    # pre-filter score histograms of the row's samples (labelmill.store.yields.ScoreHist JSON)
+    + [pa.field("score_hist", pa.string())]
 )
+
+#: one pre-filter label as the filter saw it (``eligible``: a score threshold alone decides it)
+PREFILTER_STRUCT = pa.struct([("teacher", pa.string()), ("class_name", pa.string()),
+                              ("score", pa.float32()), ("eligible", pa.bool_())])
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ Rules, applied in this order to each image's labels:
 2. ``area < min_area`` -> ``small_area``;
 3. beyond the ``max_labels_per_image`` highest-scoring -> ``over_max_per_image``.
 
-Region embeddings are not labels and pass untouched.
+Region embeddings are not labels and pass untouched.  Every label's score
+before filtering travels on (``prefilter_scores``) for the yield histograms
+(:mod:`labelmill.store.yields`); the table writer sums them per shard.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from labelmill.schemas.tables import LABEL_STRUCT, Col
+from labelmill.schemas.tables import LABEL_STRUCT, PREFILTER_STRUCT, Col
 from labelmill.stages.base import Resources, Stage
+from labelmill.store.yields import image_entries
 
 if TYPE_CHECKING:  # the config module pulls in the teachers (and torch); this stage needs neither
     from labelmill.config import FilterConfig
@@ -48,7 +51,8 @@ def filter_labels(labels: list[dict], cfg: "FilterConfig") -> tuple[list[dict], 
 class FilterLabels(Stage):
     name = "filter"
     requires = (Col.LABELS,)
-    produces = (Col.LABELS, Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)
+    produces = (Col.LABELS, Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX,
+                Col.PREFILTER_SCORES)
 
     def __init__(self, config: "FilterConfig", cpus: float = 0.0):
         self.config = config
@@ -60,7 +64,10 @@ class FilterLabels(Stage):
     def process_batch(self, batch: pa.Table) -> pa.Table:
         kept_all = []
         counts = {c: [] for c in (Col.DROPPED_LOW_SCORE, Col.DROPPED_SMALL_AREA, Col.DROPPED_OVER_MAX)}
+        prefilter = []
         for labels in batch.column(Col.LABELS).to_pylist():
+            prefilter.append([dict(zip(("teacher", "class_name", "score", "eligible"), e)) for e in image_entries(
+                labels or [], self.config.min_area, self.config.max_labels_per_image)])
             kept, dropped = filter_labels(labels or [], self.config)
             kept_all.append(kept)
             for col, value in dropped.items():
@@ -70,4 +77,4 @@ class FilterLabels(Stage):
         )
         for col, values in counts.items():
             out = out.append_column(col, pa.array(values, pa.int32()))
-        return out
+        return out.append_column(Col.PREFILTER_SCORES, pa.array(prefilter, pa.list_(PREFILTER_STRUCT)))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class LabelImages(Stage):
         self.request = request
         self.max_pixels = max_pixels
         self.teachers: list[Teacher] = []
+        #: teacher name -> [seconds from launch to result, images] (what ``labelmill run --dry-run`` times)
+        self.teacher_seconds: dict[str, list] = {}
         if decode == "actor":  # the decode stage's job moves in here
             self.requires = (Col.ERROR, Col.WARNINGS, Col.IMAGE_BYTES, Col.CAPTION_BYTES, Col.META_JSON)
             self.produces = (Col.CAPTION, Col.ORIG_H, Col.ORIG_W, *type(self).produces)
@@ -289,11 +292,12 @@ class LabelImages(Stage):
                 part = idx[s : s + size]
                 sub = ib if len(part) == len(rows) else ib.subset(part)
                 sub_up = {k: [v[j] for j in part] for k, v in upstream.items()}
+                t0 = time.perf_counter()
                 pending, errs = self._run_teacher(teacher, sub, sub_up, defer=last)
-                parts.append((part, pending, errs, sub, sub_up))
+                parts.append((part, pending, errs, sub, sub_up, t0))
             if not last:
                 outs: list[TeacherOutput | None] = [None] * len(rows)
-                for part, pending, errs, _, _ in parts:
+                for part, pending, errs, _, _, _ in parts:
                     for j, o in zip(part, pending.result()):
                         outs[j] = o
                 upstream[teacher.name] = outs
@@ -301,9 +305,12 @@ class LabelImages(Stage):
 
         def finish(labels, regions, errors, warns) -> None:
             for teacher, parts in results:
-                for part, pending, errs, sub, sub_up in parts:
+                for part, pending, errs, sub, sub_up, t0 in parts:
                     try:
                         got = self._checked(teacher, sub, pending.result())
+                        spent = self.teacher_seconds.setdefault(teacher.name, [0.0, 0])
+                        spent[0] += time.perf_counter() - t0
+                        spent[1] += len(part)
                     except Exception as exc:  # failed on the host side: redo this part image by image
                         with torch.inference_mode():
                             again, errs = self._one_by_one(teacher, sub, sub_up, exc)

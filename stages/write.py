@@ -33,6 +33,7 @@ from labelmill.schemas.tables import (
     tables_emitted_by,
 )
 from labelmill.stages.base import Resources, Stage
+from labelmill.store.yields import ScoreHist
 
 PROVENANCE_COLUMNS = ("teacher_type", "weights", "weights_sha256", "teacher_config_hash")
 
@@ -81,8 +82,21 @@ class WriteTables(Stage):
                 if table is not None and table.num_rows:
                     files.append(self.store.stage_table(name, table))
             counts = counts_of_samples(tables["samples"])
-            out.append({"shard": shard, "indices": rows.column(Col.INDEX).to_pylist(), "files": files, **counts})
+            out.append({"shard": shard, "indices": rows.column(Col.INDEX).to_pylist(), "files": files, **counts,
+                        "score_hist": self.score_hist(rows)})
         return pa.Table.from_pylist(out, schema=MANIFEST)
+
+    @staticmethod
+    def score_hist(rows: pa.Table) -> str | None:
+        """The rows' pre-filter score histograms (None when no filter stage recorded scores)."""
+        if Col.PREFILTER_SCORES not in rows.column_names:
+            return None
+        hist = ScoreHist()
+        errors = rows.column(Col.ERROR).to_pylist()
+        for err, entries in zip(errors, rows.column(Col.PREFILTER_SCORES).to_pylist()):
+            if err is None:  # a failed sample keeps no labels
+                hist.add_image((e["teacher"], e["class_name"], e["score"], e["eligible"]) for e in entries or [])
+        return hist.dumps()
 
     def build(self, table: str, rows: pa.Table) -> pa.Table | None:
         return getattr(self, f"{table}_table")(rows)

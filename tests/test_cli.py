@@ -17,7 +17,7 @@ def cli(*args, env=None):
                           timeout=120)
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["export-coco"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["export-coco"], ["report"], ["yield"]])
 def test_help_on_every_command(command):
     res = cli(*command, "--help")
     assert res.returncode == 0 and "usage: labelmill" in res.stdout
@@ -56,11 +56,16 @@ def test_no_input_shards(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_resolved_config(tmp_path, capsys):
+    from helpers import make_shards
+
+    make_shards(tmp_path / "shards", 2, 2)
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(run_config(str(tmp_path), str(tmp_path / "out"))))
+    path.write_text(yaml.safe_dump(run_config(str(tmp_path / "shards"), str(tmp_path / "out"))))
     assert main(["run", str(path), "--dry-run", "filter.min_score=0.25"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = yaml.safe_load(captured.out)
     assert printed["filter"]["min_score"] == 0.25 and printed["teachers"][0]["vocabulary"][0] == "cat"
+    assert "input: 2 shards, about 4 samples" in captured.err and "s/image" in captured.err
 
 
 def test_text_embeddings_command(tmp_path, capsys):

@@ -28,7 +28,7 @@ def test_the_label_pipeline_checks_out_and_reaches_the_driver_as_manifests(tmp_p
     p = label_pipeline(tmp_path)
     assert [s.name for s in p.stages] == ["read", "decode", "label", "filter", "write"]
     assert p.check() == ["shard", "indices", "files", "samples", "labelled", "no_labels", "error", "labels_kept",
-                         "dropped_low_score", "dropped_small_area", "dropped_over_max"]
+                         "dropped_low_score", "dropped_small_area", "dropped_over_max", "score_hist"]
     assert p.find(role="model").name == "label" and p.find(name="write").role == "write"
     assert p.source.name == "read"
     # stateless stages fuse into the operator before them: read+decode, label+filter+write

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from labelmill.schemas.tables import COUNT_COLUMNS, counts_of_samples
 from labelmill.store.commit import OutputStore
+from labelmill.store.yields import ScoreHist
 
 
 @dataclass
@@ -64,12 +65,14 @@ class RunCounters:
 
 
 class _Shard:
-    __slots__ = ("indices", "manifests", "counts")
+    __slots__ = ("indices", "manifests", "counts", "hist", "hist_approx")
 
     def __init__(self) -> None:
         self.indices: set[int] = set()
         self.manifests: list[dict] = []
         self.counts: dict[str, int] = {c: 0 for c in COUNT_COLUMNS}
+        self.hist = ScoreHist()
+        self.hist_approx = False
 
 
 class CommitLoop:
@@ -89,6 +92,7 @@ class CommitLoop:
         self.counters = RunCounters()    # rows received this run (committed or not)
         self.committed = RunCounters()   # rows committed this run
         self.replayed_rows = 0
+        self.score_hist = ScoreHist()  # pre-filter score histograms of everything committed this run
         self.bytes_received = 0
         self._group_started = time.monotonic()
 
@@ -120,8 +124,14 @@ class CommitLoop:
             self.replayed_rows += len(indices)
             return
         if overlap:
+            # the manifest's histogram covers rows already received; it cannot be split by row,
+            # so it is counted in proportion and the version says its yield table is approximate
+            hist = ScoreHist.loads(row.get("score_hist")).scaled(1 - len(overlap) / len(indices))
             row = self._without(row, overlap)
+            row["score_hist"] = hist.dumps()
+            state.hist_approx = True
             self.replayed_rows += len(overlap)
+        state.hist.merge(ScoreHist.loads(row.get("score_hist")))
         state.indices.update(row["indices"])
         state.manifests.append(row)
         counts = {c: int(row.get(c) or 0) for c in COUNT_COLUMNS}
@@ -167,13 +177,18 @@ class CommitLoop:
         counts = {c: sum(st.counts[c] for st in states) for c in COUNT_COLUMNS}
         counts["duplicates"] = sum(self.totals[s][1] for s in group)
         info = dict(self.info, seconds=time.monotonic() - self._group_started)
+        hist = ScoreHist()
+        for st in states:
+            hist.merge(st.hist)
         record = self.store.commit(
             [m for st in states for m in st.manifests],
             [{"shard": s, "fingerprint": self.fingerprints.get(s, {})} for s in group],
             remove_shards=[s for s in group if s in self.replace_shards],
             counts=counts,
             info=info,
+            score_hist=(hist.to_json(), any(st.hist_approx for st in states)),
         )
+        self.score_hist.merge(hist)
         self._group_started = time.monotonic()
         for s in group:
             self.shards.pop(s, None)

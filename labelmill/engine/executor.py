@@ -31,8 +31,8 @@ from typing import Any, Sequence
 
 from labelmill.config import RayConfig
 from labelmill.engine.commit_loop import CommitLoop, RunCounters
+from labelmill.engine.progress import Progress, StageMeter, StageTotals
 from labelmill.engine.runtime import (
-    Progress,
     ResourcePlan,
     cluster_max_gpus,
     configure_ray_data,
@@ -86,11 +86,19 @@ def fuse(stages: Sequence[Stage]) -> list[list[Stage]]:
 
 
 class _Chain:
-    """Runs several fused stages back to back in one Ray worker (one operator)."""
+    """Runs several fused stages back to back in one Ray worker (one operator).
 
-    def __init__(self, stages: Sequence[Stage]):
+    Each stage's rows and busy seconds are counted (:class:`StageMeter`) and
+    sent to the engine's meter actor when ``meter`` (a :class:`_MeterClient`) is set.
+    """
+
+    METER = None
+
+    def __init__(self, stages: Sequence[Stage], meter=None):
         self.stages = list(stages)
+        self.meter = meter if meter is not None else type(self).METER
         self._ready = False
+        self._counts: StageMeter | None = None
 
     def _setup(self) -> None:
         if not self._ready:
@@ -103,8 +111,16 @@ class _Chain:
 
     def __call__(self, batch):
         self._setup()
+        if self.meter is None:
+            for stage in self.stages:
+                batch = stage.process_batch(batch)
+            return batch
+        if self._counts is None:
+            self._counts = StageMeter(self.meter)
         for stage in self.stages:
+            rows, t0 = len(batch), time.perf_counter()
             batch = stage.process_batch(batch)
+            self._counts.add(stage.name, rows, time.perf_counter() - t0)
         return batch
 
 
@@ -124,9 +140,49 @@ class _ActorChain(_Chain):
         self._setup()
 
 
-def actor_class(stages: Sequence[Stage]) -> type:
+def actor_class(stages: Sequence[Stage], meter=None) -> type:
     name = "".join(s.name.title() for s in stages) + "Actor"
-    return type(name, (_ActorChain,), {"STAGES": list(stages), "__module__": __name__})
+    return type(name, (_ActorChain,), {"STAGES": list(stages), "METER": meter, "__module__": __name__})
+
+
+class _MeterClient:
+    """What a worker's :class:`StageMeter` sends through: one fire-and-forget call to the meter actor."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __call__(self, deltas: dict) -> None:
+        self.handle.add.remote(deltas)
+
+
+def _meter_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class StageMeterActor:
+        """stage -> (rows, busy seconds), summed over every worker."""
+
+        def __init__(self):
+            self.totals: dict[str, list] = {}
+
+        def add(self, deltas: dict) -> None:
+            for stage, (rows, seconds) in deltas.items():
+                entry = self.totals.setdefault(stage, [0, 0.0])
+                entry[0] += rows
+                entry[1] += seconds
+
+        def get(self) -> dict:
+            return {k: tuple(v) for k, v in self.totals.items()}
+
+    return StageMeterActor
+
+
+def shown_stages(pipeline: "Pipeline") -> list[str]:
+    """The stages the progress line shows: each operator's first stage, and the writer."""
+    names = [pipeline.source.name]
+    for group in fuse(pipeline.stages[1:]):
+        names += [s.name for s in group if s is group[0] or s.role == "write"]
+    return names
 
 
 class _LedgerClient:
@@ -161,6 +217,30 @@ def _ledger_class():
     return ShardLedger
 
 
+class _Ticker:
+    """Calls ``fn`` every ``interval`` seconds on a daemon thread until stopped (errors are ignored)."""
+
+    def __init__(self, interval: float, fn):
+        import threading
+
+        self._stop = threading.Event()
+        self._fn = fn
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="labelmill-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._fn()
+            except Exception:  # noqa: BLE001 - progress must never break a run
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 class Engine:
     """Runs pipelines on Ray; see the module docstring."""
 
@@ -192,7 +272,7 @@ class Engine:
                 head.place(Resources(cpus=plan.read_cpus))
         return plan
 
-    def _dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan):
+    def _dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan, meter=None):
         import ray.data
         from ray.data import ActorPoolStrategy
 
@@ -200,7 +280,7 @@ class Engine:
 
         source = pipeline.source
         ds = ray.data.read_datasource(
-            ShardDatasource(source, inputs), override_num_blocks=len(inputs), concurrency=plan.read_tasks,
+            ShardDatasource(source, inputs, meter), override_num_blocks=len(inputs), concurrency=plan.read_tasks,
             **source.resources().ray_args(),
         )
         for group in fuse(pipeline.stages[1:]):
@@ -209,11 +289,11 @@ class Engine:
                                           **head.resources().ray_args())
             if head.stateful:
                 ds = ds.map_batches(
-                    actor_class(group), batch_size=self.batch_size,
+                    actor_class(group, meter), batch_size=self.batch_size,
                     compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
                 )
             else:
-                ds = ds.map_batches(_Chain(group), batch_size=None, concurrency=plan.read_tasks, **kwargs)
+                ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)
         return ds
 
     # ------------------------------------------------------------------- run
@@ -225,7 +305,7 @@ class Engine:
         started_here, remote = start_ray(self.cfg)
         import ray
 
-        ledger = None
+        ledger = meter = ticker = None
         try:
             self.plan = plan = self._place(pipeline, ray.cluster_resources(), remote)
             rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
@@ -234,29 +314,43 @@ class Engine:
             print(f"[labelmill] plan: {self.describe()}", file=self.stream)
             ledger = _ledger_class().remote()
             pipeline.source.reporter = _LedgerClient(ledger)
+            meter = _meter_class().remote()
             known = 0
             last_poll = 0.0
-            progress = Progress(self.progress_interval_s, len(inputs), self.stream)
+            stages = StageTotals(shown_stages(pipeline))
+            progress = Progress(self.progress_interval_s, len(inputs), self.stream, stages=stages)
 
             def poll() -> None:
                 nonlocal known
                 for shard, n, dups in ray.get(ledger.since.remote(known)):
                     known += 1
                     loop.shard_read(shard, n, dups)
+                    progress.shard_read(n)
 
-            for batch in self._dataset(pipeline, inputs, plan).iter_batches(
+            def refresh() -> None:
+                stages.update(ray.get(meter.get.remote()))
+                progress.update(loop.counters, loop.committed)
+
+            # the line refreshes on its own clock, also while the stream waits (model load, a slow shard)
+            ticker = _Ticker(min(self.progress_interval_s, 1.0), refresh)
+            for batch in self._dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(
                 batch_format="pyarrow", batch_size=None, prefetch_batches=1
             ):
                 loop.add(batch)
                 if time.monotonic() - last_poll > 0.5:
                     poll()
                     last_poll = time.monotonic()
-                progress.update(loop.counters, loop.committed)
             poll()
             counters = loop.finish()
-            progress.update(loop.counters, loop.committed, force=True)
+            ticker.stop()
+            stages.update(ray.get(meter.get.remote()))
+            progress.close(loop.counters, loop.committed)
             return counters
         finally:
+            if ticker is not None:
+                ticker.stop()
+            if meter is not None:
+                ray.kill(meter)
             pipeline.source.reporter = None
             if ledger is not None:
                 ray.kill(ledger)

@@ -1,9 +1,10 @@
-"""Ray start-up, the resource plan, and the progress line."""
+"""Ray start-up and the resource plan (the progress line is in :mod:`labelmill.engine.progress`)."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -120,8 +121,96 @@ def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autosca
                         autoscaling, note)
 
 
+def verbose() -> bool:
+    """The user asked for Ray's own output (``--verbose``, or ``LABELMILL_VERBOSE=1``)."""
+    return os.environ.get("LABELMILL_VERBOSE", "") not in ("", "0")
+
+
+#: Ray's C++ log lines: "[2026-01-01 10:00:00,123 W 123 123] core_worker.cc:2465: ..." (maybe "(raylet) "-prefixed)
+_NATIVE_LOG = re.compile(rb"^(?:\x1b\[\d+m)?(?:\(\w+(?: pid=\d+)?\)(?:\x1b\[0m)? )?"
+                         rb"\[\d{4}-\d\d-\d\d [\d:,]+ ([IWE]) \d+ \d+\] [\w.]+:\d+: (.*)")
+#: error-level native lines that are warnings in all but name
+_HARMLESS_ERRORS = (b"has constructor arguments in the object store",)
+_filter_installed = False
+
+
+def native_line_hidden(line: bytes) -> bool:
+    """Whether a line on stderr is one of Ray's C++ info/warning logs (or a known harmless 'error')."""
+    m = _NATIVE_LOG.match(line)
+    if not m:
+        return False
+    return m.group(1) in (b"I", b"W") or any(h in m.group(2) for h in _HARMLESS_ERRORS)
+
+
+def filter_native_stderr() -> None:
+    """Route file descriptor 2 through a thread that drops Ray's C++ info/warning lines.
+
+    Ray's core worker in this process writes its logs straight to fd 2 (the
+    "constructor arguments in the object store" warning every actor pool
+    triggers, for one), beyond Python's warnings and logging.  Everything
+    else passes unchanged (a status line refreshed in place is passed on at
+    once, not held for its newline).  :func:`start_ray` installs it right
+    after ``ray.init`` when the command line asked for a quiet terminal
+    (``LABELMILL_QUIET_STDERR=1``; never with ``--verbose``), so the Ray
+    processes started by ``ray.init`` keep the real stderr and die with the
+    driver as before.  At exit fd 2 is restored and the filter drained.
+    """
+    global _filter_installed
+    if verbose() or _filter_installed or os.name != "posix":
+        return
+    import atexit
+    import threading
+
+    from labelmill.engine import progress
+
+    try:
+        if sys.stderr.fileno() != 2:  # stderr is captured or redirected in Python: leave it alone
+            return
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+    except (OSError, ValueError, AttributeError):
+        return
+    progress.STDERR_TTY = os.isatty(real)  # fd 2 becomes a pipe; the status line should still know
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    _filter_installed = True
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as src:
+            pending = b""
+            while True:
+                chunk = src.read(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                out = b"".join(line + b"\n" for line in lines if not native_line_hidden(line))
+                if pending and not pending.startswith((b"[", b"\x1b[3", b"(")):
+                    out, pending = out + pending, b""  # not a Ray log line: e.g. "\r" + a status line
+                if out:
+                    os.write(real, out)
+            if pending and not native_line_hidden(pending):
+                os.write(real, pending)
+
+    thread = threading.Thread(target=pump, name="labelmill-stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real, 2)  # closes the pipe's write end: the pump drains and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
 def quiet_ray_warnings() -> None:
-    """Keep Ray's deprecation and actor-argument warnings off the user's terminal."""
+    """Keep Ray's deprecation and actor-argument warnings off the user's terminal (unless verbose)."""
+    if verbose():
+        return
     import logging
     import warnings
 
@@ -188,8 +277,11 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     if ray.is_initialized():
         return False, False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    quiet = os.environ.get("LABELMILL_QUIET_STDERR") == "1"
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
+        if quiet:
+            filter_native_stderr()
         return True, True
     # address="local": always a private Ray for this process, never a cluster
     # someone else started on this host with `ray start`.
@@ -201,6 +293,8 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
         configure_logging=False,
     )
     _watch_embedded_ray()
+    if quiet:
+        filter_native_stderr()
     return True, False
 
 
@@ -245,30 +339,3 @@ def configure_ray_data(plan: ResourcePlan, budget_mb: int) -> None:
     ctx.verbose_stats_logs = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
-
-
-class Progress:
-    """A one-line progress report on stderr every ``interval`` seconds."""
-
-    def __init__(self, interval: float, total_shards: int, stream=None):
-        self.interval = interval
-        self.total_shards = total_shards
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.last_counts: tuple | None = None
-
-    def line(self, counters, committed) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        return (
-            f"[labelmill] {counters.samples:,} samples, {counters.samples / elapsed:.1f} samples/s | "
-            f"labelled {counters.labelled:,}  no_labels {counters.no_labels:,}  error {counters.error:,} | "
-            f"shards committed {committed.shards_committed}/{self.total_shards} | {elapsed:.0f}s"
-        )
-
-    def update(self, counters, committed, force: bool = False) -> None:
-        now = time.monotonic()
-        counts = (counters.samples, committed.shards_committed)
-        if (force and counts != self.last_counts) or now - self.last >= self.interval:
-            self.last, self.last_counts = now, counts
-            print(self.line(counters, committed), file=self.stream, flush=True)

@@ -155,6 +155,7 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
     for (teacher, name), n in per_class.most_common():
         parts.append(f"<tr><td>{html.escape(teacher)}</td><td>{html.escape(str(name))}</td><td>{n}</td></tr>")
     parts.append("</table>")
+    parts.append(yield_section(output, ds.version, storage_options))
     if errors:
         parts.append("<h2>Errors</h2><table><tr><th>shard</th><th>key</th><th>reason</th></tr>")
         for shard, key, reason in errors[:200]:
@@ -180,3 +181,62 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
     with fs.open(path, "w") as fh:
         fh.write("\n".join(parts))
     return dest
+
+
+def yield_section(output: str, version: int, storage_options: dict | None = None, max_classes: int = 30) -> str:
+    """HTML: per teacher, the pre-filter score histogram next to the yield curve, then a per-class yield table."""
+    from labelmill.store.yields import ALL, BINS, version_yield
+
+    table = version_yield(output, version, storage_options)
+    width, height, pad = 360, 180, 34
+
+    def frame(title: str, body: list[str], ymax: int, xlabel: str) -> str:
+        return (f"<svg width='{width}' height='{height + 2 * pad}' style='margin-right:16px'>"
+                f"<text x='{pad}' y='14' font-size='13'>{html.escape(title)}</text>"
+                f"<line x1='{pad}' y1='{pad + height}' x2='{pad + width - 2 * pad}' y2='{pad + height}' stroke='#333'/>"
+                f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{pad + height}' stroke='#333'/>"
+                f"<text x='2' y='{pad + 4}' font-size='10'>{ymax:,}</text>"
+                + "".join(f"<text x='{pad + (width - 2 * pad) * t / 10 - 6}' y='{pad + height + 14}' "
+                          f"font-size='10'>{t / 10:g}</text>" for t in range(0, 11, 2))
+                + f"<text x='{width / 2 - 20}' y='{pad + height + 28}' font-size='11'>{xlabel}</text>"
+                + "".join(body) + "</svg>")
+
+    plot_w = width - 2 * pad
+    parts = ["<h2>Scores and yield by threshold</h2><p>Left: pre-filter label scores (grey: all labels; blue: the "
+             "ones the area and per-image limits leave to the score threshold). Right: labels (blue) and images "
+             "(orange) that survive each threshold, from the stored histograms (no relabelling)."
+             + ("" if table["exact"] else " <b>Approximate</b>: some groups were replayed or replaced.") + "</p>"]
+    for row in table["rows"]:
+        if row["class"] != ALL:
+            continue
+        k = f"{row['teacher']}\t{row['class']}"
+        hist = table["histograms"][k]
+        top = max(max(hist["all"]), 1)
+        bars = []
+        for b in range(BINS):
+            x = pad + plot_w * b / BINS
+            for kind, color in (("all", "#bbb"), ("kept", "#3a7bd5")):
+                h = height * hist[kind][b] / top
+                bars.append(f"<rect x='{x:.1f}' y='{pad + height - h:.1f}' width='{plot_w / BINS - 1:.1f}' "
+                            f"height='{h:.1f}' fill='{color}'><title>{kind} {b / BINS:g}-{(b + 1) / BINS:g}: "
+                            f"{hist[kind][b]}</title></rect>")
+        ymax = max(max(row["labels"].values()), max(row["images"].values()), 1)
+        curves = []
+        for what, color in (("labels", "#3a7bd5"), ("images", "#e8882a")):
+            pts = [(pad + plot_w * float(t), pad + height - height * n / ymax) for t, n in row[what].items()]
+            curves.append(f"<polyline fill='none' stroke='{color}' stroke-width='2' points='"
+                          + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + "'/>")
+            curves += [f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{color}'/>" for x, y in pts]
+        who = "all teachers" if row["teacher"] == ALL else row["teacher"]
+        parts.append("<div>" + frame(f"{who}: pre-filter scores", bars, top, "score")
+                     + frame(f"{who}: surviving at threshold", curves, ymax, "threshold") + "</div>")
+    classes = sorted((r for r in table["rows"] if r["class"] != ALL),
+                     key=lambda r: -r["labels_prefilter"])[:max_classes]
+    parts.append("<table><tr><th>teacher</th><th>class</th><th>pre-filter</th>"
+                 + "".join(f"<th>labels &ge;{t}</th>" for t in table["thresholds"]) + "</tr>")
+    for r in classes:
+        parts.append(f"<tr><td>{html.escape(r['teacher'])}</td><td>{html.escape(r['class'])}</td>"
+                     f"<td>{r['labels_prefilter']}</td>" + "".join(f"<td>{n}</td>" for n in r["labels"].values())
+                     + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)

@@ -400,6 +400,7 @@ class OutputStore:
         info: dict[str, Any] | None = None,
         schemas: dict[str, pa.Schema] | None = None,
         kind: str = "commit",
+        score_hist: tuple[dict, bool] | None = None,
     ) -> dict:
         """Commit one group as ONE dataset version; returns its version record.
 
@@ -407,7 +408,9 @@ class OutputStore:
         as dicts: ``files`` lists staged files per table).  ``shards`` are the
         shards the group completes (``{"shard", "fingerprint"}`` or URLs);
         every row of ``remove_shards`` leaves the tables in the same version
-        (pass a changed shard in both to replace it).
+        (pass a changed shard in both to replace it).  ``score_hist``:
+        ``(histograms, approximate)`` of the group's pre-filter scores
+        (:mod:`labelmill.store.yields`), kept in the record.
         """
         info = dict(info or {})
         records = self.versions()
@@ -459,6 +462,10 @@ class OutputStore:
             "teacher_hashes": info.get("teacher_hashes", {}),
             "run_id": info.get("run_id"),
         }
+        if score_hist is not None:
+            record["score_hist"] = score_hist[0]
+            if score_hist[1]:
+                record["score_hist_approximate"] = True
         record.update({k: v for k, v in info.items() if k not in record})
         self._append_version(record)  # the commit point
         self._clear_intent()

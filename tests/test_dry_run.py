@@ -1,0 +1,35 @@
+"""`labelmill run CONFIG --dry-run [--json]`: an estimate measured on this machine, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+from helpers import make_shards, run_config
+from labelmill.cli import main
+
+
+def test_dry_run_json_estimates_from_sampled_shards_and_a_timed_batch(tmp_path, capsys):
+    make_shards(tmp_path / "shards", 5, 4)
+    cfg = run_config(str(tmp_path / "shards"), str(tmp_path / "out"))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--dry-run", "--json", "--sample-shards", "2",
+                 "ray.max_actors=4", "ray.gpus_per_actor=1"]) == 0
+    e = json.loads(capsys.readouterr().out)  # one JSON object, nothing else on stdout
+    assert e["config_ok"] and e["shards"] == 5 and len(e["shards_sampled"]) == 2
+    assert e["samples_in_sampled_shards"] == [4, 4] and e["samples_estimated"] == 20
+    assert set(e["seconds_per_image"]) == {"maskclip"} and e["seconds_per_image"]["maskclip"] > 0
+    assert e["timed_images"] >= 2 and e["measured_device"] == "cpu"
+    # the plan from the config: 4 actors with a GPU each
+    assert e["cluster"]["label_actors"] == 4 and e["cluster"]["gpus_per_actor"] == 1
+    actor_h = 20 * e["seconds_per_image_all_teachers"] / 3600
+    assert abs(e["actor_hours"] - actor_h) < 1e-3 and abs(e["hours"] - actor_h / 4) < 1e-3
+    assert e["gpu_hours"] == e["actor_hours"] and e["note"]
+    # storage from the encoded tables of the timed batch, scaled to the input
+    assert e["storage_bytes"]["samples"] > 0 and e["storage_bytes"]["labels"] > 0
+    assert e["storage_bytes_total"] == sum(e["storage_bytes"].values()) or \
+        abs(e["storage_bytes_total"] - sum(e["storage_bytes"].values())) <= len(e["storage_bytes"])
+    assert not os.path.exists(tmp_path / "out")  # a dry run writes nothing

@@ -1,0 +1,90 @@
+"""The progress line and the long-step helper; the run's terminal output has an ETA and no Ray warnings."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import make_shards, run_config
+from labelmill.engine.commit_loop import RunCounters
+from labelmill.engine.progress import Progress, StageTotals, StatusLine, fmt_duration, step
+
+
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_status_line_refreshes_in_place_on_a_terminal_and_prints_lines_otherwise():
+    tty, log = FakeTTY(), io.StringIO()
+    for stream in (tty, log):
+        line = StatusLine(stream)
+        line.show("a")
+        line.show("b")
+        line.done("c")
+    assert tty.getvalue() == "\r\x1b[2Ka\r\x1b[2Kb\r\x1b[2Kc\n"
+    assert log.getvalue() == "a\nb\nc\n"
+
+
+def test_run_line_has_rates_per_stage_shards_eta_counts_and_gpu():
+    out = io.StringIO()
+    stages = StageTotals(["read", "decode", "label", "write"])
+    p = Progress(0.0, 4, out, stages=stages, gpu=lambda: 87.0)
+    c, done = RunCounters(samples=10, labelled=7, no_labels=2, error=1), RunCounters(shards_committed=1)
+    p.line(RunCounters(), done)  # the first look: no rate yet
+    p.shard_read(10)
+    p.shard_read(10)
+    stages.update({"read": (20, 1.0), "decode": (20, 2.0), "label": (10, 5.0), "write": (10, 0.1)})
+    text = p.line(c, done)
+    assert re.search(r"read [\d.]+/s decode [\d.]+/s label [\d.]+/s write [\d.]+/s", text)
+    assert "shards 1/4 done, 3 pending, ETA " in text and "ETA ?" not in text
+    assert "labelled 7 no_labels 2 error 1" in text and "GPU 87%" in text
+    # 4 shards of about 10 samples, 10 done: the ETA is the other 30 at the measured rate
+    assert abs(p.eta(10, 1) - 30 / p._rate) < 1e-6
+    assert p.eta(40, 4) == 0.0
+    assert "GPU" not in Progress(0.0, 1, out, gpu=lambda: None).line(c, done)
+
+
+def test_step_reports_count_rate_and_time():
+    out = io.StringIO()
+    with step("export coco", total=3, unit="images", stream=out, interval=0.0) as p:
+        for _ in range(3):
+            p.advance()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[labelmill] export coco:") and "/3 images" in lines[1]
+    assert re.match(r"\[labelmill\] export coco: done, 3/3 images in \d+s$", lines[-1])
+    with pytest.raises(KeyError):
+        with step("vacuum", stream=out):
+            raise KeyError("x")
+    assert out.getvalue().splitlines()[-1].endswith("-- failed")
+    assert fmt_duration(3725) == "1h02m" and fmt_duration(None) == "?"
+
+
+# Ray's C++ log lines, its deprecation and actor-argument warnings, raylet output, Python warnings raised in ray
+RAY_NOISE = re.compile(r"\w+\.cc:\d+|Deprecat|constructor arguments|\(raylet\)|site-packages/ray/|"
+                       r"Ray Data|ray\.data|RAY_DEDUP", re.I)
+
+
+@pytest.mark.slow
+def test_a_run_shows_the_eta_line_and_no_ray_warnings(tmp_path):
+    make_shards(tmp_path / "shards", 2, 3)
+    cfg = run_config(str(tmp_path / "shards"), str(tmp_path / "out"), progress_interval_s=0.5)
+    cfg["ray"]["num_cpus"] = 2
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", LABELMILL_VERBOSE="0")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "labelmill", "run", str(path)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert re.search(r"shards 2/2 done, 0 pending, ETA 0s", err), err[-3000:]
+    assert re.search(r"read [\d.]+/s decode [\d.]+/s label [\d.]+/s write [\d.]+/s", err)
+    noise = [line for line in err.splitlines() if RAY_NOISE.search(line)]
+    assert not noise, noise
