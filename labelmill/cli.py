@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
+from labelmill.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_FAILED_SHARDS,
+    EXIT_INPUT,
+    EXIT_LOCK_HELD,
+    EXIT_OUTPUT,
+    EXIT_WEIGHTS,
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -22,6 +29,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg)
     summary = run(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
+    failed = summary.counters.failed_shards
+    if failed:
+        print(f"labelmill: finished with {len(failed)} failed shard(s) (not committed; the next run retries "
+              f"them): {', '.join(sorted(failed))}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
     return 0
 
 

@@ -35,6 +35,13 @@ class InputConfig(_Strict):
     )
     max_image_pixels: int = Field(default=90_000_000, gt=0, description="decompression-bomb guard")
     samples_per_block: int = Field(default=64, gt=0, description="rows per block the reader emits")
+    read_attempts: int = Field(
+        default=5, gt=0,
+        description="tries to open and read a shard through storage errors (missing for a moment, 5xx, "
+        "timeouts, a dropped connection); a shard still unreadable is recorded as failed, not done, and the "
+        "next run retries it",
+    )
+    read_backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles per try (max 30 s)")
 
 
 class OutputConfig(_Strict):

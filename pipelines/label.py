@@ -26,7 +26,8 @@ from labelmill.teachers.base import config_hash
 
 def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
     return Pipeline("label", [
-        ReadShards(cfg.input.storage_options, cfg.input.samples_per_block),
+        ReadShards(cfg.input.storage_options, cfg.input.samples_per_block, attempts=cfg.input.read_attempts,
+                   backoff_s=cfg.input.read_backoff_s),
         DecodeImages(merge_requests([t.image_request() for t in cfg.teachers]), cfg.input.max_image_pixels),
         LabelImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size,
                     device=cfg.ray.device),

@@ -135,10 +135,10 @@ class _LedgerClient:
     def __init__(self, handle):
         self.handle = handle
 
-    def __call__(self, shard: str, rows: int, duplicates: int) -> None:
+    def __call__(self, shard: str, rows: int, duplicates: int, failed: str | None = None) -> None:
         import ray
 
-        ray.get(self.handle.report.remote(shard, rows, duplicates))
+        ray.get(self.handle.report.remote(shard, rows, duplicates, failed))
 
 
 def _ledger_class():
@@ -146,17 +146,17 @@ def _ledger_class():
 
     @ray.remote(num_cpus=0, max_restarts=-1)
     class ShardLedger:
-        """Shard -> (samples, duplicates), reported by the source tasks (idempotent)."""
+        """Shard -> (samples, duplicates, failed), reported by the source tasks (idempotent)."""
 
         def __init__(self):
-            self.totals: dict[str, tuple[int, int]] = {}
+            self.totals: dict[str, tuple[int, int, str | None]] = {}
 
-        def report(self, shard: str, rows: int, duplicates: int) -> None:
-            self.totals[shard] = (rows, duplicates)
+        def report(self, shard: str, rows: int, duplicates: int, failed: str | None = None) -> None:
+            self.totals[shard] = (rows, duplicates, failed)
 
-        def since(self, known: int) -> list[tuple[str, int, int]]:
+        def since(self, known: int) -> list[tuple[str, int, int, str | None]]:
             items = list(self.totals.items())
-            return [(s, r, d) for s, (r, d) in items[known:]]
+            return [(s, r, d, f) for s, (r, d, f) in items[known:]]
 
     return ShardLedger
 
@@ -240,9 +240,9 @@ class Engine:
 
             def poll() -> None:
                 nonlocal known
-                for shard, n, dups in ray.get(ledger.since.remote(known)):
+                for shard, n, dups, failed in ray.get(ledger.since.remote(known)):
                     known += 1
-                    loop.shard_read(shard, n, dups)
+                    loop.shard_read(shard, n, dups, failed)
 
             for batch in self._dataset(pipeline, inputs, plan).iter_batches(
                 batch_format="pyarrow", batch_size=None, prefetch_batches=1
