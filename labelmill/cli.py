@@ -8,6 +8,7 @@ import sys
 
 from labelmill.exitcodes import (
     EXIT_CONFIG,
+    EXIT_ERROR,
     EXIT_FAILED_SHARDS,
     EXIT_INPUT,
     EXIT_LOCK_HELD,
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
+    from labelmill.engine.runtime import RayStartError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
     from labelmill.store.read import OutputNotFound, VersionNotFound
@@ -201,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as exc:
         print(f"labelmill: lock held: {exc}", file=sys.stderr)
         return EXIT_LOCK_HELD
+    except RayStartError as exc:
+        print(f"labelmill: ray error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

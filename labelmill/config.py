@@ -155,6 +155,7 @@ class RunConfig(_Strict):
                 teacher.check_upstream(dict(earlier))
             except ValueError as exc:
                 raise ValueError(f"teachers.{i}: {exc}") from None
+            _check_vocabulary(i, getattr(teacher, "vocabulary", None))
             earlier[teacher.instance_name] = teacher
         return self
 
@@ -168,6 +169,22 @@ class RunConfig(_Strict):
                 "allow_random_init": self.allow_random_init,
             }
         )
+
+
+def _check_vocabulary(i: int, spec: Any) -> None:
+    """A built-in vocabulary name or an inline list is checked with the config, before anything starts.
+
+    (A ``{file: path}`` vocabulary is read where the teacher runs, which on a
+    cluster may be a worker with files the driver lacks.)
+    """
+    if spec is None or not isinstance(spec, (str, list, tuple)):
+        return
+    from labelmill.teachers.vocab import load_vocabulary
+
+    try:
+        load_vocabulary(spec)
+    except ValueError as exc:
+        raise ValueError(f"teachers.{i}.vocabulary: {exc}") from None
 
 
 def _format_errors(exc: ValidationError, prefix: str = "") -> str:

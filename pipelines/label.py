@@ -40,24 +40,31 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     stream, started = stream or sys.stderr, time.monotonic()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    # Everything that can fail cheaply fails before anything is written: the input is listed and Ray is
+    # up before the output is claimed (a bad input or an unreachable cluster leaves no output behind).
+    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
-    store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
-    repair = store.repair()
-    if any(repair.values()):
-        print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
-    shards, done = list_shard_infos(cfg.input.shards, cfg.input.storage_options), store.done_shards()
-    todo = [s for s in shards if s.url not in done]
-    print(f"[labelmill] {len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do "
-          f"-> {cfg.output.path}", file=stream)
-    if cfg.allow_random_init:
-        print(RANDOM_BANNER, file=stream)
-    info = {"run_id": run_id, "config_hash": cfg.label_hash(),
-            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers}}
-    loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s.url: s.fingerprint for s in todo},
-                      info=info)
+    store.check_writable()
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
                     stream=stream)
-    counters = engine.run(build_pipeline(cfg, run_id), [s.url for s in todo], loop)
+    done = store.done_shards()
+    todo = [s for s in shards if s.url not in done]
+    with engine.session(needed=bool(todo)):
+        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
+        repair = store.repair()
+        if any(repair.values()):
+            print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
+        done = store.done_shards()
+        todo = [s for s in shards if s.url not in done]
+        print(f"[labelmill] {len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do "
+              f"-> {cfg.output.path}", file=stream)
+        if cfg.allow_random_init:
+            print(RANDOM_BANNER, file=stream)
+        info = {"run_id": run_id, "config_hash": cfg.label_hash(),
+                "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers}}
+        loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s.url: s.fingerprint for s in todo},
+                          info=info)
+        counters = engine.run(build_pipeline(cfg, run_id), [s.url for s in todo], loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(shards), len(shards) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
     store.record_run(run_id, summary.as_dict())

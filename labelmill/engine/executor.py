@@ -25,9 +25,10 @@ Pipelines (``labelmill.pipelines``) only compose stages; they never import Ray.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from labelmill.config import RayConfig
 from labelmill.engine.commit_loop import CommitLoop, RunCounters
@@ -171,6 +172,28 @@ class Engine:
         self.stream = stream or sys.stderr
         self.plan: ResourcePlan | None = None
         self.budget_mb: int | None = None
+        self._remote: bool | None = None  # set while a session() holds Ray
+
+    @contextlib.contextmanager
+    def session(self, needed: bool = True) -> Iterator[None]:
+        """Hold Ray (connected or embedded) for the block; ``run`` inside it reuses that Ray.
+
+        A pipeline opens the session before it writes anything, so a cluster
+        that cannot be reached fails the run (:class:`RayStartError`) with
+        nothing written.  ``needed=False`` (nothing to do) starts no Ray.
+        """
+        if not needed:
+            yield
+            return
+        started_here, self._remote = start_ray(self.cfg)
+        try:
+            yield
+        finally:
+            self._remote = None
+            if started_here:
+                import ray
+
+                ray.shutdown()
 
     def describe(self) -> str:
         if self.plan is None:
@@ -222,7 +245,10 @@ class Engine:
         pipeline.check()
         if not inputs:
             return loop.finish()
-        started_here, remote = start_ray(self.cfg)
+        if self._remote is None:
+            started_here, remote = start_ray(self.cfg)
+        else:
+            started_here, remote = False, self._remote
         import ray
 
         ledger = None

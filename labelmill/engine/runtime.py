@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from labelmill.config import ConfigError, RayConfig
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started (embedded) or reached (``ray.address``): an infrastructure failure."""
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     """How the run's stages share the cluster.
@@ -151,18 +155,23 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     if ray.is_initialized():
         return False, False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-        return True, True
-    # address="local": always a private Ray for this process, never a cluster
-    # someone else started on this host with `ray start`.
-    ray.init(
-        address="local",
-        num_cpus=cfg.num_cpus,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
-    )
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            return True, True
+        # address="local": always a private Ray for this process, never a cluster
+        # someone else started on this host with `ray start`.
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any start-up failure is one clear line for the CLI
+        where = f"the Ray cluster at {address!r}" if address else "an embedded local Ray"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RayStartError(f"could not start or reach {where}: {type(exc).__name__}: {first}") from exc
     return True, False
 
 
