@@ -12,8 +12,10 @@
   character spans into it and its ``phrase``.
 
 Image ids are assigned in shard order, then index, so they are stable for a
-given dataset version (``version=``, default the latest); ``file_name`` is the sample key and ``shard`` /
-``index`` say where the image lives.  Samples that failed are left out;
+given dataset version (``version=``, default the latest); ``file_name`` is the sample key (a key an
+earlier shard already used becomes ``<shard name>/<key>``, so no two images
+share a file name) and ``shard`` / ``index`` say where the image lives.
+``iscrowd`` comes from the label (older outputs without it: 0).  Samples that failed are left out;
 samples without labels are kept as images without annotations.
 """
 
@@ -125,6 +127,7 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
 
     label_files = ds.shard_paths("labels") if "labels" in ds.table_names() else {}
     image_id = 0
+    file_names: set[str] = set()
     for shard, sample_files in ds.shard_paths("samples").items():  # one shard in memory at a time
         samples = ds.read_paths(sample_files).sort_by([("shard", "ascending"), ("index", "ascending")])
         labels = ds.read_paths(label_files[shard]) if label_files.get(shard) else None
@@ -135,7 +138,7 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
             image_id += 1
             image = {
                 "id": image_id,
-                "file_name": row["key"],
+                "file_name": _unique_file_name(row, file_names),
                 "width": row["image_width"],
                 "height": row["image_height"],
                 "shard": row["shard"],
@@ -165,6 +168,20 @@ def export_coco(output: str, dest: str, *, images_per_file: int = 50_000, storag
     return manifest
 
 
+def _unique_file_name(row: dict, taken: set[str]) -> str:
+    """The sample key; a key another shard already used gets its shard's name in front (``shard/key``)."""
+    name = row["key"]
+    if name in taken:
+        stem = posixpath.basename(row["shard"])
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            stem = stem.removesuffix(suffix)
+        name = f"{stem}/{row['key']}"
+        if name in taken:
+            name = f"{name}#{row['index']}"
+    taken.add(name)
+    return name
+
+
 GROUNDING_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
@@ -182,7 +199,7 @@ def _annotation(row: dict, image_id: int, cat_ids: dict[str, int]) -> dict:
         "bbox": [round(float(v), 2) for v in row["bbox"]],
         "area": float(row["area"]),
         "score": round(float(row["score"]), 5),
-        "iscrowd": 0,
+        "iscrowd": int(bool(row.get("iscrowd"))),  # absent in outputs written before labels had it
     }
     seg = row.get("segmentation")
     if seg is not None:
