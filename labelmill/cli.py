@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
+    from labelmill.engine.executor import PipelineStalled
     from labelmill.engine.runtime import RayStartError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOCK_HELD
     except RayStartError as exc:
         print(f"labelmill: ray error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except PipelineStalled as exc:
+        print(f"labelmill: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -87,6 +87,17 @@ class RayConfig(_Strict):
         "default read_tasks_per_actor x the largest actor count",
     )
     read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of one read+decode task")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each label actor reserves, e.g. {teacher_node: 1} to pin the "
+        "label actors to nodes started with that resource",
+    )
+    stall_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="no progress for this long while some stage's work fits on no live node (e.g. the only "
+        "GPU node died): the run fails naming the missing resources. On an autoscaling cluster (reached by "
+        "address) it first reports that it is waiting for nodes, and fails after twice this time",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
