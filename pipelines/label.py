@@ -1,8 +1,7 @@
-"""The labelling pipeline, as a composition of stages the engine runs.
+"""The labelling pipeline: stages composed for the engine (:mod:`labelmill.engine`), which plans, runs, commits.
 
-read (Ray tasks, decode fused in) -> label (actor pool; filter and the table writer fused in)
--> manifests to the driver, which commits dataset versions.  The engine (:mod:`labelmill.engine`) plans, runs and commits; ``run(config)``
-resumes from whatever versions the output already holds.
+read (decode fused in) -> label (actor pool; filter and table writer fused in) -> manifests -> the driver commits
+dataset versions; ``run(config)`` resumes from whatever versions the output already holds.
 """
 
 from __future__ import annotations
@@ -40,17 +39,12 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     stream, started = stream or sys.stderr, time.monotonic()
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    # Everything that can fail cheaply fails before anything is written: the input is listed and Ray is
-    # up before the output is claimed (a bad input or an unreachable cluster leaves no output behind).
-    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)
+    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)  # all checks before claim()
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
     store.check_writable()
-    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
-                    stream=stream)
-    done = store.done_shards()
-    todo = [s for s in shards if s.url not in done]
-    with engine.session(needed=bool(todo)):
-        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
+    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s, stream=stream)
+    with engine.session(needed=any(s.url not in store.done_shards() for s in shards)):
+        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())  # input, output, Ray checked: now write
         repair = store.repair()
         if any(repair.values()):
             print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
