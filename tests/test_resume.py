@@ -102,7 +102,7 @@ def test_kill_dash_nine_then_rerun_matches_a_clean_run(tmp_path, ray_session):
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
         ray_procs = descendants(proc.pid)
-        names = " ".join(n for _, n in ray_procs.values())
+        names = " ".join(n for _, n in ray_procs.values()).lower()
         assert "raylet" in names and "gcs_server" in names and "agent" in names, names  # agents are covered
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
         proc.wait(timeout=30)

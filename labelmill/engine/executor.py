@@ -41,6 +41,7 @@ from labelmill.engine.runtime import (
     default_budget_mb,
     plan_resources,
     start_ray,
+    stop_ray,
 )
 from labelmill.stages.base import Resources, Stage, check_contract
 
@@ -308,9 +309,7 @@ class Engine:
         finally:
             self._remote = None
             if started_here:
-                import ray
-
-                ray.shutdown()
+                stop_ray()
 
     def describe(self) -> str:
         if self.plan is None:
@@ -425,4 +424,4 @@ class Engine:
             if ledger is not None:
                 ray.kill(ledger)
             if started_here:
-                ray.shutdown()
+                stop_ray()

@@ -172,7 +172,26 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
         where = f"the Ray cluster at {address!r}" if address else "an embedded local Ray"
         first = (str(exc).strip().splitlines() or [""])[0]
         raise RayStartError(f"could not start or reach {where}: {type(exc).__name__}: {first}") from exc
+    from labelmill.engine import reaper
+
+    global _REAPER
+    _REAPER = reaper.start()  # a kill -9 of this driver leaves no Ray process running
     return True, False
+
+
+_REAPER = None
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started (:func:`start_ray`) and its watcher."""
+    global _REAPER
+    import ray
+
+    ray.shutdown()
+    if _REAPER is not None:
+        _REAPER.terminate()
+        _REAPER.wait(timeout=10)
+        _REAPER = None
 
 
 def cluster_max_gpus() -> float | None:
