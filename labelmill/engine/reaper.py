@@ -34,12 +34,14 @@ def watch(driver_pid: int, interval: float = 0.5) -> int:
     except psutil.NoSuchProcess:
         return 0
     known: dict[int, psutil.Process] = {}
+    me = os.getpid()
     while True:
         try:
             if not driver.is_running() or driver.status() == psutil.STATUS_ZOMBIE:
                 break
             for child in driver.children(recursive=True):
-                known.setdefault(child.pid, child)
+                if child.pid != me:  # the watcher is itself a child of the driver
+                    known.setdefault(child.pid, child)
         except psutil.NoSuchProcess:
             break
         except psutil.Error:
