@@ -6,7 +6,15 @@ import argparse
 import json
 import sys
 
-from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
+from labelmill.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_FAILED_SHARDS,
+    EXIT_INPUT,
+    EXIT_LOCK_HELD,
+    EXIT_OUTPUT,
+    EXIT_WEIGHTS,
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -21,6 +29,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _quiet_terminal()
     summary = run(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
+    failed = summary.counters.failed_shards
+    if failed:
+        print(f"labelmill: finished with {len(failed)} failed shard(s) (not committed; the next run retries "
+              f"them): {', '.join(sorted(failed))}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
     return 0
 
 
@@ -357,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     from labelmill.config import ConfigError
     from labelmill.data import OutputNotFound, VersionNotFound
     from labelmill.export.base import ExportError
+    from labelmill.engine.executor import PipelineStalled
+    from labelmill.engine.runtime import RayStartError
     from labelmill.io.shards import ShardListError
     from labelmill.store.commit import OutputConflictError
     from labelmill.store.lock import LockHeld
@@ -397,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"labelmill: {type(exc).__name__}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RayStartError as exc:
+        print(f"labelmill: ray error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except PipelineStalled as exc:
+        print(f"labelmill: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ class InputConfig(_Strict):
     )
     max_image_pixels: int = Field(default=90_000_000, gt=0, description="decompression-bomb guard")
     samples_per_block: int = Field(default=64, gt=0, description="rows per block the reader emits")
+    read_attempts: int = Field(
+        default=5, gt=0,
+        description="tries to open and read a shard through storage errors (missing for a moment, 5xx, "
+        "timeouts, a dropped connection); a shard still unreadable is recorded as failed, not done, and the "
+        "next run retries it",
+    )
+    read_backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles per try (max 30 s)")
 
 
 class OutputConfig(_Strict):
@@ -80,6 +87,17 @@ class RayConfig(_Strict):
         "default read_tasks_per_actor x the largest actor count",
     )
     read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of one read+decode task")
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each label actor reserves, e.g. {teacher_node: 1} to pin the "
+        "label actors to nodes started with that resource",
+    )
+    stall_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="no progress for this long while some stage's work fits on no live node (e.g. the only "
+        "GPU node died): the run fails naming the missing resources. On an autoscaling cluster (reached by "
+        "address) it first reports that it is waiting for nodes, and fails after twice this time",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode: Literal["tasks", "actor"] = Field(
         default="tasks",
@@ -154,6 +172,7 @@ class RunConfig(_Strict):
                 teacher.check_upstream(dict(earlier))
             except ValueError as exc:
                 raise ValueError(f"teachers.{i}: {exc}") from None
+            _check_vocabulary(i, getattr(teacher, "vocabulary", None))
             earlier[teacher.instance_name] = teacher
         return self
 
@@ -167,6 +186,22 @@ class RunConfig(_Strict):
                 "allow_random_init": self.allow_random_init,
             }
         )
+
+
+def _check_vocabulary(i: int, spec: Any) -> None:
+    """A built-in vocabulary name or an inline list is checked with the config, before anything starts.
+
+    (A ``{file: path}`` vocabulary is read where the teacher runs, which on a
+    cluster may be a worker with files the driver lacks.)
+    """
+    if spec is None or not isinstance(spec, (str, list, tuple)):
+        return
+    from labelmill.teachers.vocab import load_vocabulary
+
+    try:
+        load_vocabulary(spec)
+    except ValueError as exc:
+        raise ValueError(f"teachers.{i}.vocabulary: {exc}") from None
 
 
 def _format_errors(exc: ValidationError, prefix: str = "") -> str:

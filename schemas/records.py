@@ -55,6 +55,7 @@ class Label:
     phrase: str | None = None               # grounded phrase (GLIP)
     tokens_positive: list[tuple[int, int]] | None = None  # character spans in the caption
     caption: str | None = None              # the prompt the phrase spans index
+    iscrowd: bool = False                   # a crowd region (COCO iscrowd=1): not one instance
 
     def __post_init__(self) -> None:
         if self.kind not in ("mask", "box"):

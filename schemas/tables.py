@@ -89,6 +89,7 @@ LABEL_STRUCT = pa.struct(
         ("bbox", pa.list_(pa.float32())),
         ("area", pa.float64()),
         ("segmentation", RLE_STRUCT),
+        ("iscrowd", pa.bool_()),
     ]
 )
 
@@ -136,6 +137,7 @@ LABELS = pa.schema(
         pa.field("bbox", pa.list_(pa.float32())),
         pa.field("area", pa.float64()),
         pa.field("segmentation", RLE_STRUCT),
+        pa.field("iscrowd", pa.bool_()),
     ]
     + PROVENANCE_FIELDS
     + RUN_FIELDS
@@ -318,6 +320,7 @@ def label_to_struct(label: Label, teacher: str) -> dict:
         "bbox": [float(v) for v in label.bbox],
         "area": float(label.area) if label.area is not None else None,
         "segmentation": label.rle,
+        "iscrowd": bool(label.iscrowd),
     }
 
 

@@ -46,6 +46,10 @@ class Resources:
             args["num_gpus"] = self.gpus
         return args
 
+    def request(self) -> dict[str, float]:
+        """What one worker needs from one node, in Ray's resource names."""
+        return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v}
+
 
 class Stage(ABC):
     name: ClassVar[str] = "stage"

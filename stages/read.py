@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-from labelmill.io.shards import iter_shard
+from labelmill.io.shards import READ_ATTEMPTS, READ_BACKOFF_S, ShardUnavailable, iter_shard
 from labelmill.schemas.tables import Col
 from labelmill.stages.base import Resources, Stage
 
@@ -49,12 +49,16 @@ class ReadShards(Stage):
     stateful = False
     batch_format = "pyarrow"
 
-    def __init__(self, storage_options: dict[str, Any], samples_per_block: int, cpus: float = 0.25):
+    def __init__(self, storage_options: dict[str, Any], samples_per_block: int, cpus: float = 0.25,
+                 attempts: int = READ_ATTEMPTS, backoff_s: float = READ_BACKOFF_S):
         self.storage_options = storage_options
         self.samples_per_block = samples_per_block
         self.cpus = cpus
-        #: ``reporter(shard, rows, duplicates)`` once a shard is read (set by the engine)
-        self.reporter: Callable[[str, int, int], None] | None = None
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        #: ``reporter(shard, rows, duplicates, failed)`` once a shard is read or has failed (set by the engine);
+        #: ``failed`` is None, or why the storage could not deliver the shard (none of its rows may be committed)
+        self.reporter: Callable[..., None] | None = None
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus)
@@ -66,6 +70,7 @@ class ReadShards(Stage):
         rows: dict[str, list] = {name: [] for name in READ_SCHEMA.names}
         count = duplicates = 0
         keys: set[str] = set()
+        failed: str | None = None
 
         def flush() -> pa.Table:
             table = pa.table(rows, schema=READ_SCHEMA)
@@ -73,23 +78,26 @@ class ReadShards(Stage):
                 lst.clear()
             return table
 
-        for sample in iter_shard(url, self.storage_options):
-            if sample.duplicate_of is not None:
-                duplicates += 1
-                continue
-            key = sample.key
-            if key in keys:  # the row that records where a broken shard broke
-                key = f"{key}#broken"
-            keys.add(key)
-            values = dict(key=key, shard=url, index=sample.index, image_bytes=sample.image,
-                          image_ext=sample.image_ext, caption_bytes=sample.caption, meta_json=sample.meta,
-                          error=sample.error, warnings=sample.warnings)
-            for name in READ_SCHEMA.names:
-                rows[name].append(values[name])
-            count += 1
-            if len(rows[Col.KEY]) >= self.samples_per_block:
-                yield flush()
-        if rows[Col.KEY]:
+        try:
+            for sample in iter_shard(url, self.storage_options, attempts=self.attempts, backoff_s=self.backoff_s):
+                if sample.duplicate_of is not None:
+                    duplicates += 1
+                    continue
+                key = sample.key
+                if key in keys:  # the row that records where a broken shard broke
+                    key = f"{key}#broken"
+                keys.add(key)
+                values = dict(key=key, shard=url, index=sample.index, image_bytes=sample.image,
+                              image_ext=sample.image_ext, caption_bytes=sample.caption, meta_json=sample.meta,
+                              error=sample.error, warnings=sample.warnings)
+                for name in READ_SCHEMA.names:
+                    rows[name].append(values[name])
+                count += 1
+                if len(rows[Col.KEY]) >= self.samples_per_block:
+                    yield flush()
+        except ShardUnavailable as exc:  # storage, not data: the shard is failed (the driver drops its rows)
+            failed = str(exc)
+        if rows[Col.KEY] and failed is None:
             yield flush()
         if self.reporter is not None:
-            self.reporter(url, count, duplicates)
+            self.reporter(url, count, duplicates, failed)

@@ -162,7 +162,7 @@ class WriteTables(Stage):
             ("image_width", Col.ORIG_W), ("image_height", Col.ORIG_H),
         )}
         for field in ("kind", "class_id", "class_name", "phrase", "tokens_positive", "caption",
-                      "score", "bbox", "area", "segmentation"):
+                      "score", "bbox", "area", "segmentation", "iscrowd"):
             cols[field] = pc.struct_field(flat, field)
         cols.update(self._provenance_cols(owners, pc.struct_field(flat, "teacher").to_pylist()))
         cols.update(self._run_cols(len(flat)))

@@ -1,8 +1,12 @@
 """A teacher defined outside labelmill, loaded by class path from a run config.
 
 It replays ground truth stored in each sample's ``.json`` member
-(``{"annotations": [{"category": name, "category_id": id, "segmentation": RLE}]}``),
-which makes exact checks of the pipeline and the COCO export possible.
+(``{"annotations": [{"category": name, "category_id": id, "segmentation": ...}]}``),
+which makes exact checks of the pipeline and the COCO export possible.  The
+segmentation may be any COCO form: an RLE (compressed or uncompressed) or
+polygons (a list of ``[x1, y1, x2, y2, ...]``).  A given ``bbox`` is kept
+as is (COCO boxes bound the polygon, not its rasterised mask), else the box
+of the mask; ``iscrowd`` is carried to the label.
 """
 
 from __future__ import annotations
@@ -50,17 +54,14 @@ class GroundTruthTeacher(Teacher):
             if key == self.config.fail_on_key:
                 raise RuntimeError(f"cannot label {key}")
             labels = []
-            for ann in meta.get("annotations", []):
-                rle = dict(ann["segmentation"])
-                if isinstance(rle["counts"], list):
-                    rle = mask_utils.frPyObjects(rle, h, w)
-                    rle["counts"] = rle["counts"].decode()
-                enc = {"size": rle["size"], "counts": rle["counts"].encode()}
+            for n, ann in enumerate(meta.get("annotations", [])):
+                rle = _coco_rle(ann.get("segmentation"), h, w, f"{key}: annotation {n}")
+                bbox = ann.get("bbox")
                 labels.append(Label(kind="mask", score=self.config.score,
-                                    bbox=tuple(float(v) for v in mask_utils.toBbox(enc)),
+                                    bbox=tuple(float(v) for v in (bbox if bbox is not None else mask_utils.toBbox(rle))),
                                     class_name=ann["category"], class_id=ann["category_id"],
-                                    area=float(mask_utils.area(enc)), rle={"size": list(rle["size"]),
-                                                                           "counts": rle["counts"]}))
+                                    area=float(mask_utils.area(rle)), iscrowd=bool(ann.get("iscrowd", 0)),
+                                    rle={"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}))
             outs.append(TeacherOutput(labels=labels))
         return outs
 
@@ -98,3 +99,19 @@ class ProbeTeacher(Teacher):
             outs.append(TeacherOutput(labels=[Label(kind="box", score=1.0, bbox=(0.0, 0.0, float(w), float(h)),
                                                     class_name=digest, area=float(oh * ow))]))
         return outs
+
+
+def _coco_rle(segmentation, h: int, w: int, where: str) -> dict:
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) as a compressed RLE with bytes counts."""
+    if isinstance(segmentation, list):  # polygons: [[x1, y1, x2, y2, ...], ...]
+        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                                       for p in segmentation):
+            raise ValueError(f"{where}: polygons must be lists of at least 3 (x, y) pairs")
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
+    if isinstance(segmentation, dict) and {"size", "counts"} <= set(segmentation):
+        if isinstance(segmentation["counts"], list):  # uncompressed RLE
+            return mask_utils.frPyObjects(segmentation, h, w)
+        counts = segmentation["counts"]
+        return {"size": list(segmentation["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
+    raise ValueError(f"{where}: segmentation must be COCO polygons or an RLE with size and counts, "
+                     f"got {type(segmentation).__name__}")

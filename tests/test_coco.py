@@ -127,3 +127,45 @@ def test_real_coco128_annotations_round_trip(tmp_path, ray_session):
     ev.accumulate()
     ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)
+
+
+
+
+def test_polygons_crowds_given_boxes_and_repeated_keys(tmp_path, ray_session):
+    """iscrowd travels from the ground truth to the labels table and COCO; the example plug-in takes COCO
+    polygons and keeps given boxes; a key used by two shards gives two distinct COCO file names."""
+    from deltalake import DeltaTable
+
+    h, w = 64, 96
+    poly = [[10.0, 5.0, 50.5, 5.0, 50.5, 40.25, 10.0, 40.25]]
+    crowd = np.zeros((h, w), np.uint8, order="F")
+    crowd[45:60, 60:90] = 1
+    crowd_rle = mask_utils.encode(crowd)
+    anns = [
+        {"category": "block1", "category_id": 1, "segmentation": poly, "bbox": [10.0, 5.0, 40.5, 35.25],
+         "iscrowd": 0},
+        {"category": "block2", "category_id": 2, "iscrowd": 1,
+         "segmentation": {"size": [h, w], "counts": crowd_rle["counts"].decode()}},
+    ]
+    key, members = gt_sample("same", seed=1, w=w, h=h)
+    members = dict(members, json=json.dumps({"annotations": anns}).encode())
+    write_shard(str(tmp_path / "shards" / "a.tar"), [(key, members)])
+    write_shard(str(tmp_path / "shards" / "b.tar"), [(key, members)])
+    out = str(tmp_path / "out")
+    run(load_config(run_config(str(tmp_path / "shards"), out, teachers=[gt_teacher()])))
+
+    labels = DeltaTable(f"{out}/labels").to_pandas().sort_values(["shard", "class_id"])
+    assert labels.iscrowd.tolist() == [False, True, False, True]
+
+    manifest = export_coco(out, str(tmp_path / "coco"))
+    (path,) = manifest["files"]["gt"]["instances"]
+    coco = COCO(str(tmp_path / "coco" / path))
+    names = sorted(img["file_name"] for img in coco.dataset["images"])
+    assert names[0] == "b/" + names[1] and names[1].startswith("same")  # never two images with one file_name
+    for ann in coco.dataset["annotations"]:
+        if ann["category_id"] == coco.getCatIds(catNms=["block1"])[0]:
+            assert ann["iscrowd"] == 0 and ann["bbox"] == [10.0, 5.0, 40.5, 35.25]  # the given box
+            want = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(poly, h, w)))
+            assert np.array_equal(coco.annToMask(ann), want)
+        else:
+            assert ann["iscrowd"] == 1 and np.array_equal(coco.annToMask(ann), crowd)

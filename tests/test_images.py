@@ -40,6 +40,15 @@ def test_greyscale_becomes_three_equal_channels():
     out = decode_image(encode(grey, "PNG"), BIG, LIMIT)
     assert out.pixels.shape == (30, 40, 3)
     assert np.array_equal(out.pixels[..., 0], grey) and np.array_equal(out.pixels[..., 2], grey)
+    assert out.warnings == ["greyscale converted to RGB"]  # as the README's bad-input table promises
+
+
+def test_palette_without_transparency_is_converted_with_a_warning():
+    img = Image.fromarray(photo(20, 20)).convert("P", palette=Image.ADAPTIVE, colors=8)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    out = decode_image(buf.getvalue(), BIG, LIMIT)
+    assert out.pixels.shape == (20, 20, 3) and out.warnings == ["palette converted to RGB"]
 
 
 def test_cmyk_jpeg_is_converted_with_a_warning():

@@ -159,3 +159,43 @@ def test_plugin_teacher_by_class_path_and_per_sample_failure(tmp_path, ray_sessi
     assert "cannot label g3" in text and "RANDOM WEIGHTS" not in text
     for name in set(labels.class_name):
         assert f"<td>{name}</td>" in text
+
+
+def test_unreadable_shard_is_failed_not_done_and_the_next_run_retries_it(tmp_path, ray_session, monkeypatch,
+                                                                        capsys):
+    import yaml
+
+    import labelmill.pipelines.label as label_pipeline
+    from labelmill.cli import main
+    from labelmill.exitcodes import EXIT_FAILED_SHARDS
+
+    folder = tmp_path / "shards"
+    paths = make_shards(folder, 2, 3)
+    gone, kept = paths[1], tmp_path / "kept.tar"
+    cfg = run_config(str(folder), str(tmp_path / "out"))
+    cfg["input"].update(read_attempts=2, read_backoff_s=0)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    listing = label_pipeline.list_shard_infos
+
+    def list_then_lose(*args, **kwargs):  # the store loses the shard between listing and reading
+        infos = listing(*args, **kwargs)
+        (folder / gone.rsplit("/", 1)[1]).rename(kept)
+        return infos
+
+    monkeypatch.setattr(label_pipeline, "list_shard_infos", list_then_lose)
+    assert main(["run", str(cfg_path)]) == EXIT_FAILED_SHARDS
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert list(summary["failed_shards"]) == [gone] and summary["samples"] == 3
+    assert "failed shard" in captured.err and gone in captured.err
+    rows = read(str(tmp_path / "out"), "samples")
+    assert set(rows.shard) == {paths[0]}  # nothing of the failed shard is final
+
+    monkeypatch.setattr(label_pipeline, "list_shard_infos", listing)
+    kept.rename(gone)
+    assert main(["run", str(cfg_path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["failed_shards"] == {} and summary["shards_skipped_already_committed"] == 1
+    rows = read(str(tmp_path / "out"), "samples")
+    assert sorted(rows.shard) == sorted([paths[0]] * 3 + [gone] * 3) and rows.error.isna().all()

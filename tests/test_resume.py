@@ -47,6 +47,34 @@ def session_processes(sid: int) -> list[str]:
     return out
 
 
+def descendants(pid: int) -> dict[int, tuple[float, str]]:
+    """pid -> (create time, name) of every process below ``pid`` now (the driver's Ray: GCS, raylet, agents,
+    workers), so that a process that left the driver's session or was re-parented is still found later."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            out[p.pid] = (p.create_time(), f"{p.name()} {' '.join(p.cmdline()[:4])}"[:300])
+        except psutil.Error:
+            continue
+    return out
+
+
+def still_alive(procs: dict[int, tuple[float, str]]) -> list[str]:
+    import psutil
+
+    left = []
+    for pid, (created, name) in procs.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{pid}:{name}")
+        except psutil.Error:
+            continue
+    return left
+
+
 def test_kill_dash_nine_then_rerun_matches_a_clean_run(tmp_path, ray_session):
     shards = tmp_path / "shards"
     for s in range(8):
@@ -73,14 +101,18 @@ def test_kill_dash_nine_then_rerun_matches_a_clean_run(tmp_path, ray_session):
         while commits(out) < 3 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
+        ray_procs = descendants(proc.pid)
+        names = " ".join(n for _, n in ray_procs.values()).lower()
+        assert "raylet" in names and "gcs_server" in names and "agent" in names, names  # agents are covered
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
         proc.wait(timeout=30)
-        # the embedded Ray dies with its driver: no raylet, GCS, agent or worker is left behind
-        left = session_processes(proc.pid)
+        # the embedded Ray dies with its driver: no raylet, GCS, agent or worker is left behind, whether it
+        # stayed in the driver's session or not
+        left = session_processes(proc.pid) + still_alive(ray_procs)
         deadline = time.monotonic() + 60
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
-            left = session_processes(proc.pid)
+            left = session_processes(proc.pid) + still_alive(ray_procs)
         assert not left, f"processes outlived the killed driver: {left}"
     finally:
         time.sleep(2)

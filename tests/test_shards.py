@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import tarfile
 
+import fsspec
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from helpers import good_sample, make_shards
-from labelmill.io.shards import ShardListError, iter_shard, list_shards, unsafe_key_reason, write_shard
+from labelmill.io.shards import ShardListError, ShardUnavailable, iter_shard, list_shards, unsafe_key_reason, write_shard
 
 
 def test_listing_forms(tmp_path):
@@ -87,9 +89,102 @@ def test_garbage_file_is_one_error_row(tmp_path):
     assert len(rows) == 1 and rows[0].error
 
 
-def test_missing_shard_is_one_error_row(tmp_path):
-    rows = list(iter_shard(str(tmp_path / "nope.tar")))
-    assert len(rows) == 1 and "cannot open shard" in rows[0].error
+def test_missing_shard_is_unavailable_not_an_error_row(tmp_path):
+    # a shard missing (or unreachable) is the storage's fault: retried, then failed; never a final error row
+    sleeps = []
+    with pytest.raises(ShardUnavailable, match="after 3 attempts.*FileNotFoundError"):
+        list(iter_shard(str(tmp_path / "nope.tar"), attempts=3, backoff_s=0.5, sleep=sleeps.append))
+    assert sleeps == [0.5, 1.0]  # exponential backoff between the tries
+
+
+class FlakyFS(LocalFileSystem):
+    """Local files through a store that fails: the first ``fail_opens`` opens raise, and the first
+    ``drop_reads`` opened handles drop the connection after ``drop_after`` bytes."""
+
+    protocol = "flaky"
+    fail_opens = 0
+    drop_reads = 0
+    drop_after = 0
+    opens = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        cls = type(self)
+        cls.opens += 1
+        if cls.fail_opens > 0:
+            cls.fail_opens -= 1
+            raise FileNotFoundError(f"{path} (not there for a moment)")
+        fh = super()._open(path, mode, **kwargs)
+        if cls.drop_reads > 0:
+            cls.drop_reads -= 1
+            return _Dropping(fh, cls.drop_after)
+        return fh
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return LocalFileSystem._strip_protocol(str(path).removeprefix("flaky://"))
+
+
+class _Dropping(io.RawIOBase):
+    def __init__(self, fh, limit):
+        self.fh, self.left = fh, limit
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        if self.left <= 0:
+            raise ConnectionResetError("connection reset by peer")
+        data = self.fh.read(self.left if n is None or n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def close(self):
+        self.fh.close()
+        super().close()
+
+
+@pytest.fixture
+def flaky():
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    FlakyFS.fail_opens = FlakyFS.drop_reads = FlakyFS.opens = 0
+    yield FlakyFS
+    FlakyFS.fail_opens = FlakyFS.drop_reads = 0
+
+
+def test_shard_missing_for_a_moment_is_retried(tmp_path, flaky):
+    (path,) = make_shards(tmp_path, 1, 4)
+    want = [(s.key, s.image) for s in iter_shard(path)]
+    flaky.fail_opens = 2
+    got = [(s.key, s.image) for s in iter_shard("flaky://" + path, backoff_s=0, sleep=lambda s: None)]
+    assert got == want and flaky.opens == 3
+
+
+def test_connection_dropped_mid_shard_resumes_without_doubling(tmp_path, flaky):
+    (path,) = make_shards(tmp_path, 1, 6)
+    want = [(s.key, s.index, s.image, s.error) for s in iter_shard(path)]
+    flaky.drop_reads, flaky.drop_after = 2, len(open(path, "rb").read()) // 2
+    got = [(s.key, s.index, s.image, s.error) for s in iter_shard("flaky://" + path, backoff_s=0,
+                                                                 sleep=lambda s: None)]
+    assert got == want  # every sample once, none an error row, none lost
+
+
+def test_connection_that_stays_down_fails_the_shard(tmp_path, flaky):
+    (path,) = make_shards(tmp_path, 1, 6)
+    flaky.drop_reads, flaky.drop_after = 99, len(open(path, "rb").read()) // 2
+    seen = []
+    with pytest.raises(ShardUnavailable, match="ConnectionResetError"):
+        for s in iter_shard("flaky://" + path, attempts=3, backoff_s=0, sleep=lambda s: None):
+            seen.append(s.key)
+    assert 0 < len(seen) < 6 and len(seen) == len(set(seen))
+
+
+def test_truncated_tar_stays_an_error_row_not_a_retry(tmp_path, flaky):
+    (path,) = make_shards(tmp_path, 1, 4)
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 + 700])  # inside a member
+    rows = list(iter_shard("flaky://" + str(cut), backoff_s=0, sleep=lambda s: None))
+    assert flaky.opens == 1 and any("shard broken" in (r.error or "") for r in rows)
 
 
 def test_duplicate_keys_adjacent_and_not(tmp_path):

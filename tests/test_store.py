@@ -303,3 +303,19 @@ def test_region_embeddings_are_written_by_workers_and_join_the_version(tmp_path)
     assert RegionReader(out, version=1).keys() == ["k1"]   # pinned
     table = pd.read_parquet(f"{out}/regions")
     assert sorted(zip(table.shard, table["index"])) == [("s1", 1), ("s1", 2), ("s1", 3), ("s1", 4), ("s2", 1)]
+
+
+def test_failed_shard_commits_none_of_its_rows_and_stays_to_do(tmp_path):
+    # storage failed mid-shard: the rows read before the failure must not become final
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    loop = CommitLoop(store, 1, info={"config_hash": "cfg", "run_id": "run"})
+    loop.add(staged(out, rows("s1", 3)))                       # read before the connection dropped
+    loop.shard_read("s1", 3, 0, "cannot read shard s1 after 5 attempts: ConnectionResetError")
+    loop.add(staged(out, rows("s1", 2, start=3)))              # a late block of the failed shard
+    feed(loop, out, "s2", 2)
+    committed = loop.finish()
+    assert store.done_shards() == {"s2"}                       # the next run reads s1 again
+    assert committed.failed_shards == {"s1": "cannot read shard s1 after 5 attempts: ConnectionResetError"}
+    assert committed.as_dict()["failed_shards"] == committed.failed_shards
+    assert set(sorted_df(out, "samples").shard) == {"s2"} and committed.samples == 2

@@ -40,6 +40,8 @@ class RunCounters:
     )
     duplicates: int = 0
     shards_committed: int = 0
+    #: shard -> why storage could not deliver it; none of its rows are committed, the next run retries it
+    failed_shards: dict[str, str] = field(default_factory=dict)
     commits: int = 0
     versions: list[int] = field(default_factory=list)
 
@@ -59,6 +61,7 @@ class RunCounters:
             "dropped": {k.removeprefix("dropped_"): v for k, v in self.dropped.items()},
             "duplicates": self.duplicates,
             "shards_committed": self.shards_committed,
+            "failed_shards": dict(self.failed_shards),
             "commits": self.commits,
             "versions": list(self.versions),
         }
@@ -104,9 +107,21 @@ class CommitLoop:
             self._accept(row)
         self._commit_ready()
 
-    def shard_read(self, shard: str, rows: int, duplicates: int = 0) -> None:
-        """The source finished ``shard``: it has ``rows`` samples (and skipped ``duplicates``)."""
-        if shard in self.done or shard in self.totals:
+    def shard_read(self, shard: str, rows: int, duplicates: int = 0, failed: str | None = None) -> None:
+        """The source finished ``shard``: it has ``rows`` samples (and skipped ``duplicates``).
+
+        ``failed`` (a reason) says the storage could not deliver the whole
+        shard: the rows received for it are dropped (their staged files are
+        never committed), later ones are ignored, and the shard is not
+        recorded as done, so the next run reads it again.
+        """
+        if shard in self.done or shard in self.totals or shard in self.committed.failed_shards:
+            return
+        if failed is not None:
+            self.committed.failed_shards[shard] = failed
+            state = self.shards.pop(shard, None)
+            if state is not None:
+                self.counters.add({c: -v for c, v in state.counts.items()})
             return
         self.totals[shard] = (int(rows), int(duplicates))
         self._check(shard)
@@ -114,6 +129,8 @@ class CommitLoop:
 
     def _accept(self, row: dict) -> None:
         shard = row["shard"]
+        if shard in self.committed.failed_shards:
+            return
         if shard in self.done:
             self.replayed_rows += len(row["indices"])
             return
@@ -203,7 +220,8 @@ class CommitLoop:
         if self.complete:
             self._commit(self.complete)
             self.complete = []
-        pending = sorted(s for s in set(self.shards) | set(self.totals) if s not in self.done)
+        pending = sorted(s for s in set(self.shards) | set(self.totals)
+                         if s not in self.done and s not in self.committed.failed_shards)
         if pending:
             raise RuntimeError(f"stream ended with incomplete shards: {pending[:5]}")
         return self.committed

@@ -25,9 +25,11 @@ Pipelines (``labelmill.pipelines``) only compose stages; they never import Ray.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from labelmill.config import RayConfig
 from labelmill.engine.commit_loop import CommitLoop, RunCounters
@@ -39,6 +41,7 @@ from labelmill.engine.runtime import (
     default_budget_mb,
     plan_resources,
     start_ray,
+    stop_ray,
 )
 from labelmill.stages.base import Resources, Stage, check_contract
 
@@ -191,10 +194,10 @@ class _LedgerClient:
     def __init__(self, handle):
         self.handle = handle
 
-    def __call__(self, shard: str, rows: int, duplicates: int) -> None:
+    def __call__(self, shard: str, rows: int, duplicates: int, failed: str | None = None) -> None:
         import ray
 
-        ray.get(self.handle.report.remote(shard, rows, duplicates))
+        ray.get(self.handle.report.remote(shard, rows, duplicates, failed))
 
 
 def _ledger_class():
@@ -202,17 +205,17 @@ def _ledger_class():
 
     @ray.remote(num_cpus=0, max_restarts=-1)
     class ShardLedger:
-        """Shard -> (samples, duplicates), reported by the source tasks (idempotent)."""
+        """Shard -> (samples, duplicates, failed), reported by the source tasks (idempotent)."""
 
         def __init__(self):
-            self.totals: dict[str, tuple[int, int]] = {}
+            self.totals: dict[str, tuple[int, int, str | None]] = {}
 
-        def report(self, shard: str, rows: int, duplicates: int) -> None:
-            self.totals[shard] = (rows, duplicates)
+        def report(self, shard: str, rows: int, duplicates: int, failed: str | None = None) -> None:
+            self.totals[shard] = (rows, duplicates, failed)
 
-        def since(self, known: int) -> list[tuple[str, int, int]]:
+        def since(self, known: int) -> list[tuple[str, int, int, str | None]]:
             items = list(self.totals.items())
-            return [(s, r, d) for s, (r, d) in items[known:]]
+            return [(s, r, d, f) for s, (r, d, f) in items[known:]]
 
     return ShardLedger
 
@@ -241,6 +244,122 @@ class _Ticker:
         self._thread.join(timeout=10)
 
 
+class PipelineStalled(RuntimeError):
+    """No progress while some stage's work fits on no live node (``ray.stall_timeout_s``)."""
+
+
+def unschedulable(requests: dict[str, dict[str, float]], nodes: list[dict]) -> dict[str, dict[str, float]]:
+    """The operators whose one-worker request fits on no live node, with what the best node lacks.
+
+    ``nodes`` as ``ray.nodes()`` returns them (``Alive``, ``Resources``: the node's totals).
+    """
+    live = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    out = {}
+    for name, need in requests.items():
+        if any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for node in live):
+            continue
+        best: dict[str, float] | None = None
+        for node in live or [{}]:
+            lacks = {k: v - node.get(k, 0.0) for k, v in need.items() if node.get(k, 0.0) < v - 1e-9}
+            if best is None or len(lacks) < len(best):
+                best = lacks
+        out[name] = best or {}
+    return out
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()))
+
+
+class StallWatch:
+    """Fails a run that makes no progress while work it waits for fits on no live node.
+
+    Progress is a batch reaching the driver or a shard finishing.  After
+    ``timeout`` seconds without progress, the live nodes (``ray.nodes()``; no
+    dashboard needed) are checked against what one worker of every operator
+    needs.  If some operator fits nowhere (the only GPU node died, a custom
+    resource no node has), the run fails with :class:`PipelineStalled` naming
+    the missing resources.  On an autoscaling cluster it first says it is
+    waiting for nodes, and fails after twice the timeout.  Slow but
+    schedulable work (a teacher loading its weights) never trips it.
+    """
+
+    def __init__(self, timeout: float, requests: dict[str, dict[str, float]], autoscaling: bool, stream,
+                 nodes=None):
+        self.timeout = timeout
+        self.requests = requests
+        self.autoscaling = autoscaling
+        self.stream = stream
+        self.nodes = nodes
+        self.last = time.monotonic()
+        self.warned = False
+        self.error: PipelineStalled | None = None
+
+    @contextlib.contextmanager
+    def watching(self, every: float = 1.0) -> Iterator[None]:
+        """Check in a thread while the block runs; a stall interrupts the block (KeyboardInterrupt in the
+        main thread, so Ray Data's iterator unwinds normally) and sets :attr:`error`."""
+        import _thread
+
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread can be interrupted; elsewhere a stall is not detected
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(every):
+                try:
+                    self.check()
+                except PipelineStalled as exc:
+                    self.error = exc
+                    _thread.interrupt_main()
+                    return
+                except Exception:  # noqa: BLE001 - e.g. Ray shutting down: the watch just ends
+                    return
+
+        thread = threading.Thread(target=watch, name="labelmill-stall-watch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
+
+    def progressed(self) -> None:
+        self.last = time.monotonic()
+        self.warned = False
+
+    def check(self) -> None:
+        idle = time.monotonic() - self.last
+        if idle < self.timeout:
+            return
+        if self.nodes is None:
+            import ray
+
+            nodes = ray.nodes()
+        else:
+            nodes = self.nodes()
+        missing = unschedulable(self.requests, nodes)
+        if not missing:
+            return
+        what = "; ".join(f"{name} workers need {{{_fmt(self.requests[name])}}} each, no live node has "
+                         f"{{{_fmt(lacks)}}}" for name, lacks in missing.items())
+        live = sum(1 for n in nodes if n.get("Alive"))
+        if self.autoscaling and not self.warned:
+            self.warned = True
+            print(f"[labelmill] waiting for nodes: no progress for {idle:.0f}s; {what} ({live} live nodes); "
+                  "waiting for the cluster autoscaler to add such nodes", file=self.stream, flush=True)
+            return
+        if self.autoscaling and idle < 2 * self.timeout:
+            return
+        hint = ("the cluster autoscaler added no such node" if self.autoscaling
+                else "add a node with these resources, or change the ray section of the config")
+        raise PipelineStalled(
+            f"pipeline stalled: no progress for {idle:.0f}s (ray.stall_timeout_s={self.timeout:g}); {what} "
+            f"({live} live nodes); {hint}. Committed shards are kept: re-run the same command to resume"
+        )
+
+
 class Engine:
     """Runs pipelines on Ray; see the module docstring."""
 
@@ -251,6 +370,26 @@ class Engine:
         self.stream = stream or sys.stderr
         self.plan: ResourcePlan | None = None
         self.budget_mb: int | None = None
+        self._remote: bool | None = None  # set while a session() holds Ray
+
+    @contextlib.contextmanager
+    def session(self, needed: bool = True) -> Iterator[None]:
+        """Hold Ray (connected or embedded) for the block; ``run`` inside it reuses that Ray.
+
+        A pipeline opens the session before it writes anything, so a cluster
+        that cannot be reached fails the run (:class:`RayStartError`) with
+        nothing written.  ``needed=False`` (nothing to do) starts no Ray.
+        """
+        if not needed:
+            yield
+            return
+        started_here, self._remote = start_ray(self.cfg)
+        try:
+            yield
+        finally:
+            self._remote = None
+            if started_here:
+                stop_ray()
 
     def describe(self) -> str:
         if self.plan is None:
@@ -288,6 +427,8 @@ class Engine:
             kwargs: dict[str, Any] = dict(batch_format=head.batch_format, zero_copy_batch=True,
                                           **head.resources().ray_args())
             if head.stateful:
+                if self.cfg.actor_resources:
+                    kwargs["resources"] = dict(self.cfg.actor_resources)
                 ds = ds.map_batches(
                     actor_class(group, meter), batch_size=self.batch_size,
                     compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
@@ -296,13 +437,27 @@ class Engine:
                 ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)
         return ds
 
+    def _requests(self, pipeline: Pipeline) -> dict[str, dict[str, float]]:
+        """Per operator (named by its first stage): what one of its workers needs from one node."""
+        out = {}
+        for group in fuse(pipeline.stages):
+            head = group[0]
+            need = head.resources().request()
+            if head.stateful:
+                need.update(self.cfg.actor_resources)
+            out[head.name] = need
+        return out
+
     # ------------------------------------------------------------------- run
     def run(self, pipeline: Pipeline, inputs: list[str], loop: CommitLoop) -> RunCounters:
         """Stream ``inputs`` (shard URLs) through ``pipeline``; ``loop`` commits what the writers report."""
         pipeline.check()
         if not inputs:
             return loop.finish()
-        started_here, remote = start_ray(self.cfg)
+        if self._remote is None:
+            started_here, remote = start_ray(self.cfg)
+        else:
+            started_here, remote = False, self._remote
         import ray
 
         ledger = meter = ticker = None
@@ -322,9 +477,9 @@ class Engine:
 
             def poll() -> None:
                 nonlocal known
-                for shard, n, dups in ray.get(ledger.since.remote(known)):
+                for shard, n, dups, failed in ray.get(ledger.since.remote(known)):
                     known += 1
-                    loop.shard_read(shard, n, dups)
+                    loop.shard_read(shard, n, dups, failed)
                     progress.shard_read(n)
 
             def refresh() -> None:
@@ -333,13 +488,21 @@ class Engine:
 
             # the line refreshes on its own clock, also while the stream waits (model load, a slow shard)
             ticker = _Ticker(min(self.progress_interval_s, 1.0), refresh)
-            for batch in self._dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(
-                batch_format="pyarrow", batch_size=None, prefetch_batches=1
-            ):
-                loop.add(batch)
-                if time.monotonic() - last_poll > 0.5:
-                    poll()
-                    last_poll = time.monotonic()
+            watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), plan.autoscaling, self.stream)
+            try:
+                with watch.watching():
+                    for batch in self._dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(
+                        batch_format="pyarrow", batch_size=None, prefetch_batches=1
+                    ):
+                        loop.add(batch)
+                        watch.progressed()
+                        if time.monotonic() - last_poll > 0.5:
+                            poll()
+                            last_poll = time.monotonic()
+            except KeyboardInterrupt:
+                if watch.error is not None:
+                    raise watch.error from None
+                raise
             poll()
             counters = loop.finish()
             ticker.stop()
@@ -355,4 +518,4 @@ class Engine:
             if ledger is not None:
                 ray.kill(ledger)
             if started_here:
-                ray.shutdown()
+                stop_ray()

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from labelmill.config import ConfigError, RayConfig
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started (embedded) or reached (``ray.address``): an infrastructure failure."""
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     """How the run's stages share the cluster.
@@ -225,43 +229,6 @@ def quiet_ray_warnings() -> None:
                             module=r"ray(\..*)?")
 
 
-# A small process that outlives a killed driver just long enough to stop the
-# Ray processes it started.  Ray ties GCS and raylet to the driver (the kernel
-# kills them with it), but its agents can linger for minutes after kill -9.
-_WATCHDOG = r"""
-import sys, time, psutil
-driver, me, seen = int(sys.argv[1]), psutil.Process(), {}
-while True:
-    try:
-        proc = psutil.Process(driver)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            break
-        for child in proc.children(recursive=True):
-            try:
-                if child.pid != me.pid and "ray" in " ".join(child.cmdline()):
-                    seen[child.pid] = child.create_time()
-            except psutil.Error:
-                pass
-    except psutil.Error:
-        break
-    time.sleep(1.0)
-for pid, created in seen.items():
-    try:
-        leftover = psutil.Process(pid)
-        if leftover.create_time() == created:
-            leftover.kill()
-    except psutil.Error:
-        pass
-"""
-
-
-def _watch_embedded_ray() -> None:
-    import subprocess
-
-    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
-
-
 def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start an embedded local Ray.
 
@@ -278,24 +245,47 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
         return False, False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     quiet = os.environ.get("LABELMILL_QUIET_STDERR") == "1"
-    if address:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-        if quiet:
-            filter_native_stderr()
-        return True, True
-    # address="local": always a private Ray for this process, never a cluster
-    # someone else started on this host with `ray start`.
-    ray.init(
-        address="local",
-        num_cpus=cfg.num_cpus,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=False,
-    )
-    _watch_embedded_ray()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            if quiet:
+                filter_native_stderr()
+            return True, True
+        # address="local": always a private Ray for this process, never a cluster
+        # someone else started on this host with `ray start`.
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - any start-up failure is one clear line for the CLI
+        where = f"the Ray cluster at {address!r}" if address else "an embedded local Ray"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RayStartError(f"could not start or reach {where}: {type(exc).__name__}: {first}") from exc
+    from labelmill.engine import reaper
+
+    global _REAPER
+    _REAPER = reaper.start()  # a kill -9 of this driver leaves no Ray process running
     if quiet:
         filter_native_stderr()
     return True, False
+
+
+_REAPER = None
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started (:func:`start_ray`) and its watcher."""
+    global _REAPER
+    import ray
+
+    ray.shutdown()
+    if _REAPER is not None:
+        _REAPER.terminate()
+        _REAPER.wait(timeout=10)
+        _REAPER = None
 
 
 def cluster_max_gpus() -> float | None:

@@ -224,6 +224,7 @@ class ExportSource:
         """Every non-error sample of the version, in (shard, index) order, with its labels."""
         from labelmill.io.shards import iter_shard
 
+        taken: set[str] = set()  # file names used so far (a name another shard used gets its shard's stem)
         image_id = 0
         sample_cols = SAMPLE_COLUMNS + (["image_name"] if "image_name" in self._sample_schema() else [])
         for chunk in self._chunks():
@@ -253,13 +254,14 @@ class ExportSource:
                             self.stats.skipped_errors += 1
                             continue
                         image_id += 1
-                        name = row.get("image_name") or (here.image_name if here is not None else None)
+                        name = _unique_name(row.get("image_name") or (here.image_name if here is not None else None)
+                                            or row["key"], shard, row["index"], taken)
                         if need_shard and (here is None or here.image is None):
                             self.stats.images_missing += 1
                         yield Sample(
                             image_id=image_id, shard=shard, key=row["key"], index=row["index"],
                             width=row["image_width"], height=row["image_height"], caption=row["caption"],
-                            file_name=name or row["key"], labels=mine,
+                            file_name=name, labels=mine,
                             image=here.image if (image_bytes and here is not None) else None,
                         )
                 if hasattr(raws, "close"):
@@ -534,3 +536,16 @@ def run_export(fmt: str, output: str, dest: str, *, version: int | str | None = 
     }
     destination.write_json("manifest.json", manifest)
     return manifest
+
+
+def _unique_name(name: str, shard: str, index: int, taken: set[str]) -> str:
+    """``name``, or ``<shard stem>/<name>`` when an earlier image already has it: no two images share a file name."""
+    if name in taken:
+        stem = posixpath.basename(shard)
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            stem = stem.removesuffix(suffix)
+        name = f"{stem}/{name}"
+        if name in taken:
+            name = f"{name}#{index}"
+    taken.add(name)
+    return name

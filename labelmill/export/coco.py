@@ -13,7 +13,9 @@ Category ids are the ones users already have (:mod:`labelmill.export.categories`
 official COCO ids for COCO-80 classes, or a map passed with ``--category-ids``.
 ``file_name`` is the image's name as it appears in the shard (``KEY.ext``), so
 the export joins to a folder of the original images; ``shard`` and ``index``
-say where the image lives.  Image ids run 1.. in (shard, index) order.
+say where the image lives (a name an earlier shard already used becomes
+``<shard stem>/<name>``, so no two images share one).  ``iscrowd`` comes from
+the label.  Image ids run 1.. in (shard, index) order.
 Samples that failed are left out; samples without labels are images without
 annotations.  Every JSON file is written as a stream (annotations spool to a
 temporary file), so memory does not grow with the number of images.
@@ -106,7 +108,8 @@ def image_entry(sample: Sample) -> dict[str, Any]:
 
 def box_fields(row: dict) -> dict[str, Any]:
     return {"bbox": [round(float(v), 2) for v in row["bbox"]], "area": float(row["area"] or 0.0),
-            "score": round(float(row["score"]), 5), "iscrowd": 0}
+            "score": round(float(row["score"]), 5),
+            "iscrowd": int(bool(row.get("iscrowd")))}  # absent in outputs written before labels had it
 
 
 def instance_annotation(row: dict, image_id: int, category_id: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from labelmill.io.images import ImageDecodeError, decode_image
-from labelmill.io.shards import iter_shard
+from labelmill.io.shards import ShardUnavailable, iter_shard
 from labelmill.store.read import DatasetVersion, open_version
 from labelmill.schemas.records import ImageRequest
 
@@ -112,12 +112,15 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         by_shard.setdefault(r["shard"], set()).add(r["index"])
     decoded: dict[tuple[str, int], np.ndarray] = {}
     for shard, indices in by_shard.items():
-        for sample in iter_shard(shard, storage_options or {}):
-            if sample.index in indices and sample.image is not None:
-                try:
-                    decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
-                except ImageDecodeError:
-                    pass
+        try:
+            for sample in iter_shard(shard, storage_options or {}):
+                if sample.index in indices and sample.image is not None:
+                    try:
+                        decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
+                    except ImageDecodeError:
+                        pass
+        except ShardUnavailable:  # the shard is gone from storage: its images are shown without pictures
+            continue
     for r in shown:
         pix = decoded.get((r["shard"], r["index"]))
         if pix is None:

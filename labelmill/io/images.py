@@ -54,9 +54,10 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         notes.append("alpha composited over white")
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode == "CMYK":
-        notes.append("CMYK converted to RGB")
     if mode != "RGB":
+        # every conversion is noted (the README's bad-input table promises it)
+        what = {"L": "greyscale", "1": "1-bit", "P": "palette"}.get(mode, mode)
+        notes.append(f"{what} converted to RGB")
         return img.convert("RGB")
     return img
 

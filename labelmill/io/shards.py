@@ -13,9 +13,13 @@ with its reason (see :class:`RawSample`), so that for every shard
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import posixpath
 import tarfile
+import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,6 +32,33 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 class ShardListError(ValueError):
     """The input spec matched no shard, or could not be listed."""
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard could not be opened or read to its end, even after retries (storage, not data, at fault)."""
+
+
+#: defaults of :func:`iter_shard`'s retries (``input.read_attempts`` / ``input.read_backoff_s``)
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.5
+_STORAGE_MODULES = frozenset({"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "fsspec", "s3fs",
+                              "gcsfs", "adlfs", "http", "socket", "ssl"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors of the storage (I/O, network, timeouts), False for errors of the data.
+
+    A truncated or corrupt tar, bad gzip or lzma data are the shard's own
+    fault: retrying cannot help and they become error rows.  Everything the
+    file system or the network raises (``OSError`` and its subclasses such as
+    ``FileNotFoundError``, ``ConnectionResetError``, ``TimeoutError``, and the
+    exceptions of the usual fsspec back-ends) is retried.
+    """
+    if isinstance(exc, (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, UnicodeError)):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _STORAGE_MODULES
 
 
 @dataclass
@@ -395,20 +426,52 @@ class _Assembler:
         return sample
 
 
-def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[RawSample]:
+def iter_shard(url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = READ_ATTEMPTS,
+               backoff_s: float = READ_BACKOFF_S, sleep=time.sleep) -> Iterator[RawSample]:
     """Stream the samples of one shard, member by member (constant memory).
 
-    A shard that cannot be opened yields one error row.  A truncated or
-    corrupt tar yields every sample completed before the damage; if the
-    damage cut a member of the sample being assembled, that sample is the
-    error row, otherwise one extra error row (keyed by the member being read,
-    or "" when the damage hit a header) records where the shard broke.
+    Storage errors (:func:`is_transient`: the shard missing for a moment, a
+    5xx, a timeout, a connection dropped mid-shard) are retried up to
+    ``attempts`` times with exponential backoff; a retry re-opens the shard
+    and skips the samples already yielded.  When the retries are spent,
+    :class:`ShardUnavailable` is raised: the shard is *failed*, not done.
+
+    Data errors never raise.  A truncated or corrupt tar yields every sample
+    completed before the damage; if the damage cut a member of the sample
+    being assembled, that sample is the error row, otherwise one extra error
+    row (keyed by the member being read, or "" when the damage hit a header)
+    records where the shard broke.
     """
+    emitted = 0
+    attempts = max(1, int(attempts))
+    for attempt in range(1, attempts + 1):
+        position = 0
+        try:
+            for sample in _read_once(url, storage_options or {}):
+                position += 1
+                if position <= emitted:
+                    continue  # yielded by an earlier attempt
+                emitted += 1
+                yield sample
+            return
+        except Exception as exc:  # noqa: BLE001 - only storage errors get here (see _read_once)
+            if attempt == attempts:
+                raise ShardUnavailable(
+                    f"cannot read shard {url} after {attempts} attempts ({emitted} samples read): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            sleep(min(backoff_s * 2 ** (attempt - 1), 30.0))
+
+
+def _read_once(url: str, storage_options: dict[str, Any]) -> Iterator[RawSample]:
+    """One pass over a shard; storage errors propagate (see :func:`iter_shard`), data errors become rows."""
     asm = _Assembler()
     try:
-        fs, path = _fs(url, storage_options or {})
+        fs, path = _fs(url, storage_options)
         handle = fs.open(path, "rb")
-    except Exception as exc:  # missing file, permissions, endpoint down
+    except Exception as exc:  # noqa: BLE001
+        if is_transient(exc):
+            raise
         yield RawSample(key="", index=0, error=f"cannot open shard: {type(exc).__name__}: {exc}")
         return
     members = 0
@@ -432,7 +495,9 @@ def iter_shard(url: str, storage_options: dict[str, Any] | None = None) -> Itera
                 done = asm.add(key, ext.lower(), data, name)
                 if done is not None:
                     yield done
-    except Exception as exc:  # truncated tar, bad gzip, dropped connection
+    except Exception as exc:  # noqa: BLE001 - truncated tar, bad gzip (rows); storage errors (raised)
+        if is_transient(exc):
+            raise
         reason = f"shard broken after {members} complete members: {type(exc).__name__}: {exc}"
         if reading is not None and reading == asm.key:
             # the sample being assembled lost a member: it is incomplete

@@ -321,6 +321,20 @@ class OutputStore:
         with self.fs.open(path, "r") as fh:
             return json.load(fh)
 
+    def check_writable(self) -> None:
+        """Refuse an output path that is a file, or lies under one (object stores have no such files)."""
+        path = self.root
+        while path and path not in ("/", "."):
+            try:
+                info = self.fs.info(path)
+            except (FileNotFoundError, NotADirectoryError):
+                path = posixpath.dirname(path.rstrip("/"))
+                continue
+            if info.get("type") == "file":
+                what = "is a file" if path == self.root else f"lies under the file {path}"
+                raise OutputConflictError(f"output {self.uri} {what}; give a folder for output.path")
+            return
+
     def claim(self, config: dict, config_hash: str) -> None:
         """Record the owning config, or refuse if another config owns the output."""
         existing = self.read_config()
