@@ -28,9 +28,10 @@ cosine``, ``prompt_denoising.keep_all_if_none_pass``, ``candidate_topk``,
 ``label_resolution``) are documented in the README's MaskCLIP section.
 
 Post-processing (upsampling, argmax, per-class areas, boxes and scores) runs
-as torch ops on the teacher's device; one device-to-host copy per batch
-brings back the label maps and per-class statistics, and only the RLE
-encoding runs on the CPU.
+as torch ops on the teacher's device, and so do the column-major runs of
+the label maps (:mod:`labelmill.teachers.rle`); one device-to-host copy per
+batch brings back the per-class statistics and the runs, and only the
+compression of the runs into COCO RLE strings runs on the CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labelmill.models.common import autocast_dtype
@@ -56,6 +56,7 @@ from labelmill.models.openclip import (
 )
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
 from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig
+from labelmill.teachers.rle import class_rles, run_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
 
 
@@ -309,8 +310,8 @@ class MaskCLIPTeacher(CLIPTeacher):
         if pd.enabled:
             best = (out * self.logit_scale).softmax(dim=0).amax(dim=1)  # (C,)
             drop = best < pd.threshold
-            if pd.keep_all_if_none_pass and bool(drop.all()):
-                drop = torch.zeros_like(drop)
+            if pd.keep_all_if_none_pass:  # without a host sync: drop nothing when all would go
+                drop = drop & ~drop.all()
             out = out.masked_fill(drop[:, None], -100.0)
         ks = cfg.key_smoothing
         if ks.enabled:
@@ -475,10 +476,10 @@ class MaskCLIPTeacher(CLIPTeacher):
 
     @torch.inference_mode()
     def labels_from_maps(self, maps: list[ScoreMap]) -> list[list[Label]]:
-        """Masks of every image: label maps and per-class statistics on the device, one copy to the host,
-        RLE encoding on the CPU."""
+        """Masks of every image: label maps, per-class statistics and the maps' column-major runs on
+        the device, one copy of statistics and runs to the host, RLE compression on the CPU."""
         c = len(self.vocabulary)
-        pieces, layout = [], []
+        stats_all, flats, layout = [], [], []
         for sm in maps:
             arg, conf = self.label_map(sm)
             H, W = arg.shape
@@ -494,45 +495,42 @@ class MaskCLIPTeacher(CLIPTeacher):
             lo[1].scatter_reduce_(0, flat, ys, "amin")
             hi[0].scatter_reduce_(0, flat, xs, "amax")
             hi[1].scatter_reduce_(0, flat, ys, "amax")
-            stats = torch.stack([n, score, lo[0], lo[1], hi[0], hi[1]])  # (6, C+1)
-            pieces += [arg.to(torch.int16 if c < 32767 else torch.int32).flatten().view(torch.uint8),
-                       stats.flatten().view(torch.uint8)]
+            stats_all.append(torch.stack([n, score, lo[0], lo[1], hi[0], hi[1]]))  # (6, C+1)
+            flats.append(arg.T.flatten())  # column-major, as COCO RLE counts
             layout.append((H, W))
-        if not pieces:
+        if not maps:
             return []
-        host = torch.cat(pieces).cpu().numpy()  # the one device-to-host copy of the batch
+        starts, values = run_starts(torch.cat(flats), [h * w for h, w in layout])
+        n_stats = len(maps) * 6 * (c + 1)
+        host = torch.cat([torch.stack(stats_all).flatten(), starts.double(), values.double()]).cpu().numpy()
+        stats = host[:n_stats].reshape(len(maps), 6, c + 1)  # the one device-to-host copy of the batch
+        nr = len(starts)
+        starts_h = host[n_stats : n_stats + nr].astype(np.int64)
+        values_h = host[n_stats + nr :].astype(np.int64)
         out, offset = [], 0
-        map_dtype = np.int16 if c < 32767 else np.int32
-        for H, W in layout:
-            nbytes = H * W * np.dtype(map_dtype).itemsize
-            label_map = host[offset : offset + nbytes].view(map_dtype).reshape(H, W)
-            offset += nbytes
-            stats = host[offset : offset + 6 * (c + 1) * 8].view(np.float64).reshape(6, c + 1)
-            offset += 6 * (c + 1) * 8
-            out.append(self._encode(label_map, stats))
+        for i, (H, W) in enumerate(layout):
+            lo_i, hi_i = np.searchsorted(starts_h, [offset, offset + H * W])
+            out.append(self._encode((H, W), stats[i], starts_h[lo_i:hi_i] - offset, values_h[lo_i:hi_i]))
+            offset += H * W
         return out
 
-    def _encode(self, label_map: np.ndarray, stats: np.ndarray) -> list[Label]:
-        """RLE masks (CPU) of the classes present in a label map, with device-computed statistics."""
+    def _encode(self, hw: tuple[int, int], stats: np.ndarray, starts: np.ndarray, values: np.ndarray) -> list[Label]:
+        """Labels of the classes present in one label map: RLE from its runs, device-computed statistics."""
         c = len(self.vocabulary)
         n, score, x0, y0, x1, y1 = stats
-        present = [k for k in np.nonzero(n[:c])[0] if int(k) not in self.background]
-        if not present:
-            return []
-        H, W = label_map.shape
-        full = np.asfortranarray(label_map)  # masks derived from it stay column-major for RLE
+        present = [int(k) for k in np.nonzero(n[:c])[0] if int(k) not in self.background]
+        H, W = hw
         labels = []
-        for k in present:
-            rle = mask_utils.encode((full == k).view(np.uint8))
+        for k, counts in zip(present, class_rles(starts, values, hw, present)):
             labels.append(
                 Label(
                     kind="mask",
                     score=float(score[k] / n[k]),
                     bbox=(float(x0[k]), float(y0[k]), float(x1[k] - x0[k] + 1), float(y1[k] - y0[k] + 1)),
-                    class_name=self.vocabulary.names[int(k)],
-                    class_id=int(k),
+                    class_name=self.vocabulary.names[k],
+                    class_id=k,
                     area=float(n[k]),
-                    rle={"size": [int(H), int(W)], "counts": rle["counts"].decode("ascii")},
+                    rle={"size": [int(H), int(W)], "counts": counts.decode("ascii")},
                 )
             )
         return labels
