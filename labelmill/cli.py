@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--random-init", action="store_true", help="random weights, for testing only (loud banner)")
     p.set_defaults(func=_cmd_text_embeddings)
+
+    from labelmill.cli_refresh import add_parsers as add_refresh_parsers
+
+    add_refresh_parsers(sub)  # refresh, versions, diff, rollback, vacuum
     return parser
 
 

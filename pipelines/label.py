@@ -14,13 +14,15 @@ import uuid
 from labelmill import __version__
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine, Pipeline, RunSummary
-from labelmill.io.shards import list_shard_infos
+from labelmill.io.shards import list_shard_fingerprints
 from labelmill.stages.decode import DecodeImages, merge_requests
 from labelmill.stages.filter import FilterLabels
 from labelmill.stages.label import LabelImages
 from labelmill.stages.read import ReadShards
 from labelmill.stages.write import WriteTables
 from labelmill.store.commit import OutputStore
+from labelmill.store.lock import OutputLock
+from labelmill.store.refresh_plan import LabelInputs, inputs_key
 from labelmill.teachers.base import config_hash
 
 
@@ -36,28 +38,55 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
     ])
 
 
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def version_info(cfg: RunConfig, run_id: str) -> tuple[dict, dict]:
+    """(fields of every version record, fields of every committed shard item) for a run of ``cfg``.
+
+    The record names today's :class:`LabelInputs` once, and every shard item
+    its key: a refresh plans from the records alone, without reading tables.
+    """
+    today = LabelInputs.from_config(cfg)
+    key = inputs_key(today)
+    info = {"run_id": run_id, "config_hash": cfg.label_hash(),
+            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers},
+            "label_inputs": {key: today.to_dict()}}
+    return info, {"inputs": key}
+
+
+def writer_lock(cfg: RunConfig, command: str) -> OutputLock:
+    """The output's writer lock (raises :class:`~labelmill.store.lock.LockHeld` when another writer runs)."""
+    return OutputLock(cfg.output.path, cfg.output.storage_options, command=command)
+
+
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
-    stream, started = stream or sys.stderr, time.monotonic()
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    with writer_lock(cfg, "run") as lock:
+        return _run(cfg, lock, stream or sys.stderr)
+
+
+def _run(cfg: RunConfig, lock: OutputLock, stream) -> RunSummary:
+    started = time.monotonic()
+    run_id = new_run_id()
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
     repair = store.repair()
     if any(repair.values()):
         print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
-    shards, done = list_shard_infos(cfg.input.shards, cfg.input.storage_options), store.done_shards()
-    todo = [s for s in shards if s.url not in done]
-    print(f"[labelmill] {len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do "
+    listing, done = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options), store.done_shards()
+    todo = [s for s in listing if s not in done]
+    print(f"[labelmill] {len(listing)} shards, {len(listing) - len(todo)} already committed, {len(todo)} to do "
           f"-> {cfg.output.path}", file=stream)
     if cfg.allow_random_init:
         print(RANDOM_BANNER, file=stream)
-    info = {"run_id": run_id, "config_hash": cfg.label_hash(),
-            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers}}
-    loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s.url: s.fingerprint for s in todo},
-                      info=info)
+    info, shard_fields = version_info(cfg, run_id)
+    loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s: listing[s].to_dict() for s in todo},
+                      info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
                     stream=stream)
-    counters = engine.run(build_pipeline(cfg, run_id), [s.url for s in todo], loop)
-    summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(shards), len(shards) - len(todo), counters,
+    counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
+    summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
     store.record_run(run_id, summary.as_dict())
     return summary

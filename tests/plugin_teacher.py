@@ -18,6 +18,7 @@ class GroundTruthConfig(TeacherConfig):
     fail_on_key: str | None = None
     delay_s: float = 0.0  # per batch, to make runs slow enough to interrupt
     trace_dir: str | None = None  # each instance leaves a file naming its process and Ray node
+    min_score: float = 0.0  # a teacher threshold: annotations whose "score" (default ``score``) is below are not output
 
     def image_request(self) -> ImageRequest:
         return ImageRequest(short_side=64, max_long_side=128)
@@ -51,12 +52,14 @@ class GroundTruthTeacher(Teacher):
                 raise RuntimeError(f"cannot label {key}")
             labels = []
             for ann in meta.get("annotations", []):
+                if float(ann.get("score", self.config.score)) < self.config.min_score:
+                    continue
                 rle = dict(ann["segmentation"])
                 if isinstance(rle["counts"], list):
                     rle = mask_utils.frPyObjects(rle, h, w)
                     rle["counts"] = rle["counts"].decode()
                 enc = {"size": rle["size"], "counts": rle["counts"].encode()}
-                labels.append(Label(kind="mask", score=self.config.score,
+                labels.append(Label(kind="mask", score=float(ann.get("score", self.config.score)),
                                     bbox=tuple(float(v) for v in mask_utils.toBbox(enc)),
                                     class_name=ann["category"], class_id=ann["category_id"],
                                     area=float(mask_utils.area(enc)), rle={"size": list(rle["size"]),
