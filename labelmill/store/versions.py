@@ -174,8 +174,7 @@ def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: fl
     lock = OutputLock(output, storage_options, command="vacuum")
     lock.acquire()
     try:
-        if apply:
-            store.repair()
+        repaired = store.repair() if apply else {}  # an interrupted writer's leftovers first
         records = store.versions()
         if not records:
             return {"kept_versions": [], "vacuumed_versions": [], "files": [], "bytes": 0, "staging_files": 0,
@@ -185,7 +184,7 @@ def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: fl
         for rec in kept:
             for name, v in rec["table_versions"].items():
                 keep_files[name].update(f["path"] for f in store.tables[name].files(v))
-        doomed, size, staging = [], 0, 0
+        doomed, size, staging = [], 0, int(repaired.get("staging_files", 0))
         for name, log in store.tables.items():
             if not store.fs.exists(log.path):
                 continue
