@@ -122,3 +122,16 @@ def test_time_travel_after_vacuum_within_retention(tmp_path):
     assert sorted_df(out, "labels", 2).equals(want)
     with pytest.raises(VersionNotFound):
         labelmill.data.open(out, (t2 - timedelta(microseconds=1)).isoformat())
+
+
+def test_report_shows_changes_since_the_previous_version(tmp_path):
+    from labelmill.export.report import write_report
+
+    out = str(tmp_path / "out")
+    three_versions(out)
+    page = (tmp_path / "r.html")
+    write_report(out, str(page), max_images=0)
+    text = page.read_text()
+    assert "Changes since version 2" in text and "out: 1, relabelled: 1" in text and "labels 8 &rarr; 4" in text
+    write_report(out, str(page), max_images=0, version=1)
+    assert "first version" in page.read_text()
