@@ -116,3 +116,20 @@ def test_kill_dash_nine_at_a_random_moment_then_rerun(tmp_path, ray_session):
     from test_refresh import scratch
 
     assert rows(out) == scratch(shards, tmp_path / "scratch")
+
+
+def test_run_takes_the_writer_lock(tmp_path, capsys):
+    from labelmill.cli import main
+    from labelmill.store.lock import OutputLock
+
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    write(shards, 0)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(shards, out)))
+    with OutputLock(str(out), command="refresh"):
+        assert main(["run", str(path)]) == EXIT_LOCK_HELD
+        assert main(["refresh", str(path), "--json"]) == EXIT_LOCK_HELD
+    captured = capsys.readouterr()
+    assert "locked by refresh" in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["exit_code"] == EXIT_LOCK_HELD
+    assert data.versions(str(out)) == [] and not (out / "samples").exists()
