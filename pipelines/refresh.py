@@ -9,9 +9,10 @@ one dataset version.  A reader sees the previous version or the new one.
 A refresh killed at any moment leaves no version behind; the next one
 repairs the output and plans again.
 
-Stale shards whose only difference is the filter (the planner's
-``refilter``) are relabelled too: the result is exact either way, re-applying
-the filter to stored scores without the teachers is not implemented yet.
+Stale shards whose only difference is a filter change the planner proved
+re-appliable (``refilter``) are not sent to the teachers: today's filter is
+re-applied to their stored labels (:mod:`labelmill.store.refilter`), and
+the result joins the same version.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import pyarrow as pa
+
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine
 from labelmill.exitcodes import EXIT_NOTHING_TO_DO, EXIT_PUBLISHED
 from labelmill.io.shards import list_shard_fingerprints
 from labelmill.pipelines.label import build_pipeline, new_run_id, version_info, writer_lock
 from labelmill.store.commit import OutputStore
+from labelmill.store.read import DatasetVersion
+from labelmill.store.refilter import refilter_shard
 from labelmill.store.refresh_plan import LabelInputs, committed_from_records, plan_refresh
 
 REFRESH_DIR = "_labelmill/refreshes"
@@ -48,14 +53,15 @@ def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
         records = store.versions()
         committed = committed_from_records(store.shard_items(records), store.label_inputs(records))
         plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
-        to_label = plan.to_label + plan.to_refilter
+        to_label, to_refilter = plan.to_label, plan.to_refilter
         summary = {"command": "refresh", "output": cfg.output.path, "run_id": run_id,
                    "started_at": datetime.now(timezone.utc).isoformat(),
                    "previous_version": records[-1]["version"] if records else None,
                    **plan.summary(), "repair": repair}
         counts = summary["shards"]
         print(f"[labelmill] refresh plan: {len(listing)} listed; " + ", ".join(f"{v} {k}" for k, v in counts.items())
-              + f"; {len(to_label)} to label, {len(plan.to_remove)} to remove", file=stream)
+              + f"; {len(to_label)} to label, {len(to_refilter)} to re-filter, {len(plan.to_remove)} to remove",
+              file=stream)
         if plan.nothing_to_do:
             store.claim(cfg.model_dump(mode="json"), cfg.label_hash(), replace=True)
             print("[labelmill] nothing to do: no version published", file=stream)
@@ -65,9 +71,16 @@ def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
         info, shard_fields = version_info(cfg, run_id)
         info["refresh"] = {"shards": counts, "actions": summary["actions"]}
         loop = CommitLoop(store, cfg.output.commit_every_shards,
-                          fingerprints={s: listing[s].to_dict() for s in to_label}, info=info,
+                          fingerprints={s: listing[s].to_dict() for s in to_label + to_refilter}, info=info,
                           shard_fields=shard_fields, single_version=True, remove_shards=plan.to_remove,
                           before_commit=lock.ensure_held, kind="refresh")
+        if to_refilter:
+            view = DatasetVersion(store, records[-1])
+            for shard in to_refilter:
+                manifest = refilter_shard(store, view, shard, cfg.filter,
+                                          {"config_hash": cfg.label_hash(), "run_id": run_id})
+                loop.add(pa.Table.from_pylist([manifest]))
+                loop.shard_read(shard, len(manifest["indices"]))
         engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
                         stream=stream)
         counters = engine.run(build_pipeline(cfg, run_id), to_label, loop)

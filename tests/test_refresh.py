@@ -99,3 +99,24 @@ def test_three_nights_match_from_scratch_runs(tmp_path, ray_session):
     records = sorted((out / "_labelmill" / "refreshes").glob("*.json"))
     assert len(records) == 4
     assert sorted(json.loads(r.read_text())["exit_code"] for r in records) == [0, 0, 0, EXIT_NOTHING_TO_DO]
+
+
+@pytest.mark.slow
+def test_a_stricter_filter_is_reapplied_to_stored_labels_without_teachers(tmp_path, ray_session):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    for s in range(2):
+        write(shards, s)
+    assert refresh(load_config(config(shards, out)))["version"] == 1
+
+    def strict(folder: Path) -> dict:
+        cfg = config(shards, folder)
+        cfg["filter"] = {"min_score": 0.5}
+        return cfg
+
+    s2 = refresh(load_config(strict(out)))
+    assert s2["actions"]["refilter"] == 2 and s2["actions"]["relabel"] == 0 and s2["version"] == 2
+    assert "rows" in s2 and s2["rows"]["samples"] == 6
+    got = rows(out)
+    run(load_config(strict(tmp_path / "scratch")))
+    assert got == rows(tmp_path / "scratch")
+    assert all(r[4] >= 0.5 for r in got["labels"]) and any(r[5] > 0 for r in got["samples"])
