@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 
 from labelmill import __version__
 from labelmill.config import RunConfig
@@ -20,10 +19,8 @@ from labelmill.stages.filter import FilterLabels
 from labelmill.stages.label import LabelImages
 from labelmill.stages.read import ReadShards
 from labelmill.stages.write import WriteTables
+from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.store.commit import OutputStore
-from labelmill.store.lock import OutputLock
-from labelmill.store.refresh_plan import LabelInputs, inputs_key
-from labelmill.teachers.base import config_hash
 
 
 def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
@@ -38,37 +35,13 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
     ])
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-
-
-def version_info(cfg: RunConfig, run_id: str) -> tuple[dict, dict]:
-    """(fields of every version record, fields of every committed shard item) for a run of ``cfg``.
-
-    The record names today's :class:`LabelInputs` once, and every shard item
-    its key: a refresh plans from the records alone, without reading tables.
-    """
-    today = LabelInputs.from_config(cfg)
-    key = inputs_key(today)
-    info = {"run_id": run_id, "config_hash": cfg.label_hash(),
-            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers},
-            "label_inputs": {key: today.to_dict()}}
-    return info, {"inputs": key}
-
-
-def writer_lock(cfg: RunConfig, command: str) -> OutputLock:
-    """The output's writer lock (raises :class:`~labelmill.store.lock.LockHeld` when another writer runs)."""
-    return OutputLock(cfg.output.path, cfg.output.storage_options, command=command)
-
-
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     with writer_lock(cfg, "run") as lock:
         return _run(cfg, lock, stream or sys.stderr)
 
 
-def _run(cfg: RunConfig, lock: OutputLock, stream) -> RunSummary:
-    started = time.monotonic()
-    run_id = new_run_id()
+def _run(cfg: RunConfig, lock, stream) -> RunSummary:
+    started, run_id = time.monotonic(), new_run_id()
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
     repair = store.repair()

@@ -29,7 +29,8 @@ from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine
 from labelmill.exitcodes import EXIT_NOTHING_TO_DO, EXIT_PUBLISHED
 from labelmill.io.shards import list_shard_fingerprints
-from labelmill.pipelines.label import build_pipeline, new_run_id, version_info, writer_lock
+from labelmill.engine.run_info import new_run_id, version_info, writer_lock
+from labelmill.pipelines.label import build_pipeline
 from labelmill.store.commit import OutputStore
 from labelmill.store.read import DatasetVersion
 from labelmill.store.refilter import refilter_shard
