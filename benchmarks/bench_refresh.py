@@ -8,12 +8,13 @@ input form (folder / ``s3://`` prefix, glob, brace pattern) it times
 that already holds every shard with today's inputs (so the plan must say
 "nothing to do"), and counts the S3 requests by operation.
 
-Opening the current version (``labelmill.data.open(output).record`` and the
-per-shard fingerprints and label inputs it holds) belongs to the same no-op
-cost; until the version record exists (issue 8) :func:`open_current_version`
-builds that state in memory from the listing and is timed as such. Replace
-its body to time the real thing; the table's ``open version`` column is
-where it shows.
+Opening the current version belongs to the same no-op cost: the output
+(a local folder, or a moto S3 prefix next to the shards) holds a real
+version record naming every shard with its fingerprint and today's label
+inputs, written once by :func:`make_output` through the store's commit;
+:func:`open_current_version` reads the records back
+(``OutputStore.versions``) and turns them into the planner's view, as
+``labelmill refresh`` does. No table is read.
 
 Examples::
 
@@ -33,28 +34,35 @@ from collections import Counter
 from typing import Any
 
 from labelmill.io.shards import Fingerprint, list_shard_fingerprints
-from labelmill.store.refresh_plan import CommittedShard, LabelInputs, plan_refresh
+from labelmill.store.commit import OutputStore
+from labelmill.store.refresh_plan import CommittedShard, LabelInputs, committed_from_records, inputs_key, plan_refresh
 
 TODAY = LabelInputs(teachers={"maskclip": "0123456789abcdef"}, shared="fedcba9876543210",
                     filter={"min_score": 0.5, "per_class_min_score": {}, "min_area": 0.0,
                             "max_labels_per_image": None})
 
 
-def open_current_version(output: str | None, listing: dict[str, Fingerprint]) -> dict[str, CommittedShard]:
-    """HOOK (issue 8 wiring): the committed shards of the output's current version.
+def make_output(output: str, storage_options: dict[str, Any] | None, listing: dict[str, Fingerprint]) -> None:
+    """An output whose current version holds every listed shard, labelled with ``TODAY``'s inputs."""
+    key = inputs_key(TODAY)
+    store = OutputStore(output, storage_options)
+    store.commit([], [{"shard": url, "fingerprint": fp.to_dict(), "inputs": key, "dropped_small_area": 0,
+                       "dropped_over_max": 0} for url, fp in listing.items()],
+                 info={"label_inputs": {key: TODAY.to_dict()}}, kind="refresh")
 
-    Today: built from the listing (every shard committed, same fingerprint,
-    today's inputs). With the version record: ``labelmill.data.open(output)``
-    and its record's shards with their fingerprints and label inputs.
-    """
-    return {url: CommittedShard(fingerprint=fp, inputs=TODAY) for url, fp in listing.items()}
+
+def open_current_version(output: str, storage_options: dict[str, Any] | None) -> dict[str, CommittedShard]:
+    """The committed shards of the output's current version, from its version records (as a refresh reads them)."""
+    store = OutputStore(output, storage_options)
+    records = store.versions()
+    return committed_from_records(store.shard_items(records), store.label_inputs(records))
 
 
-def one_pass(spec: str, storage_options: dict[str, Any] | None, n: int) -> dict[str, float]:
+def one_pass(spec: str, storage_options: dict[str, Any] | None, n: int, output: str) -> dict[str, float]:
     t0 = time.perf_counter()
     listing = list_shard_fingerprints(spec, storage_options)
     t1 = time.perf_counter()
-    committed = open_current_version(None, listing)
+    committed = open_current_version(output, storage_options)
     t2 = time.perf_counter()
     plan = plan_refresh(listing, committed, TODAY)
     t3 = time.perf_counter()
@@ -76,9 +84,11 @@ def local(n: int, repeats: int) -> None:
         for i in range(n):
             with open(os.path.join(folder, f"part-{i:05d}.tar"), "wb") as fh:
                 fh.write(b"x" * (100 + i % 50))
+        output = os.path.join(root, "out")
+        make_output(output, None, list_shard_fingerprints(folder))
         for form, spec in [("folder", folder), ("glob", f"{folder}/*.tar"),
                            ("brace", f"{folder}/part-{{00000..{n - 1:05d}}}.tar")]:
-            report("local", form, [one_pass(spec, None, n) for _ in range(repeats)])
+            report("local", form, [one_pass(spec, None, n, output) for _ in range(repeats)])
 
 
 SERVER = """
@@ -112,6 +122,8 @@ def s3(n: int, repeats: int) -> None:
             fs.pipe({f"data/shards/part-{i:05d}.tar": b"x" * (100 + i % 50) for i in range(start, min(n, start + 500))})
         print(f"(uploaded {n} objects to moto in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
+        output = "s3://data/out"
+        make_output(output, opts, list_shard_fingerprints("s3://data/shards", opts))
         calls: Counter[str] = Counter()
         original = s3fs.S3FileSystem._call_s3
 
@@ -125,7 +137,7 @@ def s3(n: int, repeats: int) -> None:
             timings = []
             for _ in range(repeats):
                 calls.clear()
-                timings.append(one_pass(spec, opts, n))
+                timings.append(one_pass(spec, opts, n, output))
             requests = ", ".join(f"{k} {v}" for k, v in sorted(calls.items())) + " (last pass)"
             report("moto S3", form, timings, requests)
         s3fs.S3FileSystem._call_s3 = original
@@ -141,7 +153,7 @@ def main() -> None:
     parser.add_argument("--no-s3", action="store_true")
     args = parser.parse_args()
     print(f"{args.shards} shards, best of {args.repeats}; seconds")
-    print("| where | input form | list + fingerprints | open version (hook) | plan | total | requests |")
+    print("| where | input form | list + fingerprints | open version | plan | total | requests |")
     print("|---|---|---|---|---|---|---|")
     local(args.shards, args.repeats)
     if not args.no_s3:

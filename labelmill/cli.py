@@ -306,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--tokenizer", help="GLIP: BERT tokenizer folder (default: the checkpoint's)")
     p.set_defaults(func=_cmd_eval)
+
+    from labelmill.cli_refresh import add_parsers as add_refresh_parsers
+
+    add_refresh_parsers(sub)  # refresh, versions, diff, rollback, vacuum
     return parser
 
 

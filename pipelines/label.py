@@ -1,24 +1,21 @@
-"""The labelling pipeline: stages composed for the engine (:mod:`labelmill.engine`), which plans, runs, commits.
-
-read (decode fused in) -> label (actor pool; filter and table writer fused in) -> manifests -> the driver commits
-dataset versions; ``run(config)`` resumes from whatever versions the output already holds.
-"""
+"""read (decode fused in) -> label (actor pool; filter, table writer fused in) -> manifests -> the driver commits
+dataset versions.  The engine (:mod:`labelmill.engine`) plans, runs, commits; ``run`` resumes an output."""
 
 from __future__ import annotations
 
-import sys, time, uuid  # noqa: E401
+import sys, time  # noqa: E401
 
 from labelmill import __version__
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine, Pipeline, RunSummary
-from labelmill.io.shards import list_shard_infos
+from labelmill.engine.run_info import new_run_id, version_info, writer_lock
+from labelmill.io.shards import list_shard_fingerprints
 from labelmill.stages.decode import DecodeImages, merge_requests
 from labelmill.stages.filter import FilterLabels
 from labelmill.stages.label import LabelImages
 from labelmill.stages.read import ReadShards
 from labelmill.stages.write import WriteTables
 from labelmill.store.commit import OutputStore
-from labelmill.teachers.base import config_hash
 
 
 def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
@@ -37,29 +34,31 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
 
 
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
-    stream, started = stream or sys.stderr, time.monotonic()
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)  # all checks before claim()
-    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # input and output checked
+    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # before any write
     store.check_writable()
+    with writer_lock(cfg, "run") as lock:
+        return _run(cfg, store, listing, lock, stream or sys.stderr)
+
+
+def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, stream) -> RunSummary:
+    started, run_id = time.monotonic(), new_run_id()
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s, stream=stream)
-    with engine.session(needed=any(s.url not in store.done_shards() for s in shards)):
-        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())  # input, output, Ray checked: now write
+    with engine.session(needed=any(s not in store.done_shards() for s in listing)):  # Ray up before claim()
+        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
         repair = store.repair()
         if any(repair.values()):
             print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
-        done = store.done_shards()
-        todo = [s for s in shards if s.url not in done]
-        print(f"[labelmill] {len(shards)} shards, {len(shards) - len(todo)} already committed, {len(todo)} to do "
+        todo = [s for s in listing if s not in store.done_shards()]
+        print(f"[labelmill] {len(listing)} shards, {len(listing) - len(todo)} already committed, {len(todo)} to do "
               f"-> {cfg.output.path}", file=stream)
         if cfg.allow_random_init:
             print(RANDOM_BANNER, file=stream)
-        info = {"run_id": run_id, "config_hash": cfg.label_hash(),
-                "teacher_hashes": {t.instance_name: config_hash(t.label_dump()) for t in cfg.teachers}}
-        loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s.url: s.fingerprint for s in todo},
-                          info=info)
-        counters = engine.run(build_pipeline(cfg, run_id), [s.url for s in todo], loop)
-    summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(shards), len(shards) - len(todo), counters,
+        info, shard_fields = version_info(cfg, run_id)
+        loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s: listing[s].to_dict() for s in todo},
+                          info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
+        counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
+    summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
-    store.record_run(run_id, {**summary.as_dict(), "score_hist": loop.score_hist.to_json()})
+    store.record_run(run_id, summary.as_dict())
     return summary

@@ -22,6 +22,7 @@ class GroundTruthConfig(TeacherConfig):
     fail_on_key: str | None = None
     delay_s: float = 0.0  # per batch, to make runs slow enough to interrupt
     trace_dir: str | None = None  # each instance leaves a file naming its process and Ray node
+    min_score: float = 0.0  # a teacher threshold: annotations whose "score" (default ``score``) is below are not output
 
     def image_request(self) -> ImageRequest:
         return ImageRequest(short_side=64, max_long_side=128)
@@ -55,9 +56,12 @@ class GroundTruthTeacher(Teacher):
                 raise RuntimeError(f"cannot label {key}")
             labels = []
             for n, ann in enumerate(meta.get("annotations", [])):
+                score = float(ann.get("score", self.config.score))
+                if score < self.config.min_score:
+                    continue
                 rle = _coco_rle(ann.get("segmentation"), h, w, f"{key}: annotation {n}")
                 bbox = ann.get("bbox")
-                labels.append(Label(kind="mask", score=self.config.score,
+                labels.append(Label(kind="mask", score=score,
                                     bbox=tuple(float(v) for v in (bbox if bbox is not None else mask_utils.toBbox(rle))),
                                     class_name=ann["category"], class_id=ann["category_id"],
                                     area=float(mask_utils.area(rle)), iscrowd=bool(ann.get("iscrowd", 0)),

@@ -176,14 +176,14 @@ def test_unreadable_shard_is_failed_not_done_and_the_next_run_retries_it(tmp_pat
     cfg["input"].update(read_attempts=2, read_backoff_s=0)
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    listing = label_pipeline.list_shard_infos
+    listing = label_pipeline.list_shard_fingerprints
 
     def list_then_lose(*args, **kwargs):  # the store loses the shard between listing and reading
         infos = listing(*args, **kwargs)
         (folder / gone.rsplit("/", 1)[1]).rename(kept)
         return infos
 
-    monkeypatch.setattr(label_pipeline, "list_shard_infos", list_then_lose)
+    monkeypatch.setattr(label_pipeline, "list_shard_fingerprints", list_then_lose)
     assert main(["run", str(cfg_path)]) == EXIT_FAILED_SHARDS
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -192,7 +192,7 @@ def test_unreadable_shard_is_failed_not_done_and_the_next_run_retries_it(tmp_pat
     rows = read(str(tmp_path / "out"), "samples")
     assert set(rows.shard) == {paths[0]}  # nothing of the failed shard is final
 
-    monkeypatch.setattr(label_pipeline, "list_shard_infos", listing)
+    monkeypatch.setattr(label_pipeline, "list_shard_fingerprints", listing)
     kept.rename(gone)
     assert main(["run", str(cfg_path)]) == 0
     summary = json.loads(capsys.readouterr().out)

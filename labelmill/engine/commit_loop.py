@@ -4,7 +4,10 @@ Workers send one manifest row per (batch, shard) (``MANIFEST``: staged
 files, the sample indices they hold, status counts).  The source reports
 out of band how many samples each shard has (:meth:`CommitLoop.shard_read`).
 A shard is complete when the indices received cover that many samples;
-every ``commit_every`` complete shards are committed as one version.
+every ``commit_every`` complete shards are committed as one version, or,
+with ``single_version=True`` (a nightly refresh), everything at
+:meth:`CommitLoop.finish` as ONE version, together with the removal of
+``remove_shards`` (deleted, changed and stale shards' old rows).
 
 Retried Ray tasks may deliver a shard's rows twice.  A manifest whose
 indices were all received already is dropped (its staged files are never
@@ -82,8 +85,15 @@ class CommitLoop:
     """See the module docstring."""
 
     def __init__(self, store: OutputStore, commit_every: int, *, fingerprints: dict[str, dict] | None = None,
-                 info: dict[str, Any] | None = None, replace_shards: set[str] | frozenset = frozenset()):
+                 info: dict[str, Any] | None = None, replace_shards: set[str] | frozenset = frozenset(),
+                 shard_fields: dict[str, Any] | None = None, single_version: bool = False,
+                 remove_shards: Any = (), before_commit=None, kind: str = "commit"):
         self.store = store
+        self.shard_fields = dict(shard_fields or {})  # extra fields of every committed shard item
+        self.single_version = single_version
+        self.remove_shards = sorted(set(remove_shards))  # old rows leaving in the (single) version
+        self.before_commit = before_commit  # e.g. the writer lock's ensure_held
+        self.kind = kind  # of the version records
         self.replace_shards = set(replace_shards)  # shards whose committed rows a new read replaces
         self.commit_every = commit_every
         self.fingerprints = fingerprints or {}
@@ -185,6 +195,8 @@ class CommitLoop:
 
     # ---------------------------------------------------------------- commit
     def _commit_ready(self) -> None:
+        if self.single_version:
+            return
         while len(self.complete) >= self.commit_every:
             group, self.complete = self.complete[: self.commit_every], self.complete[self.commit_every:]
             self._commit(group)
@@ -197,10 +209,19 @@ class CommitLoop:
         hist = ScoreHist()
         for st in states:
             hist.merge(st.hist)
+        items = [{"shard": s, "fingerprint": self.fingerprints.get(s, {}), **self.shard_fields,
+                  "dropped_small_area": st.counts["dropped_small_area"],
+                  "dropped_over_max": st.counts["dropped_over_max"]} for s, st in zip(group, states)]
+        remove = [s for s in group if s in self.replace_shards]
+        if self.single_version:
+            remove = sorted(set(remove) | set(self.remove_shards))
+        if self.before_commit is not None:
+            self.before_commit()
         record = self.store.commit(
             [m for st in states for m in st.manifests],
-            [{"shard": s, "fingerprint": self.fingerprints.get(s, {})} for s in group],
-            remove_shards=[s for s in group if s in self.replace_shards],
+            items,
+            remove_shards=remove,
+            kind=self.kind,
             counts=counts,
             info=info,
             score_hist=(hist.to_json(), any(st.hist_approx for st in states)),
@@ -217,11 +238,11 @@ class CommitLoop:
         self.committed.versions.append(record["version"])
 
     def finish(self) -> RunCounters:
-        if self.complete:
-            self._commit(self.complete)
-            self.complete = []
         pending = sorted(s for s in set(self.shards) | set(self.totals)
-                         if s not in self.done and s not in self.committed.failed_shards)
+                         if s not in self.done and s not in self.complete and s not in self.committed.failed_shards)
         if pending:
             raise RuntimeError(f"stream ended with incomplete shards: {pending[:5]}")
+        if self.complete or (self.single_version and self.remove_shards):
+            self._commit(self.complete)
+            self.complete = []
         return self.committed

@@ -62,15 +62,23 @@ def _local_gpus() -> int:
         return 0
 
 
+class _Listed:
+    """A listed shard: its URL and size (None where the listing gave none)."""
+
+    def __init__(self, url: str, size: int | None):
+        self.url, self.size = url, size
+
+
 def estimate(cfg, pipeline, *, sample_shards: int = 3, batch_images: int | None = None,
              actors: int | None = None, stream=None) -> dict[str, Any]:
     """The estimate as a JSON-ready dict (see the module docstring)."""
-    from labelmill.io.shards import list_shard_infos
+    from labelmill.io.shards import list_shard_fingerprints
     from labelmill.schemas.tables import tables_emitted_by
 
     read, decode = pipeline.find(name="read"), pipeline.find(name="decode")
     label, filt, write = pipeline.find(role="model"), pipeline.find(name="filter"), pipeline.find(role="write")
-    shards = list_shard_infos(cfg.input.shards, cfg.input.storage_options)
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)
+    shards = [_Listed(url, fp.size) for url, fp in listing.items()]
     picked = _sample_shards(shards, max(1, sample_shards))
     batch_images = batch_images or max(2, min(cfg.ray.batch_size, 8))
 

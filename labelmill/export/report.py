@@ -65,6 +65,31 @@ def _png_b64(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _changes_html(output: str, ds: DatasetVersion, storage_options: dict | None) -> str:
+    """What changed since the previous readable version (shards in/out, counts per status and class, scores)."""
+    from labelmill.store.versions import diff_versions
+
+    previous = [r["version"] for r in ds.store.versions()
+                if r["version"] < ds.version and r["version"] not in ds.store.vacuumed()]
+    if not previous:
+        return "<h2>Changes</h2><p>first version (nothing to compare with)</p>"
+    d = diff_versions(output, previous[-1], ds.version, storage_options)
+    sh = d["shards"]
+    rows = [f"<h2>Changes since version {d['a']}</h2><p>shards in: {len(sh['in'])}, out: {len(sh['out'])}, "
+            f"relabelled: {len(sh['relabelled'])}; labels {d['labels']['a']} &rarr; {d['labels']['b']}</p>",
+            "<table><tr><th></th><th>before</th><th>now</th><th>change</th></tr>"]
+    for group in ("status", "classes"):
+        for name, v in d[group].items():
+            if v["change"]:
+                rows.append(f"<tr><td>{group}: {html.escape(str(name))}</td><td>{v['a']}</td><td>{v['b']}</td>"
+                            f"<td>{v['change']:+d}</td></tr>")
+    sa, sb = d["score"]["a"]["mean"], d["score"]["b"]["mean"]
+    if sa is not None and sb is not None:
+        rows.append(f"<tr><td>mean score</td><td>{sa:.3f}</td><td>{sb:.3f}</td><td>{sb - sa:+.3f}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
 def write_report(output: str, dest: str, max_images: int = 24, storage_options: dict | None = None,
                  version: int | str | None = None) -> str:
     ds = open_version(output, version, storage_options=storage_options)
@@ -139,6 +164,7 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         f"<h1>labelmill report</h1><p>output: <code>{html.escape(output)}</code>, dataset version "
         f"{ds.version} ({html.escape(ds.record['time'])})</p>",
     ]
+    parts.append(_changes_html(output, ds, storage_options))
     if random_init:
         parts.append(
             "<div class='banner'>RANDOM WEIGHTS: these labels come from randomly initialised teachers "

@@ -106,93 +106,14 @@ def _with_protocol(path: str, template: str) -> str:
     return path
 
 
-def _listing(spec: str | list[str], storage_options: dict[str, Any]) -> list[tuple[str, dict | None]]:
-    """(url, listing info or None) per shard: folders and globs list with details, in one call each."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not specs:
-        raise ShardListError("no input shards given")
-    out: list[tuple[str, dict | None]] = []
-    for item in specs:
-        found: list[tuple[str, dict | None]] = []
-        for url in braceexpand(item):
-            fs, path = _fs(url, storage_options)
-            try:
-                if any(ch in url for ch in "*?["):
-                    listed = fs.glob(path, detail=True)
-                    matches = sorted((p, i) for p, i in listed.items() if _is_shard(p))
-                elif fs.isdir(path):
-                    listed = fs.find(path, detail=True)
-                    matches = sorted((p, i) for p, i in listed.items() if _is_shard(p))
-                elif fs.exists(path):
-                    matches = [(path, None)]
-                else:
-                    matches = []
-            except (OSError, PermissionError) as exc:
-                raise ShardListError(f"cannot list {url!r}: {type(exc).__name__}: {exc}") from exc
-            found.extend((_with_protocol(m, url), info) for m, info in matches)
-        if not found:
-            raise ShardListError(f"input {item!r} matches no shard (*.tar, *.tar.gz, *.tgz)")
-        out.extend(found)
-    seen: set[str] = set()
-    unique = []
-    for url, info in out:
-        if url not in seen:
-            seen.add(url)
-            unique.append((url, info))
-    return unique
-
-
 def list_shards(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Expand a folder, glob, brace pattern, ``s3://`` prefix or list into shard URLs.
 
     The result is sorted within each spec and de-duplicated; an empty result
-    is an error naming the spec.
+    is an error naming the spec. The URLs of :func:`list_shard_fingerprints`
+    (the one listing function; this drops the fingerprints).
     """
-    return [url for url, _ in _listing(spec, storage_options or {})]
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """A listed shard and its fingerprint: size plus etag (object stores) or mtime (files)."""
-
-    url: str
-    size: int | None
-    etag: str | None = None
-    mtime: float | None = None
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"size": self.size}
-        if self.etag is not None:
-            out["etag"] = self.etag
-        if self.mtime is not None:
-            out["mtime"] = self.mtime
-        return out
-
-
-def _info_fields(info: dict[str, Any]) -> tuple[int | None, str | None, float | None]:
-    size = info.get("size")
-    etag = info.get("ETag") or info.get("etag")
-    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
-    if hasattr(mtime, "timestamp"):
-        mtime = mtime.timestamp()
-    return (int(size) if size is not None else None, str(etag).strip('"') if etag else None,
-            float(mtime) if mtime is not None and not etag else None)
-
-
-def list_shard_infos(spec: str | list[str], storage_options: dict[str, Any] | None = None) -> list[ShardInfo]:
-    """:func:`list_shards` with each shard's fingerprint (from the listing; a metadata call per named shard)."""
-    storage_options = storage_options or {}
-    out = []
-    for url, info in _listing(spec, storage_options):
-        if info is None:  # named explicitly: one metadata call
-            fs, path = _fs(url, storage_options)
-            try:
-                info = fs.info(path)
-            except (OSError, PermissionError) as exc:
-                raise ShardListError(f"cannot stat {url!r}: {type(exc).__name__}: {exc}") from exc
-        out.append(ShardInfo(url, *_info_fields(info)))
-    return out
+    return list(list_shard_fingerprints(spec, storage_options))
 
 
 @dataclass(frozen=True)

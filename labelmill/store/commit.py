@@ -45,6 +45,7 @@ from labelmill.schemas.tables import COUNT_COLUMNS, STATS, TABLES, TableSpec, co
 CONFIG_FILE = "_labelmill/config.json"
 INTENT_FILE = "_labelmill/intent.json"
 VERSIONS_TABLE = "_labelmill/versions"
+VACUUM_FILE = "_labelmill/vacuum.json"  # versions whose files ``labelmill vacuum`` may have deleted
 STAGING = "_staging"
 
 VERSIONS_SCHEMA = pa.schema(
@@ -335,10 +336,14 @@ class OutputStore:
                 raise OutputConflictError(f"output {self.uri} {what}; give a folder for output.path")
             return
 
-    def claim(self, config: dict, config_hash: str) -> None:
-        """Record the owning config, or refuse if another config owns the output."""
+    def claim(self, config: dict, config_hash: str, *, replace: bool = False) -> None:
+        """Record the owning config, or refuse if another config owns the output.
+
+        ``replace=True`` (a refresh that re-labelled every stale shard) makes
+        ``config`` the owner whatever owned the output before.
+        """
         existing = self.read_config()
-        if existing is not None:
+        if existing is not None and not replace:
             if existing.get("config_hash") != config_hash:
                 raise OutputConflictError(
                     f"output {self.uri} holds labels of config {existing.get('config_hash')}, but this run's "
@@ -346,7 +351,7 @@ class OutputStore:
                     "folder to start over."
                 )
             return
-        if self.tables["samples"].exists():
+        if existing is None and self.tables["samples"].exists():
             raise OutputConflictError(f"output {self.uri} has a samples table but no {CONFIG_FILE}; refusing")
         path = self._path(CONFIG_FILE)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -367,6 +372,14 @@ class OutputStore:
         rows = DeltaTable(uri, storage_options=self.delta_storage).to_pyarrow_table().to_pylist()
         return sorted((json.loads(r["record"]) for r in rows), key=lambda r: r["version"])
 
+    def vacuumed(self) -> set[int]:
+        """Versions whose files ``vacuum`` may have deleted (they can no longer be read)."""
+        path = self._path(VACUUM_FILE)
+        if not self.fs.exists(path):
+            return set()
+        with self.fs.open(path, "r") as fh:
+            return set(json.load(fh).get("vacuumed", []))
+
     def latest(self) -> dict | None:
         records = self.versions()
         return records[-1] if records else None
@@ -383,15 +396,28 @@ class OutputStore:
         write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage)
 
     @staticmethod
-    def shard_state(records: Iterable[dict]) -> dict[str, dict]:
-        """shard -> fingerprint of the shards a sequence of records leaves committed."""
+    def shard_items(records: Iterable[dict]) -> dict[str, dict]:
+        """shard -> its item (``{"shard", "fingerprint", "inputs", ...}``) as a sequence of records leaves it."""
         state: dict[str, dict] = {}
         for rec in records:
             for s in rec.get("shards_removed", []):
                 state.pop(s, None)
             for item in rec.get("shards_added", []):
-                state[item["shard"]] = item.get("fingerprint", {})
+                state[item["shard"]] = item
         return state
+
+    @classmethod
+    def shard_state(cls, records: Iterable[dict]) -> dict[str, dict]:
+        """shard -> fingerprint of the shards a sequence of records leaves committed."""
+        return {s: item.get("fingerprint", {}) for s, item in cls.shard_items(records).items()}
+
+    @staticmethod
+    def label_inputs(records: Iterable[dict]) -> dict[str, dict]:
+        """Every label-inputs record any version names (key -> inputs, see ``shard_items``' ``inputs``)."""
+        out: dict[str, dict] = {}
+        for rec in records:
+            out.update(rec.get("label_inputs") or {})
+        return out
 
     def committed_shards(self) -> dict[str, dict]:
         """shard -> fingerprint, as of the latest version."""
@@ -499,21 +525,21 @@ class OutputStore:
             self._restore(log, target["table_versions"].get(name), dict(info, version=new_version))
             if log.version() is not None:
                 table_versions[name] = log.version()
-        before = self.shard_state(records)
-        after = self.shard_state([r for r in records if r["version"] <= version])
+        before = self.shard_items(records)
+        after = self.shard_items([r for r in records if r["version"] <= version])
         record = {
             "version": new_version,
             "time": datetime.now(timezone.utc).isoformat(),
             "kind": "rollback",
             "table_versions": table_versions,
-            "shards_added": [{"shard": s, "fingerprint": fp} for s, fp in sorted(after.items())
-                             if before.get(s) != fp],
+            "shards_added": [item for s, item in sorted(after.items()) if before.get(s) != item],
             "shards_removed": sorted(s for s in before if s not in after or before[s] != after[s]),
             "rows_added": {},
             "counts_by_status": target.get("counts_by_status", {}),
             "counts": {},
             "config_hash": target.get("config_hash"),
             "teacher_hashes": target.get("teacher_hashes", {}),
+            "label_inputs": self.label_inputs(records),
             **info,
         }
         # a shard whose fingerprint changes back is removed and added in the same record

@@ -157,12 +157,21 @@ class DatasetVersion:
         return f"DatasetVersion({self.output!r}, version={self.version}, tables={self.table_names()})"
 
 
+def readable_record(store: OutputStore, version: int | str | None) -> dict:
+    """The record of ``version`` (number, ISO timestamp or None = latest), refusing vacuumed versions."""
+    record = pick_record(store.versions(), version, store.uri)
+    if record["version"] in store.vacuumed():
+        raise VersionNotFound(f"version {record['version']} of {store.uri} was vacuumed: its files are gone "
+                              "(`labelmill versions` lists what can still be read)")
+    return record
+
+
 def open_version(output: str, version: int | str | None = None, *,
                  storage_options: dict | None = None) -> DatasetVersion:
     store = OutputStore(output, storage_options)
     if not store.fs.exists(store.root):
         raise OutputNotFound(f"{output} does not exist")
-    return DatasetVersion(store, pick_record(store.versions(), version, output))
+    return DatasetVersion(store, readable_record(store, version))
 
 
 def list_versions(output: str, storage_options: dict | None = None) -> list[dict]:

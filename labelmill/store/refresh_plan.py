@@ -305,3 +305,33 @@ def plan_refresh(
     plans.extend(ShardPlan(shard, DELETED, REMOVE, "no longer listed")
                  for shard in sorted(set(committed) - set(listing)))
     return RefreshPlan(plans)
+
+
+# ------------------------------------------------------- version records
+def inputs_key(inputs: LabelInputs) -> str:
+    """A short key for a :class:`LabelInputs`: version records store each distinct one once."""
+    return hashlib.sha256(_canonical(inputs.to_dict()).encode()).hexdigest()[:16]
+
+
+def committed_from_records(items: Mapping[str, Mapping[str, Any]],
+                           label_inputs: Mapping[str, Mapping[str, Any]]) -> dict[str, CommittedShard]:
+    """The planner's view of a dataset version, from its records alone (no table is read).
+
+    ``items``: shard -> its item in the version records
+    (:meth:`labelmill.store.commit.OutputStore.shard_items`); ``label_inputs``:
+    key -> :meth:`LabelInputs.to_dict` (:meth:`~labelmill.store.commit.OutputStore.label_inputs`).
+    A shard whose inputs are unknown (committed before inputs were recorded)
+    gets empty inputs, so it plans as stale and is relabelled, never wrongly kept.
+    """
+    unknown = LabelInputs(teachers={}, shared="unknown", filter={})
+    parsed = {key: LabelInputs.from_dict(value) for key, value in label_inputs.items()}
+    out: dict[str, CommittedShard] = {}
+    for shard, item in items.items():
+        fp = item.get("fingerprint") or {}
+        out[shard] = CommittedShard(
+            fingerprint=Fingerprint.from_dict(fp) if "size" in fp else Fingerprint(size=-1),
+            inputs=parsed.get(item.get("inputs") or "", unknown),
+            dropped_small_area=item.get("dropped_small_area"),
+            dropped_over_max=item.get("dropped_over_max"),
+        )
+    return out

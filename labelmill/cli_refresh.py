@@ -1,0 +1,151 @@
+"""The ``labelmill`` commands of nightly refreshes and dataset versions.
+
+``refresh``, ``versions``, ``diff``, ``rollback`` and ``vacuum``; kept apart
+from :mod:`labelmill.cli` (which adds them with :func:`add_parsers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from labelmill.exitcodes import EXIT_PUBLISHED, MEANING
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:  # one line, exit_code last (schedulers read it from a streamed log)
+        code = summary.pop("exit_code")
+        print(json.dumps({**summary, "exit_code": code}, sort_keys=False, default=str))
+        summary["exit_code"] = code
+    else:
+        print(json.dumps(summary, indent=2, default=str))
+
+
+def _cmd_refresh(args: argparse.Namespace) -> int:
+    from labelmill.config import load_config
+    from labelmill.engine.preflight import preflight
+    from labelmill.pipelines.refresh import refresh
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg)
+        summary = refresh(cfg, content_hash=args.content_hash)
+    except Exception as exc:
+        if args.json:  # a scheduler reading only stdout still gets the code (main prints the message)
+            code = _error_code(exc)
+            print(json.dumps({"command": "refresh", "error": f"{type(exc).__name__}: {exc}", "exit_code": code}))
+        raise
+    _print_summary(summary, args.json)
+    return summary["exit_code"]
+
+
+def _error_code(exc: Exception) -> int:
+    from labelmill.config import ConfigError
+    from labelmill.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
+    from labelmill.io.shards import ShardListError
+    from labelmill.store.commit import OutputConflictError
+    from labelmill.store.lock import LockHeld
+    from labelmill.store.read import OutputNotFound, VersionNotFound
+    from labelmill.teachers.base import WeightsError
+
+    for types, code in ((ConfigError, EXIT_CONFIG), (WeightsError, EXIT_WEIGHTS), (ShardListError, EXIT_INPUT),
+                        ((OutputConflictError, OutputNotFound, VersionNotFound), EXIT_OUTPUT),
+                        (LockHeld, EXIT_LOCK_HELD)):
+        if isinstance(exc, types):
+            return code
+    return EXIT_ERROR
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from labelmill.store.versions import describe_versions, format_versions
+
+    rows = describe_versions(args.output)
+    print(json.dumps(rows, default=str) if args.json else format_versions(rows))
+    return EXIT_PUBLISHED
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from labelmill.store.versions import diff_versions, format_diff
+
+    result = diff_versions(args.output, args.a, args.b)
+    print(json.dumps(result, default=str) if args.json else format_diff(result))
+    return EXIT_PUBLISHED
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from labelmill.store.versions import rollback
+
+    record = rollback(args.output, args.version)
+    out = {"version": record["version"], "rolled_back_to": record["rolled_back_to"],
+           "shards_added": len(record["shards_added"]), "shards_removed": len(record["shards_removed"])}
+    print(json.dumps(out) if args.json else f"published version {out['version']} = version {out['rolled_back_to']}")
+    return EXIT_PUBLISHED
+
+
+def _cmd_vacuum(args: argparse.Namespace) -> int:
+    from labelmill.config import ConfigError
+    from labelmill.store.versions import vacuum
+
+    if (args.keep_versions is None) == (args.older_than is None):
+        raise ConfigError("vacuum needs exactly one of --keep-versions N or --older-than DAYS")
+    result = vacuum(args.output, keep_versions=args.keep_versions, older_than_days=args.older_than, apply=args.yes)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        verb = "deleted" if args.yes else "would delete (dry run; add --yes)"
+        print(f"keeping versions {result['kept_versions']}; {verb} {len(result['files'])} files "
+              f"({result['bytes']} bytes) and {result['staging_files']} staging leftovers")
+    return EXIT_PUBLISHED
+
+
+def add_parsers(sub) -> None:
+    codes = "; ".join(f"{k}: {v}" for k, v in MEANING.items())
+    p = sub.add_parser(
+        "refresh",
+        help="bring an output up to date with tonight's shards and config, as ONE new dataset version",
+        description="List the input with fingerprints, compare with the current version (new, unchanged, "
+        "changed, deleted, stale shards), label what must be labelled and publish all changes as one "
+        f"dataset version. Takes the output's writer lock. Exit codes: {codes}.",
+    )
+    p.add_argument("config", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary (exit_code last)")
+    p.add_argument("--content-hash", action="store_true",
+                   help="fingerprint shards by sha256 of their bytes (reads every shard) as well as size/etag/mtime")
+    p.set_defaults(func=_cmd_refresh)
+
+    p = sub.add_parser("versions", help="list an output's dataset versions",
+                       description="Version, time, kind, shards new/changed/deleted/stale, rows by table and "
+                       "status, teachers and hashes, duration.")
+    p.add_argument("output", help="the output path")
+    p.add_argument("--json", action="store_true", help="JSON list instead of a table")
+    p.set_defaults(func=_cmd_versions)
+
+    p = sub.add_parser("diff", help="what changed between two dataset versions",
+                       description="Counts per class and status, shards in and out, score-distribution shift "
+                       "between versions A and B (numbers or ISO timestamps).")
+    p.add_argument("output", help="the output path")
+    p.add_argument("a", help="version A (number or ISO timestamp)")
+    p.add_argument("b", help="version B (number or ISO timestamp)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_diff)
+
+    p = sub.add_parser("rollback", help="publish a new version equal to an old one",
+                       description="Publish a new dataset version whose tables hold exactly the files of "
+                       "VERSION. Takes the writer lock.")
+    p.add_argument("output", help="the output path")
+    p.add_argument("version", help="version to return to (number or ISO timestamp)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("vacuum", help="delete files no kept version reads (dry run unless --yes)",
+                       description="Keep the newest N versions (--keep-versions) or those younger than DAYS "
+                       "(--older-than; the version current at the cut-off is kept too), delete data files "
+                       "that no kept version reads and staging leftovers. A dry run unless --yes. Takes the "
+                       "writer lock.")
+    p.add_argument("output", help="the output path")
+    p.add_argument("--keep-versions", type=int, metavar="N")
+    p.add_argument("--older-than", type=float, metavar="DAYS")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_vacuum)

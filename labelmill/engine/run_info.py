@@ -1,0 +1,35 @@
+"""What every writer of an output needs around a run: its id, its lock, and what its version records say."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from labelmill.store.lock import OutputLock
+from labelmill.store.refresh_plan import LabelInputs, inputs_key
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def version_info(cfg: Any, run_id: str) -> tuple[dict, dict]:
+    """(fields of every version record, fields of every committed shard item) for a run of ``cfg``.
+
+    The record names today's :class:`LabelInputs` once, and every shard item
+    its key: a refresh plans from the records alone, without reading tables.
+    """
+    from labelmill.teachers.base import config_hash
+
+    today = LabelInputs.from_config(cfg)
+    key = inputs_key(today)
+    info = {"run_id": run_id, "config_hash": cfg.label_hash(),
+            "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers},
+            "label_inputs": {key: today.to_dict()}}
+    return info, {"inputs": key}
+
+
+def writer_lock(cfg: Any, command: str) -> OutputLock:
+    """The output's writer lock (raises :class:`~labelmill.store.lock.LockHeld` when another writer runs)."""
+    return OutputLock(cfg.output.path, cfg.output.storage_options, command=command)
