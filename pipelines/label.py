@@ -34,30 +34,30 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
 
 
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
-    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # input and output checked
-    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # before any write
-    store.check_writable()
-    with writer_lock(cfg, "run") as lock:
-        return _run(cfg, store, listing, lock, stream or sys.stderr)
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # input, output and Ray
+    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # are checked
+    store.check_writable()  # before anything is written (the lock, the claim)
+    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
+                    stream=stream or sys.stderr)
+    with engine.session(needed=any(s not in store.done_shards() for s in listing)), writer_lock(cfg, "run") as lock:
+        return _run(cfg, store, listing, lock, engine, stream or sys.stderr)
 
 
-def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, stream) -> RunSummary:
+def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, engine: Engine, stream) -> RunSummary:
     started, run_id = time.monotonic(), new_run_id()
-    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s, stream=stream)
-    with engine.session(needed=any(s not in store.done_shards() for s in listing)):  # Ray up before claim()
-        store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
-        repair = store.repair()
-        if any(repair.values()):
-            print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
-        todo = [s for s in listing if s not in store.done_shards()]
-        print(f"[labelmill] {len(listing)} shards, {len(listing) - len(todo)} already committed, {len(todo)} to do "
-              f"-> {cfg.output.path}", file=stream)
-        if cfg.allow_random_init:
-            print(RANDOM_BANNER, file=stream)
-        info, shard_fields = version_info(cfg, run_id)
-        loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s: listing[s].to_dict() for s in todo},
-                          info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
-        counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
+    store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
+    repair = store.repair()
+    if any(repair.values()):
+        print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
+    todo = [s for s in listing if s not in store.done_shards()]
+    print(f"[labelmill] {len(listing)} shards, {len(listing) - len(todo)} already committed, {len(todo)} to do "
+          f"-> {cfg.output.path}", file=stream)
+    if cfg.allow_random_init:
+        print(RANDOM_BANNER, file=stream)
+    info, shard_fields = version_info(cfg, run_id)
+    loop = CommitLoop(store, cfg.output.commit_every_shards, fingerprints={s: listing[s].to_dict() for s in todo},
+                      info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
+    counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
     store.record_run(run_id, summary.as_dict())

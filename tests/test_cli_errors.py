@@ -93,6 +93,6 @@ def test_ray_start_up_failure_is_one_line_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("command", ["report", "export-coco"])
 def test_reading_commands_on_an_output_that_does_not_exist(tmp_path, capsys, command):
     dest = tmp_path / ("r.html" if command == "report" else "coco")
-    assert main([command, str(tmp_path / "nowhere"), str(dest)]) == EXIT_OUTPUT
-    assert "no committed dataset version" in one_line(capsys, "labelmill: output error:")
+    assert main([command, str(tmp_path / "nowhere"), str(dest)]) == EXIT_INPUT  # the output is what a reading command reads
+    assert "does not exist" in one_line(capsys, "labelmill: input error:")
     assert not dest.exists()

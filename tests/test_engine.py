@@ -70,4 +70,4 @@ def test_stages_that_run_no_model_import_neither_torch_nor_ray():
 
 def test_decode_declares_its_row_size_for_the_budget(tmp_path):
     decode = label_pipeline(tmp_path).find(name="decode")
-    assert isinstance(decode, DecodeImages) and decode.bytes_per_row() == 64 * 64 * 3  # the tiny MaskCLIP asks for 64 px
+    assert isinstance(decode, DecodeImages) and decode.bytes_per_row() == 128 * 128 * 3  # tiny MaskCLIP: long side <= 128 px

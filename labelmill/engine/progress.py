@@ -285,10 +285,12 @@ def step(name: str, total: float | None = None, unit: str = "", stream=None,
          interval: float = 1.0) -> Iterator[StepProgress]:
     """Show a long step's progress (refreshed in place on a terminal) and how long it took."""
     p = StepProgress(name, total, unit, stream or sys.stderr, interval)
-    p.show()
+    started = time.monotonic()
     try:
         yield p
     except BaseException:
-        p.out.done(p.text() + " -- failed")
+        # a step that fails at once (bad input) leaves the terminal to the error's one line
+        if time.monotonic() - started >= interval:
+            p.out.done(p.text() + " -- failed")
         raise
     p.out.done(p.text(finished=True))

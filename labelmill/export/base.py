@@ -276,7 +276,9 @@ class ExportSource:
     def _labels(self, where) -> pa.Table:
         if not self._has_labels:
             return pa.table({"shard": pa.array([], pa.string()), "index": pa.array([], pa.int64())})
-        labels = self.ds.read("labels", columns=LABEL_COLUMNS, filter=where)
+        schema = self.ds.schema("labels")
+        extra = ["iscrowd"] if schema is not None and "iscrowd" in schema.names else []  # absent in older outputs
+        labels = self.ds.read("labels", columns=LABEL_COLUMNS + extra, filter=where)
         return labels.sort_by([("shard", "ascending"), ("index", "ascending")])
 
 
