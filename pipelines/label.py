@@ -60,5 +60,5 @@ def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, engine: Engine
     counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
                          time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
-    store.record_run(run_id, summary.as_dict())
+    store.record_run(run_id, {**summary.as_dict(), "score_hist": loop.score_hist.to_json()})
     return summary

@@ -10,7 +10,7 @@ import pytest
 import labelmill.data
 from labelmill.cli import main
 from labelmill.engine import CommitLoop
-from labelmill.exitcodes import EXIT_CONFIG, EXIT_LOCK_HELD, EXIT_OUTPUT
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_LOCK_HELD
 from labelmill.store.commit import OutputStore
 from labelmill.store.lock import OutputLock
 from labelmill.store.read import VersionNotFound
@@ -61,7 +61,7 @@ def test_rollback_publishes_a_new_version_equal_to_an_old_one(tmp_path, capsys):
     assert "published version 4" in capsys.readouterr().out
     assert sorted_df(out, "samples").equals(v2) and sorted_df(out, "labels").equals(labels2)
     assert OutputStore(out).committed_shards() == {"a": {"size": 1, "mtime": "1"}, "b": {"size": 1, "mtime": "1"}}
-    assert main(["rollback", out, "9"]) == EXIT_OUTPUT
+    assert main(["rollback", out, "9"]) == EXIT_INPUT
     with OutputLock(out, command="test"):
         assert main(["rollback", out, "1"]) == EXIT_LOCK_HELD
     assert [v["version"] for v in labelmill.data.versions(out)] == [1, 2, 3, 4]
