@@ -167,7 +167,7 @@ def nvjpeg_target(data: bytes, request: ImageRequest, max_pixels: int) -> tuple[
             return None
         if int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1) != 1:
             return None
-    except Exception:
+    except Exception:  # not nvJPEG's to judge: the PIL path decodes it or reports the error row
         return None
     scale = min(1.0, request.scale_for(height, width))
     return height, width, max(1, round(height * scale)), max(1, round(width * scale))
@@ -230,7 +230,7 @@ def _nvjpeg(blobs, idx: list[int], device) -> list:
     for data in datas:
         try:
             out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-        except Exception:
+        except Exception:  # None sends this image to the PIL path, which decodes it or gives its error row
             out.append(None)
     return out
 
