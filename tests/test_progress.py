@@ -60,9 +60,15 @@ def test_step_reports_count_rate_and_time():
     assert lines[0].startswith("[labelmill] export coco:") and "/3 images" in lines[1]
     assert re.match(r"\[labelmill\] export coco: done, 3/3 images in \d+s$", lines[-1])
     with pytest.raises(KeyError):
-        with step("vacuum", stream=out):
+        with step("vacuum", stream=out, interval=0.0):
             raise KeyError("x")
     assert out.getvalue().splitlines()[-1].endswith("-- failed")
+    # a step that fails at once (bad input) leaves the terminal to the error's own line
+    before = out.getvalue()
+    with pytest.raises(KeyError):
+        with step("vacuum", stream=out, interval=60.0):
+            raise KeyError("x")
+    assert out.getvalue() == before
     assert fmt_duration(3725) == "1h02m" and fmt_duration(None) == "?"
 
 
