@@ -76,6 +76,7 @@ class RegionSet:
     embeddings: np.ndarray     # (N, D) float16, L2-normalised
     mode: str                  # "crop" | "dense"
     model: str = ""            # the encoder that made the embeddings, e.g. "ViT-B-16"
+    pixel_scale: float = 1.0   # pixels the encoder saw per original pixel (1.0: the original resolution)
 
     def __post_init__(self) -> None:
         n = len(self.boxes)

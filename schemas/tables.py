@@ -197,6 +197,7 @@ REGION_STRUCT = pa.struct(
         ("dim", pa.int32()),
         ("mode", pa.string()),
         ("model", pa.string()),
+        ("pixel_scale", pa.float32()),
     ]
 )
 
@@ -215,6 +216,9 @@ def regions_schema(dim: int) -> pa.Schema:
             pa.field("num_regions", pa.int32()),
             pa.field("mode", pa.string()),
             pa.field("model", pa.string()),
+            # the resolution the embeddings came from, per original pixel: 1.0 is the original
+            # file; below 1 the crops (or dense features) were cut from a downscaled copy
+            pa.field("pixel_scale", pa.float32()),
         ]
         + PROVENANCE_FIELDS
         + RUN_FIELDS
@@ -348,6 +352,7 @@ def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Arra
             pa.array([int(r.embeddings.shape[1]) for _, r in items], pa.int32()),
             pa.array([r.mode for _, r in items], pa.string()),
             pa.array([r.model for _, r in items], pa.string()),
+            pa.array([r.pixel_scale for _, r in items], pa.float32()),
         ],
         fields=list(REGION_STRUCT),
     )

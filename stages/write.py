@@ -205,6 +205,7 @@ class WriteTables(Stage):
             "num_regions": counts.cast(pa.int32()),
             "mode": pc.struct_field(flat, "mode"),
             "model": pc.struct_field(flat, "model"),
+            "pixel_scale": pc.struct_field(flat, "pixel_scale"),
         }
         cols.update(self._provenance_cols(owners, pc.struct_field(flat, "teacher").to_pylist()))
         cols.update(self._run_cols(len(flat)))

@@ -33,7 +33,9 @@ Two ways to embed a proposal:
     decoded working copy (short side ``work_short_side``, long side at most
     ``work_max_long_side``), not from the original file, so in photos larger
     than that small boxes carry less detail (raise ``work_short_side`` to
-    crop from a larger copy).
+    crop from a larger copy, or set it and ``work_max_long_side`` to null
+    to crop from the original).  Every region row records the resolution its
+    embeddings came from as ``pixel_scale``.
 
 ``dense``
     Not in the references: region embeddings are RoIAlign-pooled from
@@ -93,6 +95,10 @@ class ProposalSource(BaseModel):
         return self.teacher if self.teacher is not None else f"json:{self.meta_field}"
 
 
+#: An image side no photo reaches: asking for it keeps the original resolution.
+ORIGINAL = 1 << 30
+
+
 class ViLDConfig(CLIPModelFields):
     type: Literal["vild"] = "vild"
     proposals: list[ProposalSource] = Field(
@@ -109,8 +115,11 @@ class ViLDConfig(CLIPModelFields):
     )
     crop_size: int | None = Field(default=None, ge=16, description="encoder input side; default the model's")
     crop_batch_size: int = Field(default=128, gt=0, description="crops per encoder forward")
-    work_short_side: int = Field(default=800, ge=32, description="crop mode: decoded image size")
-    work_max_long_side: int = Field(default=1333, ge=32)
+    work_short_side: int | None = Field(
+        default=800, ge=32,
+        description="crop mode: crops are cut from a copy with this short side; null cuts them from the original",
+    )
+    work_max_long_side: int | None = Field(default=1333, ge=32, description="crop mode: that copy's long side at most")
     dense_features_from: str | None = Field(
         default=None, description="dense mode: an earlier MaskCLIP teacher with the same weights"
     )
@@ -128,7 +137,9 @@ class ViLDConfig(CLIPModelFields):
 
     def image_request(self) -> ImageRequest:
         if self.mode == "crop":
-            return ImageRequest(short_side=self.work_short_side, max_long_side=self.work_max_long_side)
+            if self.work_short_side is None:  # the original resolution: a request the decoder never shrinks for
+                return ImageRequest(short_side=ORIGINAL, max_long_side=ORIGINAL)
+            return ImageRequest(short_side=self.work_short_side, max_long_side=self.work_max_long_side or ORIGINAL)
         if self.dense_features_from is not None:  # pixels are not used: ask for nothing extra
             return ImageRequest(short_side=32, max_long_side=32)
         return ImageRequest(short_side=self.dense_image_size, max_long_side=self.dense_max_long_side)
@@ -391,6 +402,23 @@ class ViLDEmbedder(CLIPTeacher):
             out.append(pool_regions(feats, extent, (h, w), boxes, self.config.dense_roi_size).cpu())
         return out
 
+    def pixel_scale(self, batch: ImageBatch, i: int, upstream) -> float:
+        """Pixels the encoder saw per original pixel for image ``i`` (recorded on every row).
+
+        crop mode: the decoded copy the crops were cut from (1.0 when the
+        photo is within ``work_short_side`` / ``work_max_long_side`` or when
+        those are null); dense mode: the resolution the dense forward ran at.
+        """
+        h, w = batch.orig_hw[i]
+        if self.config.mode == "crop":
+            wh, ww = batch.work_hw[i]
+            return float(min(wh / max(h, 1), ww / max(w, 1)))
+        if self.config.dense_features_from is not None:
+            rh, rw = upstream[self.config.dense_features_from][i].extras["score_map"].work_hw
+        else:
+            rh, rw = fit_size(h, w, self.config.dense_image_size, self.config.dense_max_long_side)
+        return float(min(rh / max(h, 1), rw / max(w, 1)))
+
     # -------------------------------------------------------------- predict
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
         props = self.proposals(batch, upstream)
@@ -399,7 +427,7 @@ class ViLDEmbedder(CLIPTeacher):
         else:
             embs = self.dense_embeddings(batch, props, upstream)
         outs = []
-        for (boxes, scores, sources, dropped), emb in zip(props, embs):
+        for i, ((boxes, scores, sources, dropped), emb) in enumerate(zip(props, embs)):
             regions = RegionSet(
                 boxes=boxes.numpy().astype(np.float32),
                 scores=scores.numpy().astype(np.float32),
@@ -407,6 +435,7 @@ class ViLDEmbedder(CLIPTeacher):
                 embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), self.embed_dim),
                 mode=self.config.mode,
                 model=self.model_name,
+                pixel_scale=self.pixel_scale(batch, i, upstream),
             )
             warnings = []
             if dropped:

@@ -203,6 +203,22 @@ def test_boxes_are_in_original_pixels_when_the_decoder_downscaled():
     assert np.array_equal(full.boxes, half.boxes)
     cos = float((full.embeddings.astype(np.float32) * half.embeddings.astype(np.float32)).sum())
     assert cos > 0.97  # same region, seen at half the resolution
+    assert full.pixel_scale == 1.0 and half.pixel_scale == pytest.approx(min(80 / 160, 100 / 200))
+
+
+def test_null_work_size_crops_from_the_original_resolution():
+    from labelmill.io.images import decode_image
+    from labelmill.teachers.vild import ORIGINAL
+
+    from helpers import encode
+
+    cfg = ViLDConfig(pretrained=None, arch_config=TINY_CLIP, work_short_side=None, work_max_long_side=None)
+    assert cfg.image_request().short_side == ORIGINAL
+    big = photo(1800, 1200, 3)
+    decoded = decode_image(encode(big, "PNG"), cfg.image_request(), max_pixels=10**8)
+    assert decoded.pixels.shape[:2] == (1200, 1800)
+    default = decode_image(encode(big, "PNG"), ViLDConfig(pretrained=None).image_request(), max_pixels=10**8)
+    assert default.pixels.shape[:2] == (800, 1200)
 
 
 @pytest.mark.parametrize("mode", ["crop", "dense"])
@@ -303,7 +319,7 @@ def test_pipeline_writes_regions_that_load_back_with_their_boxes(tmp_path, ray_s
     table = pd.read_parquet(f"{out}/regions")  # a plain Parquet reader skips _manifest
     assert len(table) == 8 and table.key.is_unique
     assert set(table.teacher) == {"vild"} and set(table.weights_sha256) == {"random-init"}
-    assert set(table["mode"]) == {"crop"}
+    assert set(table["mode"]) == {"crop"} and set(table["pixel_scale"]) == {1.0}  # small photos: the originals
     from deltalake import DeltaTable
 
     labels = DeltaTable(f"{out}/labels").to_pandas()
@@ -337,6 +353,23 @@ def test_pipeline_writes_regions_that_load_back_with_their_boxes(tmp_path, ray_s
     # re-running the same config adds no region rows
     run(cfg)
     assert len(RegionReader(out).keys()) == 8 and len(pd.read_parquet(f"{out}/regions")) == 8
+
+
+def test_rows_record_the_resolution_their_crops_came_from(tmp_path, ray_session):
+    from labelmill.pipelines.label import run
+
+    make_shards(tmp_path / "shards", 1, 3)
+    out = str(tmp_path / "out")
+    section = {"type": "vild", "pretrained": None, "arch_config": TINY_CLIP, "whole_image": True,
+               "proposals": [{"meta_field": "proposals"}], "work_short_side": 32, "work_max_long_side": 40}
+    run(load_config(run_config(str(tmp_path / "shards"), out, teachers=[section])))
+    table = pd.read_parquet(f"{out}/regions")
+    assert len(table) == 3
+    for row in table.itertuples():
+        h, w = row.image_height, row.image_width
+        want = min(1.0, 32 / min(h, w), 40 / max(h, w))
+        assert row.pixel_scale == pytest.approx(want, rel=0.05), (h, w)
+    assert (table.pixel_scale < 1).all()
 
 
 def test_embeddings_from_the_pipeline_equal_the_teacher_called_directly(tmp_path, ray_session):

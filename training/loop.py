@@ -111,6 +111,38 @@ def read_metrics(path: str, name: str = "student", storage_options: dict | None 
     return df.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
 
 
+def saved_checkpoints(checkpoint) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in the run folder, the newest step first.
+
+    Ray Train restores a run from its checkpoint-manager snapshot, which the
+    controller writes only after it has processed a report: a driver killed
+    with -9 in between leaves checkpoints on storage that the snapshot does
+    not name.  The run folder itself is the record; a checkpoint counts once
+    its state, model and optimizer files are all there.
+    """
+    fs, root = run_dir(checkpoint)
+    found = []
+    for state_path in fs.glob(posixpath.join(root, "checkpoint_*", STATE_FILE)) if fs.exists(root) else []:
+        folder = posixpath.dirname(state_path)
+        if not fs.exists(posixpath.join(folder, OPTIM_FILE)):
+            continue
+        try:
+            with fs.open(state_path, "rb") as fh:
+                step = int(json.load(fh)["step"])
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint cut short mid-copy
+        found.append((step, folder))
+    return sorted(found, reverse=True)
+
+
+def _download(checkpoint, folder: str, into: str) -> str:
+    fs, _ = run_dir(checkpoint)
+    if "://" not in checkpoint.path:
+        return folder
+    fs.get(folder.rstrip("/") + "/", into, recursive=True)
+    return into
+
+
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -133,12 +165,33 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "samples": 0}
     ckpt = ray.train.get_checkpoint()
     optim_state = None
+
+    def restore(folder: str) -> None:
+        nonlocal state, optim_state
+        task.load(model, folder)
+        with open(os.path.join(folder, STATE_FILE)) as fh:
+            state = json.load(fh)
+        optim_state = torch.load(os.path.join(folder, OPTIM_FILE), map_location="cpu", weights_only=True)
+
+    restored = False
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            task.load(model, folder)
             with open(os.path.join(folder, STATE_FILE)) as fh:
-                state = json.load(fh)
-            optim_state = torch.load(os.path.join(folder, OPTIM_FILE), map_location="cpu", weights_only=True)
+                ray_step = int(json.load(fh)["step"])
+            # a newer checkpoint on storage than Ray's snapshot names: the driver was killed after writing it
+            if not any(s > ray_step for s, _ in config.get("saved", [])):
+                restore(folder)
+                restored = True
+    if not restored:
+        for _, saved in config.get("saved", []):
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    restore(_download(cfg.checkpoint, saved, tmp))
+                break
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: fall back to the one before
+                print(f"[labelmill] checkpoint {saved} could not be loaded ({exc}); trying the one before")
+                model = task.build_model()
+                state, optim_state = {"step": 0, "samples": 0}, None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = getattr(model, "module", model)
     groups = task.param_groups(core)
@@ -262,7 +315,8 @@ def fit(cfg, datasets: dict, extra: dict) -> dict:
         failure_config=ray.train.FailureConfig(max_failures=0),
     )
     loop_config = {"task": cfg.task, "cfg": cfg.model_dump(mode="json"), "extra": extra,
-                   "has_gold": "gold" in datasets, "torch_threads": max(1, int(sc.cpus_per_worker))}
+                   "has_gold": "gold" in datasets, "torch_threads": max(1, int(sc.cpus_per_worker)),
+                   "saved": saved_checkpoints(cfg.checkpoint)}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
         datasets=datasets, torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),

@@ -197,7 +197,7 @@ class SegTask:
 
 def predict_labels(model: SegStudent, image: np.ndarray, device="cpu") -> tuple[np.ndarray, np.ndarray]:
     """Class map and confidence (H, W) of one uint8 (H, W, 3) image at its own size."""
-    x = torch.as_tensor(np.ascontiguousarray(image))[None].to(device)
+    x = torch.from_numpy(np.array(image, copy=True))[None].to(device)
     with torch.no_grad():
         probs = model(x).float().softmax(1)[0]
     conf, pred = probs.max(0)

@@ -122,7 +122,13 @@ class DatasetVersion:
         if not paths:
             spec = self.store.tables[table].spec
             return spec.schema if isinstance(spec.schema, pa.Schema) else None
-        return pads.dataset(paths[:1], filesystem=self.filesystem, format="parquet").schema
+        # the oldest and the newest file: a column added by a later release (older rows read it as null)
+        ends = paths[:1] + paths[-1:] if len(paths) > 1 else paths
+        schemas = [pads.dataset([p], filesystem=self.filesystem, format="parquet").schema for p in ends]
+        try:
+            return pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return schemas[0]
 
     def dataset(self, table: str) -> pads.Dataset:
         paths = self.paths(table)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from labelmill.store.read import open_version
 
-META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "model", "teacher", "weights",
+META_COLUMNS = ("key", "shard", "index", "image_width", "image_height", "mode", "model", "pixel_scale", "teacher", "weights",
                 "weights_sha256", "teacher_config_hash")
 
 
