@@ -227,6 +227,25 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
+def possible_winners(logits: torch.Tensor) -> torch.Tensor:
+    """Classes of a (C, h, w) score map that can be the argmax somewhere after :func:`upsample` twice.
+
+    Both resamplings are bilinear with non-negative weights summing to one,
+    so every output pixel is a convex combination of the values in some
+    3x3 block of the map (two adjacent samples of the intermediate image,
+    each of two adjacent cells).  In a block, the winner's value is at least
+    L = max over classes of the class's block minimum, so a class whose
+    block maximum is below L in every block can never win: only the others
+    are upsampled, and the argmax is the same as over all classes.  A small
+    margin keeps ties and rounding on the safe side.
+    """
+    x = logits.float()[None]
+    upper = F.max_pool2d(x, 3, stride=1, padding=1)[0]
+    lower = (-F.max_pool2d(-x, 3, stride=1, padding=1)[0]).amax(dim=0)
+    margin = 1e-5 * (lower.abs() + 1)
+    return (upper >= (lower - margin)[None]).flatten(1).any(dim=1).nonzero().flatten()
+
+
 def slide_starts(length: int, crop: int, stride: int) -> list[int]:
     """Window origins along one side, as mmseg's ``slide_inference`` places them."""
     n = max(length - crop + stride - 1, 0) // stride + 1
@@ -423,6 +442,47 @@ class MaskCLIPTeacher(CLIPTeacher):
             outputs.append(out)
         return outputs
 
+    def _sum_channels(self, logits: torch.Tensor) -> torch.Tensor:
+        """Channels whose upsampled clamp(x, 0), summed, is the key-smoothing normaliser (exact).
+
+        A class that is >= 0 on the whole grid stays >= 0 after bilinear
+        resampling, and resampling is linear, so all such classes are summed
+        into one channel first; a class <= 0 everywhere adds nothing; the
+        few that change sign are resampled one by one.
+        """
+        flat = logits.flatten(1)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        positive, mixed = lo >= 0, (lo < 0) & (hi > 0)
+        parts = [logits[mixed]]
+        if positive.any():
+            parts.append(logits[positive].sum(dim=0, keepdim=True))
+        return torch.cat(parts)
+
+    def _scan(self, sm: ScoreMap, channels: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
+              normalise: bool):
+        """Upsample ``channels`` in chunks: running argmax over the first ``len(classes)`` (labelled
+        ``classes``) and, if ``normalise``, the running normaliser over all of them."""
+        key = self.config.key_smoothing.enabled
+        n_arg = 0 if classes is None else len(classes)
+        step = max(1, self.CHUNK_ELEMENTS // max(1, size[0] * size[1]))
+        best = arg = norm = None
+        for start in range(0, len(channels), step):
+            chunk = upsample(upsample(channels[start : start + step], sm.work_hw), size)
+            if normalise:
+                # key smoothing: confidence = clamp(x, 0) / sum clamp(x, 0); else softmax(scale x)
+                part = chunk.clamp_min(0).sum(dim=0) if key else torch.logsumexp(chunk * self.logit_scale, dim=0)
+                norm = part if norm is None else (norm + part if key else torch.logaddexp(norm, part))
+            if start >= n_arg:
+                continue
+            val, idx = chunk[: n_arg - start].max(dim=0)
+            idx = classes[idx + start]
+            if best is None:
+                best, arg = val, idx
+            else:
+                better = val > best
+                best, arg = torch.where(better, val, best), torch.where(better, idx, arg)
+        return best, arg, norm
+
     def _candidates(self, logits: torch.Tensor) -> torch.Tensor:
         k = self.config.candidate_topk
         c = logits.shape[0]
@@ -443,25 +503,21 @@ class MaskCLIPTeacher(CLIPTeacher):
             lh, lw = min(lh, H), min(lw, W)
         else:
             lh, lw = H, W
-        cand = self._candidates(sm.logits)
-        work = sm.logits[cand]
         c = len(self.vocabulary)
-        step = max(1, self.CHUNK_ELEMENTS // max(1, lh * lw))
-        best = arg = norm = None
-        for start in range(0, len(cand), step):
-            chunk = upsample(upsample(work[start : start + step], sm.work_hw), (lh, lw))
-            val, idx = chunk.max(dim=0)
-            idx = cand[idx + start]
-            if cfg.key_smoothing.enabled:  # confidence = clamp(x, 0) / sum clamp(x, 0): running sum
-                part = chunk.clamp_min(0).sum(dim=0)
-            else:  # confidence = softmax(scale x): running log-sum-exp
-                part = torch.logsumexp(chunk * self.logit_scale, dim=0)
-            if best is None:
-                best, arg, norm = val, idx, part
-            else:
-                better = val > best
-                best, arg = torch.where(better, val, best), torch.where(better, idx, arg)
-                norm = norm + part if cfg.key_smoothing.enabled else torch.logaddexp(norm, part)
+        size = (lh, lw)
+        if cfg.candidate_topk > 0:  # approximate: the normaliser also sees only the candidates
+            cand = self._candidates(sm.logits)
+            best, arg, norm = self._scan(sm, sm.logits[cand], cand, size, normalise=True)
+        elif cfg.key_smoothing.enabled:  # exact: the argmax over the possible winners, the sum apart
+            cand = possible_winners(sm.logits)
+            best, arg, _ = self._scan(sm, sm.logits[cand], cand, size, normalise=False)
+            _, _, norm = self._scan(sm, self._sum_channels(sm.logits), None, size, normalise=True)
+        else:  # exact softmax: every class feeds the log-sum-exp; the possible winners come first
+            cand = possible_winners(sm.logits)
+            rest = torch.ones(len(sm.logits), dtype=torch.bool, device=sm.logits.device)
+            rest[cand] = False
+            best, arg, norm = self._scan(sm, torch.cat([sm.logits[cand], sm.logits[rest]]), cand, size,
+                                         normalise=True)
         if cfg.key_smoothing.enabled:
             conf = best.clamp_min(0) / norm.clamp_min(1e-12)
         else:

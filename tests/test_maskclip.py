@@ -266,3 +266,36 @@ def test_device_post_processing_equals_the_numpy_path(kw, label_hw, monkeypatch)
             e_counts, e_area, e_bbox, e_score = expected[name]
             assert (counts, area, bbox) == (e_counts, e_area, e_bbox)
             assert abs(score - e_score) < 1e-5
+
+
+@pytest.mark.parametrize("key_smoothing", [True, False])
+@pytest.mark.parametrize("grid,work,orig", [
+    ((7, 10), (224, 320), (480, 686)),   # whole mode: patch grid -> resized image -> larger original
+    ((6, 9), (64, 96), (40, 60)),        # an original smaller than the working image
+    ((48, 64), (48, 64), (96, 128)),     # slide mode: logits already on the working image's pixels
+])
+def test_pruned_argmax_equals_every_class_resampled(key_smoothing, grid, work, orig):
+    """Only classes that can win some pixel are upsampled; labels and confidences stay exact."""
+    from labelmill.teachers.maskclip import ScoreMap, possible_winners, upsample
+
+    vocab = [f"c{i}" for i in range(40)]
+    cfg = MaskCLIPConfig(type="maskclip", pretrained=None, arch_config=TINY_CLIP, vocabulary=vocab,
+                         templates="single", image_size=64, logit_scale=30.0,
+                         key_smoothing={"enabled": key_smoothing, "threshold": 1.0})
+    t = MaskCLIPTeacher(cfg, torch.device("cpu"), allow_random_init=True)
+    g = torch.Generator().manual_seed(sum(grid) + key_smoothing)
+    # peaked maps, as a trained CLIP gives, with some classes changing sign on the grid
+    coarse = torch.randn(40, 2, 3, generator=g) + 3 * (torch.rand(40, 1, 1, generator=g) > 0.85)
+    logits = torch.softmax(4 * F.interpolate(coarse[None], size=grid, mode="bilinear")[0], dim=0)
+    logits[:5] -= 0.02
+    sm = ScoreMap(logits=logits, work_hw=work, orig_hw=orig)
+    assert 0 < len(possible_winners(logits)) < 40  # the bound prunes something here
+    arg, conf = t.label_map(sm)
+    full = upsample(upsample(logits, work), orig)
+    best, want = full.max(dim=0)
+    assert torch.equal(arg, want)
+    if key_smoothing:
+        expect = best.clamp_min(0) / full.clamp_min(0).sum(dim=0).clamp_min(1e-12)
+    else:
+        expect = torch.softmax(full * t.logit_scale, dim=0).max(dim=0).values
+    assert torch.allclose(conf, expect, atol=1e-5)
