@@ -223,9 +223,12 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
             wall = time.monotonic() - start
     finally:
         Progress.update = original
-    first = next((t, n) for t, n in marks if n > 0)
-    last = marks[-1]
-    steady = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+    counted = [(t, n) for t, n in marks if n > 0]
+    if len(counted) >= 2 and counted[-1][1] > counted[0][1]:
+        (t0, n0), (t1, n1) = counted[0], counted[-1]
+        steady = (n1 - n0) / max(t1 - t0, 1e-9)
+    else:  # a short run: its samples were counted at one commit, so only the wall rate exists
+        steady = summary.counters.samples / wall
     return {
         "images": summary.counters.samples,
         "errors": summary.counters.error,

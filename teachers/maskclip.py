@@ -508,6 +508,10 @@ class MaskCLIPTeacher(CLIPTeacher):
         if cfg.candidate_topk > 0:  # approximate: the normaliser also sees only the candidates
             cand = self._candidates(sm.logits)
             best, arg, norm = self._scan(sm, sm.logits[cand], cand, size, normalise=True)
+        elif sm.logits.device.type != "cpu":
+            # on an accelerator every class is cheap, and pruning would cost a host sync per image
+            every = torch.arange(c, device=sm.logits.device)
+            best, arg, norm = self._scan(sm, sm.logits, every, size, normalise=True)
         elif cfg.key_smoothing.enabled:  # exact: the argmax over the possible winners, the sum apart
             cand = possible_winners(sm.logits)
             best, arg, _ = self._scan(sm, sm.logits[cand], cand, size, normalise=False)
