@@ -10,7 +10,7 @@ from __future__ import annotations
 from labelmill.config import RayConfig
 from labelmill.engine.runtime import start_ray
 from labelmill.training.data import quiet_ray_data
-from labelmill.training.loop import fit
+from labelmill.training.loop import check_cluster_fits, fit
 
 
 def train(cfg) -> dict:
@@ -18,7 +18,9 @@ def train(cfg) -> dict:
         from labelmill.training.maskclip_plus import prepare
     else:
         from labelmill.training.glip import prepare
-    start_ray(RayConfig(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus))
+    started_here, remote = start_ray(RayConfig(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus))
+    if started_here and not remote:  # a fixed local cluster: its size is known (an autoscaler may grow others)
+        check_cluster_fits(cfg)
     quiet_ray_data()
     datasets, extra = prepare(cfg)
     result = fit(cfg, datasets, extra)

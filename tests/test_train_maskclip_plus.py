@@ -119,6 +119,18 @@ def test_config_validated_before_work(tmp_path, capsys):
     assert "data.imge_size: unknown key" in capsys.readouterr().err
 
 
+def test_a_trainer_that_leaves_the_data_side_no_cpu_is_refused(tmp_path):
+    """2 CPUs, a worker reserving both: Ray Data could never prepare a batch, so say so (exit 2)."""
+    cfg = train_cfg(tmp_path, "full", 5, scaling={"cpus_per_worker": 2})
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "labelmill", "train", "maskclip-plus", str(path), "ray.num_cpus=2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "the cluster has 2 CPU; the trainer reserves 2" in done.stderr
+    assert "lower scaling.cpus_per_worker or raise ray.num_cpus" in done.stderr
+
+
 # ------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_student_learns_its_teacher_then_resumes_and_round_trips(labelled):

@@ -21,6 +21,12 @@ class VocabularyMismatch(TrainingError):
     exit_code = 2
 
 
+class ClusterTooSmall(TrainingError):
+    """The trainer workers and the data side together ask for more than a fixed cluster has."""
+
+    exit_code = 2
+
+
 class CheckpointError(TrainingError):
     """A checkpoint is missing, incomplete, or not a plain tensor file."""
 

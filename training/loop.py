@@ -297,6 +297,30 @@ class _null:
         return False
 
 
+def check_cluster_fits(cfg) -> None:
+    """On a fixed-size cluster, refuse a scaling that leaves the data side no CPU (it would wait forever).
+
+    Ray Train's workers reserve their CPUs for the whole run; the Ray Data
+    side (one shard-reading task and the decode+target+augment actors) needs
+    its own reservations beside them, or no step ever gets a batch.
+    """
+    import ray
+
+    from labelmill.training.errors import ClusterTooSmall
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    sc, data = cfg.scaling, cfg.data
+    trainer = sc.num_workers * sc.cpus_per_worker
+    side = data.read_cpus + data.prepare_workers * data.prepare_cpus
+    if trainer + side > total + 1e-9:
+        raise ClusterTooSmall(
+            f"the cluster has {total:g} CPU; the trainer reserves {trainer:g} (scaling.num_workers="
+            f"{sc.num_workers} x scaling.cpus_per_worker={sc.cpus_per_worker:g}) and the data side needs "
+            f"{side:g} more (data.read_cpus + data.prepare_workers x data.prepare_cpus), so no batch could "
+            f"ever be prepared: lower scaling.cpus_per_worker or raise ray.num_cpus"
+        )
+
+
 def fit(cfg, datasets: dict, extra: dict) -> dict:
     """Train with Ray Train; returns {checkpoint, step, metrics_path}."""
     import ray.train
