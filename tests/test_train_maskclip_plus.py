@@ -229,7 +229,9 @@ def test_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path)
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(run_dir.glob("checkpoint_*"))) >= 1 and list((run_dir / "metrics").glob("*.parquet")):
+            complete = [d for d in run_dir.glob("checkpoint_*")
+                        if (d / "trainer_state.json").exists() and (d / "optimizer.pt").exists()]
+            if complete and list((run_dir / "metrics").glob("*.parquet")):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "training finished before it could be killed"

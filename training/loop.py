@@ -88,8 +88,11 @@ def write_metrics(checkpoint, rows: list[dict]) -> None:
     name = f"part-{rows[0]['step']:09d}-{rows[-1]['step']:09d}.parquet"
     keys = sorted({k for r in rows for k in r})
     table = pa.table({k: [r.get(k) for r in rows] for k in keys})
-    with fs.open(posixpath.join(folder, name), "wb") as fh:
+    # written aside, then renamed: a kill mid-write leaves no half file for read_metrics
+    tmp = posixpath.join(folder, f".{name}.tmp")
+    with fs.open(tmp, "wb") as fh:
         pq.write_table(table, fh)
+    fs.mv(tmp, posixpath.join(folder, name))
 
 
 def read_metrics(path: str, name: str = "student", storage_options: dict | None = None):
@@ -216,6 +219,9 @@ def train_loop(config: dict) -> None:
     def save_checkpoint(metrics: dict) -> None:
         nonlocal pending
         if rank == 0:
+            # the steps' metrics first: a kill between the two then re-runs steps whose rows exist
+            # (a re-run step's row replaces its earlier one), never leaves checkpointed steps without rows
+            write_metrics(cfg.checkpoint, pending)
             with tempfile.TemporaryDirectory() as tmp:
                 task.save(core, tmp)
                 torch.save(opt.state_dict(), os.path.join(tmp, OPTIM_FILE))
@@ -223,7 +229,6 @@ def train_loop(config: dict) -> None:
                     json.dump({"step": step, "samples": state["samples"], "task": config["task"],
                                "dataset": config["extra"].get("provenance", {})}, fh)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            write_metrics(cfg.checkpoint, pending)
         else:
             ray.train.report(metrics)
         pending = []
