@@ -147,6 +147,7 @@ def pipeline(s: Settings, sections: list[dict], batch: int, blobs: list[bytes]) 
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     n = calls * s.images
     return {"img_s": n / wall, "gpu_busy": gpu.mean(), "gpu_source": gpu.source,
+            "gpu_sampler_errors": gpu.errors[:3] + ([f"... {len(gpu.errors) - 3} more"] if len(gpu.errors) > 3 else []),
             "actor_cpu_ms_per_img": 1000 * cpu / n, "outputs_per_img": n_labels / s.images, "images": n}
 
 

@@ -41,7 +41,8 @@ def photos(limit: int | None = None) -> tuple[list[bytes], str]:
         for name in SKIMAGE_PHOTOS:
             try:
                 arr = np.asarray(Image.open(os.path.join(data.data_dir, name)).convert("RGB"))
-            except Exception:
+            except (OSError, ValueError) as exc:  # a photo this scikit-image build lacks: use the others
+                print(f"[workload] skipping scikit-image photo {name}: {exc}", flush=True)
                 continue
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, 2)
@@ -155,6 +156,7 @@ class GpuSampler:
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.samples: list[float] = []
+        self.errors: list[str] = []  # why a source was unusable or a reading failed (the first few are reported)
         self.source = "none"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -167,8 +169,8 @@ class GpuSampler:
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.source = "pynvml"
             return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except Exception:
-            pass
+        except Exception as exc:  # no pynvml or no driver: try nvidia-smi, say why
+            self.errors.append(f"pynvml: {type(exc).__name__}: {exc}")
         import shutil
         import subprocess
 
@@ -190,8 +192,8 @@ class GpuSampler:
         while read is not None and not self._stop.is_set():
             try:
                 self.samples.append(read())
-            except Exception:
-                pass
+            except Exception as exc:  # one failed reading: count it, keep sampling
+                self.errors.append(f"{self.source}: {type(exc).__name__}: {exc}")
             self._stop.wait(self.interval)
 
     def __enter__(self):

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_INPUT, EXIT_WEIGHTS
+
 
 class TrainingError(RuntimeError):
     """Base of the training errors; ``exit_code`` is what the CLI returns."""
 
-    exit_code = 1
+    exit_code = EXIT_ERROR
 
 
 class NoUsableLabels(TrainingError):
     """The dataset version has no label a student can learn from."""
 
-    exit_code = 4
+    exit_code = EXIT_INPUT
 
 
 class VocabularyMismatch(TrainingError):
     """Teacher and student (or two checkpoints) disagree on the class list."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class ClusterTooSmall(TrainingError):
     """The trainer workers and the data side together ask for more than a fixed cluster has."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class CheckpointError(TrainingError):
     """A checkpoint is missing, incomplete, or not a plain tensor file."""
 
-    exit_code = 3
+    exit_code = EXIT_WEIGHTS

@@ -40,37 +40,39 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_FAILED_SHARDS, EXIT_OUTPUT
+
 # ------------------------------------------------------------------ errors
 
 
 class ExportError(Exception):
     """A problem with the export's input or options: one line, an exit code."""
 
-    exit_code = 1
+    exit_code = EXIT_ERROR
 
 
 class ExportOptionError(ExportError):
     """An option names something the version does not have (class, teacher) or is malformed."""
 
-    exit_code = 2
+    exit_code = EXIT_CONFIG
 
 
 class NothingToExport(ExportError):
     """The version is empty, or every sample of it failed."""
 
-    exit_code = 6
+    exit_code = EXIT_FAILED_SHARDS
 
 
 class DestinationError(ExportError):
     """DEST exists (and ``--overwrite`` was not given), or cannot be written as asked."""
 
-    exit_code = 5
+    exit_code = EXIT_OUTPUT
 
 
 class DuplicateImageName(ExportError):
     """Two samples map to the same image name in the export folder."""
 
-    exit_code = 5
+    exit_code = EXIT_OUTPUT
 
 
 # ------------------------------------------------------------------ registry
