@@ -57,7 +57,7 @@ def segmentation_agreement(model, ds, teacher: str | None = None, threshold: flo
     import pyarrow.compute as pc
 
     from labelmill.training.data import summarise_labels
-    from labelmill.training.maskclip_plus import class_mapping, predict_labels
+    from labelmill.training.maskclip_plus import class_mapping
 
     summary = summarise_labels(ds, "mask", teacher, threshold)
     vocabulary = list(model.spec.vocabulary)
@@ -67,17 +67,26 @@ def segmentation_agreement(model, ds, teacher: str | None = None, threshold: flo
     by_key: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         by_key.setdefault((r["shard"], r["key"]), []).append(r)
-    conf = np.zeros((len(vocabulary), len(vocabulary)), np.int64)
+    pairs = ((image, class_map(by_key[(shard, key)], *image.shape[:2], threshold=threshold, classes=mapping))
+             for shard, key, image in iter_images(ds, set(by_key)))
+    return _score(model, pairs, max_images, device, f"teacher {summary.teacher} of version {ds.version}")
+
+
+def _score(model, pairs, max_images: int | None, device, reference: str) -> dict[str, Any]:
+    """mIoU and pixel accuracy of the model's predictions over (image, target class map) pairs."""
+    from labelmill.training.maskclip_plus import predict_labels
+
+    k = len(model.spec.vocabulary)
+    conf = np.zeros((k, k), np.int64)
     n = 0
-    for shard, key, image in iter_images(ds, set(by_key)):
-        target = class_map(by_key[(shard, key)], *image.shape[:2], threshold=threshold, classes=mapping)
+    for image, target in pairs:
         pred, _ = predict_labels(model, image, device)
-        conf += confusion(pred, target, len(vocabulary))
+        conf += confusion(pred, target, k)
         n += 1
         if max_images and n >= max_images:
             break
     out = miou(conf)
-    out.update({"images": n, "reference": f"teacher {summary.teacher} of version {ds.version}"})
+    out.update({"images": n, "reference": reference})
     return out
 
 
@@ -85,30 +94,23 @@ def segmentation_gt(model, ds, gt_path: str, max_images: int | None = None, devi
     """mIoU against COCO-format ground-truth masks (categories matched by name)."""
     from pycocotools.coco import COCO
 
-    from labelmill.training.maskclip_plus import predict_labels
-
     coco = COCO(gt_path)
     vocabulary = list(model.spec.vocabulary)
     index = {n: i for i, n in enumerate(vocabulary)}
     by_name = {img["file_name"]: img["id"] for img in coco.dataset["images"]}
-    conf = np.zeros((len(vocabulary), len(vocabulary)), np.int64)
-    n = 0
-    for _, key, image in iter_images(ds):
-        if key not in by_name:
-            continue
-        target = np.full(image.shape[:2], IGNORE, np.int64)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[by_name[key]])):
-            cid = index.get(coco.cats[ann["category_id"]]["name"])
-            if cid is not None:
-                target[coco.annToMask(ann).astype(bool)] = cid
-        pred, _ = predict_labels(model, image, device)
-        conf += confusion(pred, target, len(vocabulary))
-        n += 1
-        if max_images and n >= max_images:
-            break
-    out = miou(conf)
-    out.update({"images": n, "reference": gt_path})
-    return out
+
+    def pairs():
+        for _, key, image in iter_images(ds):
+            if key not in by_name:
+                continue
+            target = np.full(image.shape[:2], IGNORE, np.int64)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=[by_name[key]])):
+                cid = index.get(coco.cats[ann["category_id"]]["name"])
+                if cid is not None:
+                    target[coco.annToMask(ann).astype(bool)] = cid
+            yield image, target
+
+    return _score(model, pairs(), max_images, device, gt_path)
 
 
 def coco_ap(gt: dict, detections: list[dict]) -> dict[str, float]:
