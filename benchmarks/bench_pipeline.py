@@ -110,13 +110,21 @@ def teacher_section(arch: str, size: int) -> dict:
 
 
 class MemorySampler:
-    """Peak summed PSS of this process and all its descendants."""
+    """Peak summed PSS of this process and all its descendants, and the CPU seconds each one used.
 
-    def __init__(self, interval: float = 0.5):
+    Reading PSS (``/proc/<pid>/smaps_rollup``) of a dozen Ray processes every
+    half second costs about a fifth of a core here, so a throughput run uses
+    ``pss=False``: resident set sizes (summed, so shared pages count twice),
+    and the CPU times, read every ``interval`` seconds from ``/proc/<pid>/stat``.
+    """
+
+    def __init__(self, interval: float = 0.5, pss: bool = True):
         self.interval = interval
+        self.pss = pss
         self.peak = 0
         self.peak_driver_rss = 0
         self.breakdown: dict[str, float] = {}
+        self.cpu_s: dict[int, tuple[str, float, float]] = {}  # pid -> (name, first reading, last)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -126,16 +134,27 @@ class MemorySampler:
             total, parts = 0, {}
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    pss = p.memory_full_info().pss
+                    size = p.memory_full_info().pss if self.pss else p.memory_info().rss
                     name = " ".join(p.cmdline()[:2])[-60:] if p.pid != me.pid else "driver"
+                    cpu = p.cpu_times()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                total += pss
-                parts[name] = parts.get(name, 0) + pss / 2**20
+                total += size
+                parts[name] = parts.get(name, 0) + size / 2**20
+                now = cpu.user + cpu.system
+                self.cpu_s[p.pid] = (name, self.cpu_s.get(p.pid, (name, now, now))[1], now)
             if total > self.peak:
                 self.peak, self.breakdown = total, parts
             self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
             self._stop.wait(self.interval)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per process name while sampling (the driver's from the first reading on; a
+        process started later counts from its own first reading, so a short-lived one is undercounted)."""
+        out: dict[str, float] = {}
+        for name, first, last in self.cpu_s.values():
+            out[name] = out.get(name, 0.0) + (last - first if name == "driver" else last)
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
     def __enter__(self):
         self._thread.start()
@@ -193,7 +212,9 @@ def vild_section(arch: str, regions: int) -> dict:
 
 
 def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, threads: int,
-             commit_every: int, budget_mb: int | None = None, regions: int = 0) -> dict:
+             commit_every: int, budget_mb: int | None = None, regions: int = 0, decode: str = "tasks",
+             pss: bool = False) -> dict:
+    """One ``labelmill run``; ``pss`` samples PSS every 0.5 s (memory runs), else RSS and CPU every 2 s."""
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
     from labelmill.engine.progress import Progress
@@ -203,7 +224,8 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
             "input": {"shards": str(shards_dir)},
             "output": {"path": str(out), "commit_every_shards": commit_every},
             "teachers": [teacher_section(arch, size)] + ([vild_section(arch, regions)] if regions else []),
-            "ray": {"batch_size": batch, "torch_threads": threads, "object_store_budget_mb": budget_mb},
+            "ray": {"batch_size": batch, "torch_threads": threads, "object_store_budget_mb": budget_mb,
+                    "decode": decode},
             "allow_random_init": True,
             "progress_interval_s": 5,
         }
@@ -217,7 +239,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
 
     Progress.update = spy
     try:
-        with MemorySampler() as mem:
+        with MemorySampler(0.5 if pss else 2.0, pss=pss) as mem:
             start = time.monotonic()
             summary = run(cfg, stream=open(os.devnull, "w"))
             wall = time.monotonic() - start
@@ -239,7 +261,8 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
         "driver_bytes_per_image": summary.bytes_received / max(summary.counters.samples, 1),
         "stored_bytes_per_image": stored_bytes(out) / max(summary.counters.samples, 1),
         "regions_per_image": regions,
-        "peak_pss_mb": mem.peak / 2**20,
+        "peak_pss_mb" if pss else "peak_summed_rss_mb": mem.peak / 2**20,
+        "cpu_s_by_process": mem.cpu_by_process(),
         "peak_driver_rss_mb": mem.peak_driver_rss / 2**20,
         "peak_breakdown_mb": {k: round(v) for k, v in sorted(mem.breakdown.items(), key=lambda kv: -kv[1])},
         "plan": summary.plan,
@@ -323,6 +346,7 @@ def main() -> None:
     ap.add_argument("--regions", type=int, default=0,
                     help="add a ViLD dense teacher with this many proposals per image (driver bytes/img)")
     ap.add_argument("--pipeline-only", action="store_true", help="skip the bare-forward and teacher runs")
+    ap.add_argument("--decode", choices=["tasks", "actor"], default="tasks", help="ray.decode of the pipeline run")
     ap.add_argument("--templates", default="maskclip85",
                     help="MaskCLIP prompt templates (short/single start faster; no effect on bytes)")
     ap.add_argument("--in-process-bytes", action="store_true",
@@ -339,7 +363,7 @@ def main() -> None:
                 folder = work / f"shards-{n}"
                 build_shards(folder, n * args.per_shard, n)
                 res = pipeline(folder, work / f"out-{n}", args.arch, args.size, args.batch, args.threads,
-                               args.commit_every, args.budget_mb)
+                               args.commit_every, args.budget_mb, pss=True)
                 result[f"{n}_shards"] = res
                 print(json.dumps({n: res}), file=sys.stderr, flush=True)
             a, b = result["4_shards"]["peak_pss_mb"], result["40_shards"]["peak_pss_mb"]
@@ -357,7 +381,7 @@ def main() -> None:
                 result.update(bare_and_teacher(paths, args.arch, args.size, args.batch, args.threads))
                 print(json.dumps(result), file=sys.stderr, flush=True)
             result.update(pipeline(folder, work / "out", args.arch, args.size, args.batch, args.threads,
-                                   args.commit_every, args.budget_mb, args.regions))
+                                   args.commit_every, args.budget_mb, args.regions, args.decode))
             if not args.pipeline_only:
                 result["pipeline_vs_bare"] = result["pipeline_steady_img_s"] / result["bare_forward_img_s"]
     finally:

@@ -56,6 +56,7 @@ from labelmill.models.openclip import (
 )
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
 from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig
+from labelmill.teachers.labelmap import pruned_argmax, pruned_labels, resample
 from labelmill.teachers.rle import class_rles, run_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
 
@@ -199,51 +200,11 @@ class ScoreMap:
     weights_id: str | None = None
 
 
-def bilinear_weights(out_len: int, grid_len: int, extent: float, device) -> torch.Tensor:
-    """(out_len, grid_len) matrix resampling a grid axis bilinearly (edges clamped)."""
-    pos = (torch.arange(out_len, device=device, dtype=torch.float32) + 0.5) * (extent / out_len) - 0.5
-    pos = pos.clamp(0, grid_len - 1)
-    lo = pos.floor().long()
-    hi = (lo + 1).clamp(max=grid_len - 1)
-    frac = pos - lo
-    mat = torch.zeros(out_len, grid_len, device=device)
-    rows = torch.arange(out_len, device=device)
-    mat.index_put_((rows, lo), 1 - frac, accumulate=True)
-    mat.index_put_((rows, hi), frac, accumulate=True)
-    return mat
-
-
-def resample(probs: torch.Tensor, extent: tuple[float, float], size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resampling of (C, Gh, Gw) grid values covering ``extent`` cells to (C, *size)."""
-    ay = bilinear_weights(size[0], probs.shape[1], extent[0], probs.device)
-    ax = bilinear_weights(size[1], probs.shape[2], extent[1], probs.device)
-    return torch.einsum("yh,chw,xw->cyx", ay, probs.float(), ax)
-
-
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """mmseg's ``resize``: bilinear, ``align_corners=False``, of (C, h, w) to (C, *size)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-def possible_winners(logits: torch.Tensor) -> torch.Tensor:
-    """Classes of a (C, h, w) score map that can be the argmax somewhere after :func:`upsample` twice.
-
-    Both resamplings are bilinear with non-negative weights summing to one,
-    so every output pixel is a convex combination of the values in some
-    3x3 block of the map (two adjacent samples of the intermediate image,
-    each of two adjacent cells).  In a block, the winner's value is at least
-    L = max over classes of the class's block minimum, so a class whose
-    block maximum is below L in every block can never win: only the others
-    are upsampled, and the argmax is the same as over all classes.  A small
-    margin keeps ties and rounding on the safe side.
-    """
-    x = logits.float()[None]
-    upper = F.max_pool2d(x, 3, stride=1, padding=1)[0]
-    lower = (-F.max_pool2d(-x, 3, stride=1, padding=1)[0]).amax(dim=0)
-    margin = 1e-5 * (lower.abs() + 1)
-    return (upper >= (lower - margin)[None]).flatten(1).any(dim=1).nonzero().flatten()
 
 
 def slide_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -412,8 +373,10 @@ class MaskCLIPTeacher(CLIPTeacher):
         return maps
 
     def seg_logits(self, sm: ScoreMap, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """The head's output upsampled as the reference does: to the resized image, then to ``size``."""
-        return upsample(upsample(sm.logits, sm.work_hw), size or sm.orig_hw)
+        """The head's output upsampled as the reference does: to the resized image, then to ``size``
+        (both bilinear resizes folded into one, :func:`labelmap.resample`; equal to two
+        ``F.interpolate`` calls up to float rounding, and to the label maps' values exactly)."""
+        return resample(sm.logits, sm.work_hw, size or sm.orig_hw)
 
     def class_scores(self, batch: ImageBatch, size: Literal["grid", "original"] | tuple[int, int] = "original"):
         """Per-pixel class probabilities before any threshold (see :meth:`confidence`).
@@ -442,32 +405,16 @@ class MaskCLIPTeacher(CLIPTeacher):
             outputs.append(out)
         return outputs
 
-    def _sum_channels(self, logits: torch.Tensor) -> torch.Tensor:
-        """Channels whose upsampled clamp(x, 0), summed, is the key-smoothing normaliser (exact).
-
-        A class that is >= 0 on the whole grid stays >= 0 after bilinear
-        resampling, and resampling is linear, so all such classes are summed
-        into one channel first; a class <= 0 everywhere adds nothing; the
-        few that change sign are resampled one by one.
-        """
-        flat = logits.flatten(1)
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        positive, mixed = lo >= 0, (lo < 0) & (hi > 0)
-        parts = [logits[mixed]]
-        if positive.any():
-            parts.append(logits[positive].sum(dim=0, keepdim=True))
-        return torch.cat(parts)
-
     def _scan(self, sm: ScoreMap, channels: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
               normalise: bool):
-        """Upsample ``channels`` in chunks: running argmax over the first ``len(classes)`` (labelled
+        """Resample ``channels`` in chunks: running argmax over the first ``len(classes)`` (labelled
         ``classes``) and, if ``normalise``, the running normaliser over all of them."""
         key = self.config.key_smoothing.enabled
         n_arg = 0 if classes is None else len(classes)
         step = max(1, self.CHUNK_ELEMENTS // max(1, size[0] * size[1]))
         best = arg = norm = None
         for start in range(0, len(channels), step):
-            chunk = upsample(upsample(channels[start : start + step], sm.work_hw), size)
+            chunk = resample(channels[start : start + step], sm.work_hw, size)
             if normalise:
                 # key smoothing: confidence = clamp(x, 0) / sum clamp(x, 0); else softmax(scale x)
                 part = chunk.clamp_min(0).sum(dim=0) if key else torch.logsumexp(chunk * self.logit_scale, dim=0)
@@ -512,16 +459,11 @@ class MaskCLIPTeacher(CLIPTeacher):
             # on an accelerator every class is cheap, and pruning would cost a host sync per image
             every = torch.arange(c, device=sm.logits.device)
             best, arg, norm = self._scan(sm, sm.logits, every, size, normalise=True)
-        elif cfg.key_smoothing.enabled:  # exact: the argmax over the possible winners, the sum apart
-            cand = possible_winners(sm.logits)
-            best, arg, _ = self._scan(sm, sm.logits[cand], cand, size, normalise=False)
-            _, _, norm = self._scan(sm, self._sum_channels(sm.logits), None, size, normalise=True)
-        else:  # exact softmax: every class feeds the log-sum-exp; the possible winners come first
-            cand = possible_winners(sm.logits)
-            rest = torch.ones(len(sm.logits), dtype=torch.bool, device=sm.logits.device)
-            rest[cand] = False
-            best, arg, norm = self._scan(sm, torch.cat([sm.logits[cand], sm.logits[rest]]), cand, size,
-                                         normalise=True)
+        elif cfg.key_smoothing.enabled:  # exact: only classes that may win, or change sign, per tile
+            best, arg, norm = pruned_labels(sm.logits, sm.work_hw, size, clamp_sum=True)
+        else:  # exact softmax: the argmax as above; every class feeds the log-sum-exp
+            best, arg = pruned_argmax(sm.logits, sm.work_hw, size)
+            _, _, norm = self._scan(sm, sm.logits, None, size, normalise=True)
         if cfg.key_smoothing.enabled:
             conf = best.clamp_min(0) / norm.clamp_min(1e-12)
         else:

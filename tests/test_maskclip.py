@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from helpers import TINY_CLIP, photo
 from labelmill.models.openclip import DenseCLIP, encode_text_trimmed, load_clip
 from labelmill.teachers.base import ImageBatch, WeightsError
-from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher, resample, slide_starts
+from labelmill.teachers.maskclip import MaskCLIPConfig, MaskCLIPTeacher, slide_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary
 
 VOCAB = ["cat", "dog", "grass", "sky", "road"]
@@ -109,13 +109,6 @@ def test_templates_and_vocabularies(tmp_path):
     assert v.names == ("person", "car") and v.synonyms[0] == ("person", "human")
     with pytest.raises(ValueError, match="repeats"):
         load_vocabulary(["a", "a"])
-
-
-def test_resample_matches_bilinear_interpolation():
-    probs = torch.rand(3, 4, 5)
-    ours = resample(probs, (4.0, 5.0), (37, 29))
-    ref = F.interpolate(probs[None], size=(37, 29), mode="bilinear", align_corners=False)[0]
-    assert torch.allclose(ours, ref, atol=1e-5)
 
 
 def test_class_scores_are_distributions_at_original_size():
@@ -275,8 +268,9 @@ def test_device_post_processing_equals_the_numpy_path(kw, label_hw, monkeypatch)
     ((48, 64), (48, 64), (96, 128)),     # slide mode: logits already on the working image's pixels
 ])
 def test_pruned_argmax_equals_every_class_resampled(key_smoothing, grid, work, orig):
-    """Only classes that can win some pixel are upsampled; labels and confidences stay exact."""
-    from labelmill.teachers.maskclip import ScoreMap, possible_winners, upsample
+    """Only classes that can win in a band are resampled; labels and confidences stay exact."""
+    from labelmill.teachers.labelmap import pruned_argmax, resample
+    from labelmill.teachers.maskclip import ScoreMap, upsample
 
     vocab = [f"c{i}" for i in range(40)]
     cfg = MaskCLIPConfig(type="maskclip", pretrained=None, arch_config=TINY_CLIP, vocabulary=vocab,
@@ -289,13 +283,34 @@ def test_pruned_argmax_equals_every_class_resampled(key_smoothing, grid, work, o
     logits = torch.softmax(4 * F.interpolate(coarse[None], size=grid, mode="bilinear")[0], dim=0)
     logits[:5] -= 0.02
     sm = ScoreMap(logits=logits, work_hw=work, orig_hw=orig)
-    assert 0 < len(possible_winners(logits)) < 40  # the bound prunes something here
-    arg, conf = t.label_map(sm)
-    full = upsample(upsample(logits, work), orig)
+    full = resample(logits, work, orig)
+    # the folded resize is mmseg's two bilinear resizes, up to float rounding
+    assert (full - upsample(upsample(logits, work), orig)).abs().max() < 1e-5
     best, want = full.max(dim=0)
+    pruned_best, pruned_arg = pruned_argmax(logits, work, orig)
+    assert torch.equal(pruned_arg, want) and torch.equal(pruned_best, best)  # bit for bit
+    arg, conf = t.label_map(sm)
     assert torch.equal(arg, want)
     if key_smoothing:
         expect = best.clamp_min(0) / full.clamp_min(0).sum(dim=0).clamp_min(1e-12)
     else:
         expect = torch.softmax(full * t.logit_scale, dim=0).max(dim=0).values
     assert torch.allclose(conf, expect, atol=1e-5)
+
+
+def test_pruned_argmax_computes_few_classes_per_band(monkeypatch):
+    """The pruning does its job: on a peaked map most bands resample one or two classes, not all."""
+    from labelmill.teachers import labelmap
+
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randn(60, 3, 4, generator=g) * 3
+    logits = torch.softmax(4 * F.interpolate(coarse[None], size=(7, 10), mode="bilinear")[0], dim=0)
+    counts = []
+    real = labelmap.resample_rows
+    monkeypatch.setattr(labelmap, "resample_rows", lambda cols, *a: counts.append(len(cols)) or real(cols, *a))
+    best, arg = labelmap.pruned_argmax(logits, (224, 320), (480, 686))
+    monkeypatch.undo()
+    assert torch.equal(arg, labelmap.resample(logits, (224, 320), (480, 686)).max(dim=0).indices)
+    corners, bands = counts[0], counts[1:]  # every class at the tiles' corners, then one pass per band
+    assert corners == 60 and len(bands) == len(labelmap._segments(7, 224, 480, labelmap.TILE_ROWS))
+    assert sum(bands) / len(bands) < 4 and max(bands) < 20  # classes computed per pixel, of 60
