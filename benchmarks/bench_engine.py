@@ -58,23 +58,30 @@ def run_config(shards: list[str], out: str, batch: int) -> dict:
 
 
 def decode_only(cfg) -> tuple[int, float]:
-    """Rows and seconds of the same read + decode, pixels dropped at the driver."""
+    """Rows and seconds of the same read + decode (the engine's operators and plan), the pixels dropped
+    on the workers."""
     import ray
 
-    from labelmill.engine.runtime import configure_ray_data, default_budget_mb, plan_resources
-    from labelmill.pipelines.label import build_stages, dataset
+    from labelmill.engine import Engine, Pipeline
+    from labelmill.engine.runtime import configure_ray_data, default_budget_mb
     from labelmill.io.shards import list_shards
+    from labelmill.pipelines.label import build_pipeline
 
-    res = ray.cluster_resources()
-    plan = plan_resources(cfg.ray, res.get("CPU", 0.0), res.get("GPU", 0.0))
-    read, stages = build_stages(cfg, plan)
-    configure_ray_data(plan, default_budget_mb(plan, cfg.ray.batch_size, stages[0].request.max_long_side))
+    full = build_pipeline(cfg)
+    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size)
+    plan = engine._place(full, ray.cluster_resources(), False)  # the label run's plan: same read tasks, CPUs
+    rows = max((s.bytes_per_row() or 0) for s in full.stages) or 1 << 20
+    configure_ray_data(plan, cfg.ray.object_store_budget_mb or default_budget_mb(plan, cfg.ray.batch_size, rows))
+    pipe = Pipeline("decode-only", [full.source, full.find(name="decode")])
     urls = list_shards(cfg.input.shards, cfg.input.storage_options)
     t0 = time.perf_counter()
-    rows = 0
-    for b in dataset(read, stages[:1], urls, cfg, plan).iter_batches(batch_format="pyarrow", batch_size=None):
-        rows += sum(1 for k in b.column("kind").to_pylist() if k == "sample")
-    return rows, time.perf_counter() - t0
+    n = 0
+    ds = engine._dataset(pipe, urls, plan)
+    # drop the pixels on the workers, as the engine keeps them there: only a key column reaches the driver
+    ds = ds.map_batches(lambda t: t.select([0]), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        n += b.num_rows
+    return n, time.perf_counter() - t0
 
 
 def engine(cfg) -> tuple[int, float]:
@@ -87,28 +94,30 @@ def engine(cfg) -> tuple[int, float]:
 
 def in_process(cfg, shards: list[str], work: Path) -> dict:
     """Both jobs in this one process, no Ray: the same stage objects, block by block."""
-    import uuid
-
-    from labelmill import __version__
+    from labelmill.engine import CommitLoop
     from labelmill.engine.runtime import plan_resources
-    from labelmill.pipelines.label import build_stages
-    from labelmill.stages.write import CommitWriter
+    from labelmill.pipelines.label import build_pipeline
+    from labelmill.stages.base import Resources
     from labelmill.store.commit import OutputStore
 
     plan = plan_resources(cfg.ray, float(os.cpu_count() or 1), 0.0)
-    read, (decode, label, filt) = build_stages(cfg, plan)
-    label.setup()
+    pipe = build_pipeline(cfg)
+    read, decode, label, filt, write = (pipe.find(name=n) for n in ("read", "decode", "label", "filter", "write"))
+    label.place(Resources(cpus=plan.cpus_per_actor, gpus=0.0), plan.torch_threads)
+    for stage in (decode, label, filt, write):
+        stage.setup()
+    label.process_batch(decode.process_batch(next(read.read_blocks(shards[0]))))  # warm-up, not timed
     t0 = time.perf_counter()
     n_dec = 0
     for url in shards:
         for block in read.read_blocks(url):
-            out = decode.process_batch(block)
-            n_dec += sum(1 for k in out.column("kind").to_pylist() if k == "sample")
+            n_dec += decode.process_batch(block).num_rows
     t_dec = time.perf_counter() - t0
     t0 = time.perf_counter()
     store = OutputStore(cfg.output.path, {}, cfg.output.compression)
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
-    writer = CommitWriter(store, cfg.output.commit_every_shards, cfg.label_hash(), uuid.uuid4().hex, __version__)
+    loop = CommitLoop(store, cfg.output.commit_every_shards)
+    read.reporter = loop.shard_read
     parts = dict.fromkeys(("read", "decode", "label", "filter", "write"), 0.0)
 
     def timed(name, fn, *a):
@@ -122,10 +131,10 @@ def in_process(cfg, shards: list[str], work: Path) -> dict:
         while (block := timed("read", next, blocks, None)) is not None:
             b = timed("decode", decode.process_batch, block)
             b = timed("label", label.process_batch, b)
-            timed("write", writer.add, timed("filter", filt.process_batch, b))
-    timed("write", writer.finish)
+            timed("write", loop.add, timed("write", write.process_batch, timed("filter", filt.process_batch, b)))
+    counters = timed("write", loop.finish)
     t_eng = time.perf_counter() - t0
-    n_eng = writer.committed.samples
+    n_eng = counters.samples
     assert n_dec == n_eng, (n_dec, n_eng)
     return {"decode_only_img_s": n_dec / t_dec, "engine_img_s": n_eng / t_eng,
             "ratio": (n_eng / t_eng) / (n_dec / t_dec),

@@ -117,6 +117,16 @@ def teacher_sections(scale: str) -> dict[str, dict]:
     }
 
 
+class _Unwrap:
+    """A handle that removes an instance-level wrapper (as a hook handle's ``remove``)."""
+
+    def __init__(self, module, name: str):
+        self.module, self.name = module, name
+
+    def remove(self) -> None:
+        self.module.__dict__.pop(self.name, None)
+
+
 class ForwardClock:
     """CPU time of this thread spent inside the networks' forward calls (nesting counted once)."""
 
@@ -133,6 +143,21 @@ class ForwardClock:
                     seen.add(id(sub))
                     self._handles.append(sub.register_forward_pre_hook(self._enter))
                     self._handles.append(sub.register_forward_hook(self._leave))
+            if hasattr(m, "forward_list"):  # DenseCLIP runs its blocks itself, outside Module.__call__
+                self._wrap(m, "forward_list")
+
+    def _wrap(self, module, name: str) -> None:
+        inner = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            self._enter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self._leave()
+
+        setattr(module, name, timed)
+        self._handles.append(_Unwrap(module, name))
 
     def _enter(self, *args):
         if self._depth == 0:

@@ -289,11 +289,19 @@ def pruned_labels(grid: torch.Tensor, mid_hw: tuple[int, int], size: tuple[int, 
     xs = [tx.index(t) for t in range(tx.weight.shape[1])]
     padded = torch.cat([grid, grid.new_full((1, gh, gw), PAD_VALUE)])
     winners, k_win = _stack_chosen(tile_candidates(corners), C)
+    heights = [y1 - y0 for y0, y1, _, _ in rows]
     if clamp_sum:
         low, high = corners.amin(dim=-1), corners.amax(dim=-1)  # (C, bands, blocks)
         positive = (low >= 0).to(grid.dtype)
         signed, k_sign = _stack_chosen((low < 0) & (high > 0), C)
         norm = torch.empty(size, dtype=torch.float32, device=dev)
+    work = sum(k * h for k, h in zip(k_win, heights))
+    if clamp_sum:
+        work += sum((k + 1) * h for k, h in zip(k_sign, heights))
+    if work > PRUNE_LIMIT * C * size[0] * (2 if clamp_sum else 1):
+        # flat maps (random weights, a tiny model): nearly every class may win everywhere, and the
+        # per-tile gathers would cost more than resampling every class
+        return full_labels(grid, mid_hw, size, clamp_sum)
     best = torch.empty(size, dtype=torch.float32, device=dev)
     arg = torch.empty(size, dtype=torch.long, device=dev)
     for b, (y0, y1, a, z) in enumerate(rows):
@@ -312,6 +320,30 @@ def pruned_labels(grid: torch.Tensor, mid_hw: tuple[int, int], size: tuple[int, 
             part = resample_rows(_columns(source, channels, 0, z - a, tx, xs), ty, y0, y1, a)
             norm[y0:y1] = part.clamp_min(0).sum(dim=0)
     return best, arg, (norm if clamp_sum else None)
+
+
+#: prune only while the classes computed per pixel stay below this share of all classes
+PRUNE_LIMIT = 0.4
+#: floats per chunk of classes resampled at once by :func:`full_labels`
+CHUNK_ELEMENTS = 1 << 24
+
+
+def full_labels(grid: torch.Tensor, mid_hw: tuple[int, int], size: tuple[int, int], clamp_sum: bool = False):
+    """What :func:`pruned_labels` returns, computed by resampling every class (in chunks of classes)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, size[0] * size[1]))
+    best = arg = norm = None
+    for start in range(0, len(grid), step):
+        chunk = resample(grid[start : start + step], mid_hw, size)
+        if clamp_sum:
+            part = chunk.clamp_min(0).sum(dim=0)
+            norm = part if norm is None else norm + part
+        val, idx = chunk.max(dim=0)
+        if best is None:
+            best, arg = val, idx
+        else:
+            better = val > best  # ties keep the earlier (lower) class, as max over all classes does
+            best, arg = torch.where(better, val, best), torch.where(better, idx + start, arg)
+    return best, arg, norm
 
 
 def pruned_argmax(grid: torch.Tensor, mid_hw: tuple[int, int], size: tuple[int, int]):

@@ -314,3 +314,22 @@ def test_pruned_argmax_computes_few_classes_per_band(monkeypatch):
     corners, bands = counts[0], counts[1:]  # every class at the tiles' corners, then one pass per band
     assert corners == 60 and len(bands) == len(labelmap._segments(7, 224, 480, labelmap.TILE_ROWS))
     assert sum(bands) / len(bands) < 4 and max(bands) < 20  # classes computed per pixel, of 60
+
+
+def test_flat_maps_fall_back_to_every_class_with_the_same_result(monkeypatch):
+    """Noisy maps (a random tiny model) leave most classes possible in most tiles: then every class
+    is resampled instead, with the same argmax, values and normaliser."""
+    from labelmill.teachers import labelmap
+
+    g = torch.Generator().manual_seed(5)
+    logits = 1 / 6 + 0.05 * torch.randn(6, 12, 15, generator=g)  # noise: every tile is contested
+    logits[:2] -= 0.2  # some classes change sign
+    calls = []
+    real = labelmap.full_labels
+    monkeypatch.setattr(labelmap, "full_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    best, arg, norm = labelmap.pruned_labels(logits, (192, 240), (300, 400), clamp_sum=True)
+    assert calls == [1]
+    full = labelmap.resample(logits, (192, 240), (300, 400))
+    want_best, want_arg = full.max(dim=0)
+    assert torch.equal(arg, want_arg) and torch.equal(best, want_best)
+    assert torch.allclose(norm, full.clamp_min(0).sum(dim=0), rtol=1e-5)

@@ -89,12 +89,12 @@ def test_glip_student_recalls_teacher_boxes_and_loads_as_glip_teacher(glip_label
     cfg = {
         "data": {"output": str(glip_labelled / "out"), "image_size": 96, "augment": False, "repeat": 10},
         "model": {"preset": "tiny", "tokenizer": "builtin-test"},
-        "optim": {"optimizer": "adamw", "lr": 2e-3, "max_steps": 150, "batch_size": 5, "schedule": "constant",
+        "optim": {"optimizer": "adamw", "lr": 2e-3, "max_steps": 120, "batch_size": 5, "schedule": "constant",
                   "weight_decay": 0.0},
-        "checkpoint": {"path": str(glip_labelled / "runs"), "name": "glip", "every_steps": 150},
+        "checkpoint": {"path": str(glip_labelled / "runs"), "name": "glip", "every_steps": 120},
     }
     result = train(load_train_config("glip", cfg))
-    assert result["step"] == 150
+    assert result["step"] == 120  # recall was 1.0 at 120 and at 150 steps (2026-12-01)
     student = build_teacher(validate_teacher_config(teacher_section(result["checkpoint"], min_size=64, max_size=128,
                                                                     score_floor=0.0, pre_nms_thresh=0.0)),
                             torch.device("cpu"))

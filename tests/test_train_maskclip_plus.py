@@ -132,12 +132,24 @@ def test_a_trainer_that_leaves_the_data_side_no_cpu_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def trained(labelled):
+    """One 120-step training run (Ray Train's start-up costs about a minute here, so two tests share
+    it), and a copy of its final checkpoint that later resumes of the run cannot remove."""
+    import shutil
+
+    result = train(load_train_config("maskclip-plus", train_cfg(labelled, "r1", 120)))
+    kept = labelled / "kept-checkpoint"
+    shutil.copytree(result["checkpoint"], kept)
+    return {**result, "kept": str(kept)}
+
+
 @pytest.mark.slow
-def test_student_learns_its_teacher_then_resumes_and_round_trips(labelled):
+def test_student_learns_its_teacher_then_resumes_and_round_trips(labelled, trained):
     from labelmill.models.deeplab import load_student, save_student
     from labelmill.training.evaluate import segmentation_agreement
 
-    result = train(load_train_config("maskclip-plus", train_cfg(labelled, "r1", 120)))
+    result = trained
     assert result["step"] == 120 and result["dataset"]["version"] == labelmill.data.open(str(labelled / "out")).version
     metrics = read_metrics(str(labelled / "runs"), "r1")
     assert metrics["step"].tolist() == list(range(1, 121))
@@ -190,9 +202,8 @@ def test_bad_inputs_exit_with_clear_errors(labelled, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_trained_student_relabels_and_a_second_round_trains_on_it(labelled, tmp_path, capsys):
-    first = train(load_train_config("maskclip-plus", train_cfg(labelled, "round1", 4)))
-    ckpt = first["checkpoint"]
+def test_trained_student_relabels_and_a_second_round_trains_on_it(labelled, trained, tmp_path, capsys):
+    ckpt = trained["kept"]  # the student that learned its teacher (test above)
     # a vocabulary that differs from the checkpoint's is refused before any work
     bad = run_config(str(labelled / "shards"), str(tmp_path / "bad"),
                      teachers=[{"type": "student", "checkpoint": ckpt, "vocabulary": ["cat", "dog"]}])
