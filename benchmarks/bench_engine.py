@@ -69,14 +69,14 @@ def decode_only(cfg) -> tuple[int, float]:
 
     full = build_pipeline(cfg)
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size)
-    plan = engine._place(full, ray.cluster_resources(), False)  # the label run's plan: same read tasks, CPUs
+    plan = engine.place(full, ray.cluster_resources(), False)  # the label run's plan: same read tasks, CPUs
     rows = max((s.bytes_per_row() or 0) for s in full.stages) or 1 << 20
     configure_ray_data(plan, cfg.ray.object_store_budget_mb or default_budget_mb(plan, cfg.ray.batch_size, rows))
     pipe = Pipeline("decode-only", [full.source, full.find(name="decode")])
     urls = list_shards(cfg.input.shards, cfg.input.storage_options)
     t0 = time.perf_counter()
     n = 0
-    ds = engine._dataset(pipe, urls, plan)
+    ds = engine.dataset(pipe, urls, plan)
     # drop the pixels on the workers, as the engine keeps them there: only a key column reaches the driver
     ds = ds.map_batches(lambda t: t.select([0]), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):

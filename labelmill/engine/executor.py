@@ -397,7 +397,8 @@ class Engine:
         return f"{self.plan.describe()}; object store budget {self.budget_mb} MB"
 
     # ------------------------------------------------------------------ plan
-    def _place(self, pipeline: Pipeline, res: dict[str, float], remote: bool) -> ResourcePlan:
+    def place(self, pipeline: Pipeline, res: dict[str, float], remote: bool) -> ResourcePlan:
+        """The resource plan for ``pipeline`` on a cluster with ``res``; places every operator's head stage."""
         model = next((s for s in pipeline.stages if s.stateful), None)
         wants_gpu = bool(model is not None and getattr(model, "wants_gpu", False))
         max_gpus = cluster_max_gpus() if remote and res.get("GPU", 0.0) < 1 else None
@@ -411,7 +412,9 @@ class Engine:
                 head.place(Resources(cpus=plan.read_cpus))
         return plan
 
-    def _dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan, meter=None):
+    def dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan, meter=None):
+        """The Ray dataset that streams ``inputs`` through ``pipeline``'s operators (what ``run`` iterates;
+        benchmarks iterate it directly)."""
         import ray.data
         from ray.data import ActorPoolStrategy
 
@@ -462,7 +465,7 @@ class Engine:
 
         ledger = meter = ticker = None
         try:
-            self.plan = plan = self._place(pipeline, ray.cluster_resources(), remote)
+            self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote)
             rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
             self.budget_mb = self.cfg.object_store_budget_mb or default_budget_mb(plan, self.batch_size, rows)
             configure_ray_data(plan, self.budget_mb)
@@ -491,7 +494,7 @@ class Engine:
             watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), plan.autoscaling, self.stream)
             try:
                 with watch.watching():
-                    for batch in self._dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(
+                    for batch in self.dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(
                         batch_format="pyarrow", batch_size=None, prefetch_batches=1
                     ):
                         loop.add(batch)
