@@ -61,6 +61,9 @@ class Stage(ABC):
     replaces_columns: ClassVar[bool] = False
     stateful: ClassVar[bool] = False
     batch_format: ClassVar[str] = "pyarrow"
+    #: engine batches per call of a stateful stage (one that overlaps its own batches inside a call
+    #: asks for several: batches are not overlapped across calls)
+    batches_per_call: int = 1
 
     def resources(self) -> Resources:
         return Resources(cpus=getattr(self, "cpus", 1.0), gpus=getattr(self, "gpus", 0.0))

@@ -21,7 +21,10 @@ their own streams (:mod:`labelmill.models.transfer`).  The same code runs on
 CPU, where the helper threads overlap decoding and encoding with the forward.
 Only the last teacher of the run finishes on the helper thread: the outputs
 of earlier ones may be read by the next teacher (``upstream``), so they
-finish at once.
+finish at once.  A call returns only when its batches are finished, so the
+pipeline cannot reach across calls: the stage asks the engine for
+``batches_per_call`` (4) forward batches per call, and only the first
+preparation and the last finishing of a call run beside no forward.
 
 With ``decode="actor"`` the stage takes the reader's raw bytes and decodes
 each forward batch itself (:func:`labelmill.io.images.decode_batch`: nvJPEG
@@ -89,6 +92,7 @@ class LabelImages(Stage):
         decode: str = "tasks",
         request: ImageRequest | None = None,
         max_pixels: int = 90_000_000,
+        batches_per_call: int = 4,
     ):
         if decode not in ("tasks", "actor"):
             raise ValueError(f"decode must be 'tasks' or 'actor', not {decode!r}")
@@ -97,6 +101,9 @@ class LabelImages(Stage):
         self.teacher_configs = teachers
         self.allow_random_init = allow_random_init
         self.batch_size = batch_size
+        # the engine hands each call several forward batches: the next batch's preparation and the
+        # last one's finishing overlap a forward only inside a call
+        self.batches_per_call = batches_per_call
         self.cpus = cpus
         self.gpus = gpus
         self.torch_threads = torch_threads

@@ -32,12 +32,15 @@ as torch ops on the teacher's device, and so do the column-major runs of
 the label maps (:mod:`labelmill.teachers.rle`); one device-to-host copy per
 batch brings back the per-class statistics and the runs, and only the
 compression of the runs into COCO RLE strings runs on the CPU.
+``predict_async`` queues all of that and starts the copy on a side stream;
+the label stage encodes the masks on its finishing thread while the next
+batch's forward runs.  On CPU, the label maps themselves are computed there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -45,6 +48,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labelmill.models.common import autocast_dtype
+from labelmill.models.transfer import HostCopy
 from labelmill.models.openclip import (
     DenseCLIP,
     DenseFeatures,
@@ -55,7 +59,7 @@ from labelmill.models.openclip import (
     vit_input,
 )
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
-from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig
+from labelmill.teachers.base import ImageBatch, ImageRequest, Pending, Teacher, TeacherConfig
 from labelmill.teachers.labelmap import pruned_argmax, pruned_labels, resample
 from labelmill.teachers.rle import class_rles, run_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
@@ -397,13 +401,28 @@ class MaskCLIPTeacher(CLIPTeacher):
 
     # -------------------------------------------------------------- labels
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
+        return self.predict_async(batch, upstream).result()
+
+    def predict_async(self, batch: ImageBatch, upstream) -> Pending:
+        """The forward, label maps, statistics and runs queued on the device, and the batch's one copy
+        back started; the returned :class:`Pending` waits for that copy and encodes the masks.
+
+        On CPU every step is host work: the label maps are computed by ``result()`` itself, on the
+        label stage's finishing thread, beside the next batch's forward."""
         maps = self.score_maps(batch)
-        outputs = []
-        for sm, labels in zip(maps, self.labels_from_maps(maps)):
-            out = TeacherOutput(labels=labels)
-            out.extras["score_map"] = sm
-            outputs.append(out)
-        return outputs
+
+        def outputs(labels: list[list[Label]]) -> list[TeacherOutput]:
+            outs = []
+            for sm, lab in zip(maps, labels):
+                out = TeacherOutput(labels=lab)
+                out.extras["score_map"] = sm
+                outs.append(out)
+            return outs
+
+        if self.device.type == "cpu":
+            return Pending(lambda: outputs(self.labels_from_maps(maps)))
+        waiting = self.queue_labels(maps)
+        return Pending(lambda: outputs(waiting()))
 
     def _scan(self, sm: ScoreMap, channels: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
               normalise: bool):
@@ -476,10 +495,15 @@ class MaskCLIPTeacher(CLIPTeacher):
             arg, conf = arg[rows][:, cols], conf[rows][:, cols]
         return arg, conf
 
-    @torch.inference_mode()
     def labels_from_maps(self, maps: list[ScoreMap]) -> list[list[Label]]:
         """Masks of every image: label maps, per-class statistics and the maps' column-major runs on
         the device, one copy of statistics and runs to the host, RLE compression on the CPU."""
+        return self.queue_labels(maps)()
+
+    @torch.inference_mode()
+    def queue_labels(self, maps: list[ScoreMap]) -> Callable[[], list[list[Label]]]:
+        """Queue :meth:`labels_from_maps`'s device part and start its one copy to the host; the
+        returned function waits for the copy and encodes the masks on the host."""
         c = len(self.vocabulary)
         stats_all, flats, layout = [], [], []
         for sm in maps:
@@ -501,20 +525,26 @@ class MaskCLIPTeacher(CLIPTeacher):
             flats.append(arg.T.flatten())  # column-major, as COCO RLE counts
             layout.append((H, W))
         if not maps:
-            return []
+            return lambda: []
         starts, values = run_starts(torch.cat(flats), [h * w for h, w in layout])
         n_stats = len(maps) * 6 * (c + 1)
-        host = torch.cat([torch.stack(stats_all).flatten(), starts.double(), values.double()]).cpu().numpy()
-        stats = host[:n_stats].reshape(len(maps), 6, c + 1)  # the one device-to-host copy of the batch
         nr = len(starts)
-        starts_h = host[n_stats : n_stats + nr].astype(np.int64)
-        values_h = host[n_stats + nr :].astype(np.int64)
-        out, offset = [], 0
-        for i, (H, W) in enumerate(layout):
-            lo_i, hi_i = np.searchsorted(starts_h, [offset, offset + H * W])
-            out.append(self._encode((H, W), stats[i], starts_h[lo_i:hi_i] - offset, values_h[lo_i:hi_i]))
-            offset += H * W
-        return out
+        # the one device-to-host copy of the batch, on a side stream: the next forward is not held up
+        copy = HostCopy(torch.cat([torch.stack(stats_all).flatten(), starts.double(), values.double()]))
+
+        def finish() -> list[list[Label]]:
+            host = copy.get().numpy()
+            stats = host[:n_stats].reshape(len(maps), 6, c + 1)
+            starts_h = host[n_stats : n_stats + nr].astype(np.int64)
+            values_h = host[n_stats + nr :].astype(np.int64)
+            out, offset = [], 0
+            for i, (H, W) in enumerate(layout):
+                lo_i, hi_i = np.searchsorted(starts_h, [offset, offset + H * W])
+                out.append(self._encode((H, W), stats[i], starts_h[lo_i:hi_i] - offset, values_h[lo_i:hi_i]))
+                offset += H * W
+            return out
+
+        return finish
 
     def _encode(self, hw: tuple[int, int], stats: np.ndarray, starts: np.ndarray, values: np.ndarray) -> list[Label]:
         """Labels of the classes present in one label map: RLE from its runs, device-computed statistics."""

@@ -244,12 +244,15 @@ def test_device_post_processing_equals_the_numpy_path(kw, label_hw, monkeypatch)
     t = teacher(**kw)
     b = batch_of(photo(64, 48, 5), photo(48, 64, 6), orig=[(96, 128), (128, 96)])
     maps = t.score_maps(b)
+    import labelmill.teachers.maskclip as mc
+
     copies = []
-    real_cpu = torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
+    real_copy, real_cpu = mc.HostCopy, torch.Tensor.cpu
+    monkeypatch.setattr(mc, "HostCopy", lambda tensor: copies.append(tensor.shape) or real_copy(tensor))
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append("cpu") or real_cpu(self, *a, **k))
     labels = t.labels_from_maps(maps)
     monkeypatch.undo()
-    assert len(copies) == 1  # one device-to-host copy for the whole batch
+    assert len(copies) == 1 and copies[0] != "cpu"  # one device-to-host copy for the whole batch
     hws = [label_hw, label_hw[::-1]]
     for sm, labs, hw in zip(maps, labels, hws):
         expected = _numpy_labels(t, t.confidence(t.seg_logits(sm, hw)), sm.orig_hw, hw)
@@ -333,3 +336,17 @@ def test_flat_maps_fall_back_to_every_class_with_the_same_result(monkeypatch):
     want_best, want_arg = full.max(dim=0)
     assert torch.equal(arg, want_arg) and torch.equal(best, want_best)
     assert torch.allclose(norm, full.clamp_min(0).sum(dim=0), rtol=1e-5)
+
+
+def test_predict_async_finishes_later_with_the_same_labels():
+    """The label stage finishes batch i on another thread while batch i+1 runs: two batches queued,
+    finished in the opposite order, give exactly the labels of ``predict``."""
+    t = teacher()
+    first, second = batch_of(photo(64, 48, 5), photo(48, 64, 6)), batch_of(photo(80, 56, 7), orig=[(120, 90)])
+    a, b = t.predict_async(first, {}), t.predict_async(second, {})
+    got_b, got_a = b.result(), a.result()
+    for got, batch in ((got_a, first), (got_b, second)):
+        want = t.predict(batch, {})
+        assert [o.labels for o in got] == [o.labels for o in want]
+        assert all(o.labels for o in got)
+        assert all(o.extras["score_map"].orig_hw == w.extras["score_map"].orig_hw for o, w in zip(got, want))

@@ -87,7 +87,7 @@ def test_glip_student_recalls_teacher_boxes_and_loads_as_glip_teacher(glip_label
     from labelmill.training.glip import teacher_section
 
     cfg = {
-        "data": {"output": str(glip_labelled / "out"), "image_size": 96, "augment": False, "repeat": 10},
+        "data": {"output": str(glip_labelled / "out"), "image_size": 96, "augment": False},
         "model": {"preset": "tiny", "tokenizer": "builtin-test"},
         "optim": {"optimizer": "adamw", "lr": 2e-3, "max_steps": 120, "batch_size": 5, "schedule": "constant",
                   "weight_decay": 0.0},

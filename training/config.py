@@ -30,7 +30,9 @@ class DataSection(_Strict):
     scale: tuple[float, float] = Field(default=(0.5, 2.0), description="random rescale range")
     hflip: bool = True
     augment: bool = True
-    repeat: int = Field(default=1, gt=0, description="passes over the version per Ray Data iteration (small sets)")
+    repeat: int | Literal["auto"] = Field(
+        default="auto", description="passes over the version per Ray Data iteration; auto: enough for the whole "
+        "run from the count of labelled images, so Ray Data starts once (each restart costs its start-up)")
     max_image_pixels: int = Field(default=90_000_000, gt=0)
     read_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of a shard-reading task")
     prepare_cpus: float = Field(default=0.25, gt=0, description="CPU reservation of a decode+target+augment worker")

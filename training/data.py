@@ -11,6 +11,7 @@ each worker its share with ``get_dataset_shard``.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -40,21 +41,39 @@ class LabelSummary:
     teacher: str
     rows: int
     classes: dict[int, str]  # class id -> name, as stored
+    images: int = 0  # images with at least one usable label of ``teacher``
 
 
 def summarise_labels(ds, kind: str, teacher: str | None, threshold: float) -> LabelSummary:
-    """Pick the teacher whose labels to learn and check that some are usable."""
+    """Pick the teacher whose labels to learn and check that some are usable.
+
+    Streams the labels shard by shard (the store groups each shard's rows in
+    its own files), so counting the distinct labelled images holds one
+    shard's keys at a time."""
+    import pyarrow.dataset as pads
+
     per_teacher: Counter = Counter()
+    images: Counter = Counter()
     classes: dict[str, dict[int, str]] = {}
-    for batch in ds.iter_batches("labels", columns=["teacher", "kind", "score", "class_id", "class_name"]):
-        keep = pc.and_(pc.equal(batch.column("kind"), kind), pc.greater_equal(batch.column("score"), threshold))
-        rows = batch.filter(keep).to_pydict()
-        for t, cid, name in zip(rows["teacher"], rows["class_id"], rows["class_name"]):
-            per_teacher[t] += 1
-            if cid is not None:
-                seen = classes.setdefault(t, {})
-                if seen.setdefault(cid, name) != name:
-                    raise VocabularyMismatch(f"teacher {t!r} stores class id {cid} as both {seen[cid]!r} and {name!r}")
+    schema = ds.schema("labels")
+    columns = ["teacher", "kind", "score", "class_id", "class_name", "shard", "key"]
+    for paths in ds.shard_paths("labels").values():
+        keys: dict[str, set] = {}
+        files = pads.dataset(paths, schema=schema, filesystem=ds.filesystem, format="parquet")
+        for batch in files.to_batches(columns=columns, batch_size=65536):
+            keep = pc.and_(pc.equal(batch.column("kind"), kind), pc.greater_equal(batch.column("score"), threshold))
+            rows = batch.filter(keep).to_pydict()
+            for t, cid, name, shard, key in zip(rows["teacher"], rows["class_id"], rows["class_name"],
+                                                rows["shard"], rows["key"]):
+                per_teacher[t] += 1
+                keys.setdefault(t, set()).add((shard, key))
+                if cid is not None:
+                    seen = classes.setdefault(t, {})
+                    if seen.setdefault(cid, name) != name:
+                        raise VocabularyMismatch(
+                            f"teacher {t!r} stores class id {cid} as both {seen[cid]!r} and {name!r}")
+        for t, found in keys.items():
+            images[t] += len(found)
     if teacher is None:
         if len(per_teacher) > 1:
             raise NoUsableLabels(f"version {ds.version} of {ds.output} has {kind} labels of several teachers "
@@ -65,7 +84,22 @@ def summarise_labels(ds, kind: str, teacher: str | None, threshold: float) -> La
             f"version {ds.version} of {ds.output} has no usable {kind} labels"
             + (f" of teacher {teacher!r}" if teacher else "")
             + f" at score >= {threshold} (labels per teacher: {dict(per_teacher) or 'none'})")
-    return LabelSummary(teacher, per_teacher[teacher], classes.get(teacher, {}))
+    return LabelSummary(teacher, per_teacher[teacher], classes.get(teacher, {}), images[teacher])
+
+
+#: at most this many shard items in one Ray Data iteration when ``repeat`` is auto (a tiny set trained
+#: for very many steps restarts its stream now and then instead of listing millions of items)
+MAX_AUTO_ITEMS = 100_000
+
+
+def passes(data: DataSection, optim, scaling, images: int, shards: int) -> int:
+    """Passes over the version in one Ray Data iteration: ``data.repeat``, or (auto) enough for
+    ``optim.max_steps`` steps of every worker, plus one for ``drop_last`` and uneven splits."""
+    if data.repeat != "auto":
+        return int(data.repeat)
+    needed = optim.max_steps * optim.batch_size * optim.grad_accum * scaling.num_workers
+    want = math.ceil(needed / max(1, images)) + 1
+    return max(1, min(want, MAX_AUTO_ITEMS // max(1, shards)))
 
 
 def version_shards(ds) -> list[str]:
@@ -105,12 +139,12 @@ def shard_samples(item: dict, *, output: str, version: int, storage_options: dic
                "meta_json": meta.get("meta_json") or "", "labels_json": json.dumps(rows)}
 
 
-def sample_dataset(ds, data: DataSection, teacher: str, kind: str):
-    """Ray Data dataset of labelled samples (image bytes + label rows), one read task per shard."""
+def sample_dataset(ds, data: DataSection, teacher: str, kind: str, repeat: int = 1):
+    """Ray Data dataset of labelled samples (image bytes + label rows), one read task per shard and pass."""
     import ray.data
 
     shards = version_shards(ds)
-    items = [{"shard": s} for s in shards] * data.repeat
+    items = [{"shard": s} for s in shards] * repeat
     return ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(
         shard_samples, num_cpus=data.read_cpus,
         fn_kwargs=dict(output=ds.output, version=ds.version, storage_options=data.storage_options,

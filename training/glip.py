@@ -118,7 +118,7 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels, build the pseudo-label (and gold) streams."""
     import ray.data
 
-    from labelmill.training.data import open_version, sample_dataset, summarise_labels
+    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
 
     if not os.path.exists(cfg.model.tokenizer) and cfg.model.tokenizer != "builtin-test":
         raise CheckpointError(f"tokenizer folder {cfg.model.tokenizer} does not exist")
@@ -128,7 +128,9 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
     kwargs = dict(fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=8,
                   compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
-    datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND).map_batches(PrepareGrounding, **kwargs)}
+    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
+    datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat).map_batches(
+        PrepareGrounding, **kwargs)}
     if cfg.gold_ratio > 0:
         rows = [r for g in cfg.gold for r in gold_records(g)]
         datasets["gold"] = ray.data.from_items(rows).map(_read_image, num_cpus=cfg.data.read_cpus).map_batches(

@@ -208,7 +208,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels and vocabulary, build the streamed dataset."""
     import ray.data
 
-    from labelmill.training.data import open_version, sample_dataset, summarise_labels
+    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
 
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
@@ -223,7 +223,8 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
         if names != vocabulary:
             raise VocabularyMismatch(f"model.init_from has {len(names)} classes that differ from the "
                                      f"teacher's {len(vocabulary)}")
-    samples = sample_dataset(ds, cfg.data, summary.teacher, KIND)
+    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
+    samples = sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat)
     train = samples.map_batches(PrepareSegmentation, fn_constructor_args=(cfg.model_dump(mode="json"), mapping, vocabulary),
                                 batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
                                 num_cpus=cfg.data.prepare_cpus)

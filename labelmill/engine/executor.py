@@ -433,7 +433,7 @@ class Engine:
                 if self.cfg.actor_resources:
                     kwargs["resources"] = dict(self.cfg.actor_resources)
                 ds = ds.map_batches(
-                    actor_class(group, meter), batch_size=self.batch_size,
+                    actor_class(group, meter), batch_size=self.batch_size * head.batches_per_call,
                     compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
                 )
             else:
