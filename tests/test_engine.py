@@ -71,3 +71,11 @@ def test_stages_that_run_no_model_import_neither_torch_nor_ray():
 def test_decode_declares_its_row_size_for_the_budget(tmp_path):
     decode = label_pipeline(tmp_path).find(name="decode")
     assert isinstance(decode, DecodeImages) and decode.bytes_per_row() == 128 * 128 * 3  # tiny MaskCLIP: long side <= 128 px
+
+
+def test_the_training_data_side_imports_no_torch():
+    """Ray Data's read tasks and decode+target+augment actors of a training run start without torch."""
+    code = ("import sys; import labelmill.training.data, labelmill.training.prepare; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

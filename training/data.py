@@ -14,13 +14,15 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow.compute as pc
 
 import labelmill.data
-from labelmill.training.config import DataSection
 from labelmill.training.errors import NoUsableLabels, VocabularyMismatch
+
+if TYPE_CHECKING:  # the read tasks import this module: the config models would bring torch with them
+    from labelmill.training.config import DataSection
 
 LABEL_COLUMNS = ["key", "class_id", "class_name", "phrase", "tokens_positive", "caption", "score", "bbox",
                  "segmentation"]

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from labelmill.training.augment import Augment
 from labelmill.training.config import GLIPTrainConfig
 from labelmill.training.errors import CheckpointError
-from labelmill.training.targets import grounding_target
 
 KIND = "box"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,42 +41,6 @@ def token_map(offsets: list[tuple[int, int]], spans_per_box: list[list[list[int]
                 if te > ts and ts < e and te > s:
                     out[b, t] = 1.0
     return out
-
-
-# ----------------------------------------------------------- Ray Data side
-class PrepareGrounding:
-    """map_batches: image bytes + box rows (or gold records) -> augmented crop, caption, boxes, spans."""
-
-    def __init__(self, cfg: dict):
-        self.cfg = GLIPTrainConfig.model_validate(cfg)
-        d = self.cfg.data
-        self.aug = Augment(d.image_size, tuple(d.scale), d.hflip, d.augment)
-        self.rng = np.random.default_rng()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from labelmill.io.images import decode_image
-        from labelmill.schemas.records import ImageRequest
-
-        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
-        out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": []}
-        for data, labels in zip(batch["image_bytes"], batch["labels_json"]):
-            target = grounding_target(json.loads(labels), self.cfg.data.threshold)
-            if target is None:
-                continue  # no box at the threshold: the image teaches nothing
-            img = decode_image(bytes(data), big, self.cfg.data.max_image_pixels).pixels
-            crop, boxes, keep = self.aug.boxes(img, target.boxes, self.rng)
-            if len(keep) == 0:
-                continue
-            out["image"].append(crop)
-            out["caption"].append(target.caption)
-            out["boxes_json"].append(json.dumps(boxes.tolist()))
-            out["spans_json"].append(json.dumps([target.tokens_positive[i] for i in keep]))
-        if not out["image"]:
-            s = self.cfg.data.image_size
-            return {"image": np.zeros((0, s, s, 3), np.uint8), "caption": np.array([], object),
-                    "boxes_json": np.array([], object), "spans_json": np.array([], object)}
-        return {"image": np.stack(out["image"]), "caption": np.array(out["caption"], object),
-                "boxes_json": np.array(out["boxes_json"], object), "spans_json": np.array(out["spans_json"], object)}
 
 
 def gold_records(gold) -> list[dict]:
@@ -109,9 +71,6 @@ def gold_records(gold) -> list[dict]:
     return rows
 
 
-def _read_image(row: dict) -> dict:
-    with open(row["path"], "rb") as fh:
-        return {"image_bytes": fh.read(), "labels_json": row["labels_json"]}
 
 
 def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
@@ -119,6 +78,7 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     import ray.data
 
     from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
+    from labelmill.training.prepare import PrepareGrounding, read_image
 
     if not os.path.exists(cfg.model.tokenizer) and cfg.model.tokenizer != "builtin-test":
         raise CheckpointError(f"tokenizer folder {cfg.model.tokenizer} does not exist")
@@ -126,14 +86,14 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
         raise CheckpointError(f"model.init_from {cfg.model.init_from} does not exist")
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
-    kwargs = dict(fn_constructor_args=(cfg.model_dump(mode="json"),), batch_size=8,
+    kwargs = dict(fn_constructor_args=(cfg.data.model_dump(mode="json"),), batch_size=8,
                   compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
     repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
     datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat).map_batches(
         PrepareGrounding, **kwargs)}
     if cfg.gold_ratio > 0:
         rows = [r for g in cfg.gold for r in gold_records(g)]
-        datasets["gold"] = ray.data.from_items(rows).map(_read_image, num_cpus=cfg.data.read_cpus).map_batches(
+        datasets["gold"] = ray.data.from_items(rows).map(read_image, num_cpus=cfg.data.read_cpus).map_batches(
             PrepareGrounding, **kwargs)
     extra = {"provenance": {"output": ds.output, "version": ds.version, "teacher": summary.teacher,
                             "labels": summary.rows}}

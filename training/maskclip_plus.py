@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from labelmill.models.deeplab import SegStudent, StudentCheckpointError, StudentSpec, load_tensors, read_spec, save_student
-from labelmill.training.augment import Augment
 from labelmill.training.config import MaskCLIPPlusConfig
 from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch
-from labelmill.training.targets import IGNORE, class_map
+from labelmill.training.targets import IGNORE
 
 KIND = "mask"
 
@@ -78,49 +77,6 @@ def class_mapping(stored: dict[int, str], vocabulary: list[str]) -> dict[int, in
         raise VocabularyMismatch(f"the labels name classes the student vocabulary lacks: {missing[:5]}"
                                  f"{' ...' if len(missing) > 5 else ''} ({len(vocabulary)} student classes)")
     return {cid: index[name] for cid, name in stored.items()}
-
-
-# ----------------------------------------------------------- Ray Data side
-class PrepareSegmentation:
-    """map_batches: image bytes + mask rows -> augmented (image, class map) crops."""
-
-    def __init__(self, cfg: dict, mapping: dict[int, int], vocabulary: list[str]):
-        self.cfg = MaskCLIPPlusConfig.model_validate(cfg)
-        d = self.cfg.data
-        self.aug = Augment(d.image_size, tuple(d.scale), d.hflip, d.augment)
-        self.mapping = {int(k): v for k, v in mapping.items()}
-        self.seen = None
-        if self.cfg.transductive is not None:
-            self.seen = {vocabulary.index(n) for n in self.cfg.transductive.seen_classes}
-            self.index = {n: i for i, n in enumerate(vocabulary)}
-        self.rng = np.random.default_rng()
-
-    def target(self, rows: list[dict], meta_json: str, h: int, w: int) -> np.ndarray:
-        tgt = class_map(rows, h, w, self.cfg.data.threshold, self.mapping)
-        if self.seen is None:
-            return tgt
-        # transductive zero-shot: teacher labels only for unseen classes, gold masks for seen ones
-        tgt[np.isin(tgt, list(self.seen))] = IGNORE
-        anns = (json.loads(meta_json) if meta_json else {}).get("annotations", [])
-        gold = [{"class_id": self.index[a["category"]], "score": 1.0, "segmentation": a["segmentation"]}
-                for a in anns if self.index.get(a.get("category")) in self.seen and a.get("segmentation")]
-        gold_map = class_map(gold, h, w)
-        tgt[gold_map != IGNORE] = gold_map[gold_map != IGNORE]
-        return tgt
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from labelmill.io.images import decode_image
-        from labelmill.schemas.records import ImageRequest
-
-        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
-        images, targets = [], []
-        for data, labels, meta in zip(batch["image_bytes"], batch["labels_json"], batch["meta_json"]):
-            img = decode_image(bytes(data), big, self.cfg.data.max_image_pixels).pixels
-            tgt = self.target(json.loads(labels), meta, *img.shape[:2])
-            a, b = self.aug.segmentation(img, tgt, self.rng)
-            images.append(a)
-            targets.append(b.astype(np.int16))
-        return {"image": np.stack(images), "target": np.stack(targets)}
 
 
 # ------------------------------------------------------------- worker side
@@ -209,6 +165,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     import ray.data
 
     from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
+    from labelmill.training.prepare import PrepareSegmentation
 
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
@@ -225,7 +182,9 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
                                      f"teacher's {len(vocabulary)}")
     repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
     samples = sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat)
-    train = samples.map_batches(PrepareSegmentation, fn_constructor_args=(cfg.model_dump(mode="json"), mapping, vocabulary),
+    seen = cfg.transductive.seen_classes if cfg.transductive is not None else None
+    train = samples.map_batches(PrepareSegmentation,
+                                fn_constructor_args=(cfg.data.model_dump(mode="json"), mapping, vocabulary, seen),
                                 batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
                                 num_cpus=cfg.data.prepare_cpus)
     extra = {"vocabulary": vocabulary, "embeddings": emb.tolist(),

@@ -1,0 +1,112 @@
+"""The Ray Data side of student training: decode, targets and augmentation (numpy, no torch).
+
+These classes run in Ray Data's ``map_batches`` actors beside the trainer.
+They import no torch (``tests/test_engine.py`` checks), so each such actor
+starts without torch's import time and memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from labelmill.training.augment import Augment
+from labelmill.training.targets import IGNORE, class_map, grounding_target
+
+
+class _Data:
+    """The ``data`` section as the driver validated it (``DataSection.model_dump``): these actors
+    take plain values, so they import neither the config models nor, through them, torch."""
+
+    def __init__(self, data: dict):
+        self.image_size = int(data["image_size"])
+        self.scale = tuple(data["scale"])
+        self.hflip, self.augment = bool(data["hflip"]), bool(data["augment"])
+        self.threshold = float(data["threshold"])
+        self.max_image_pixels = int(data["max_image_pixels"])
+
+    def augmenter(self) -> Augment:
+        return Augment(self.image_size, self.scale, self.hflip, self.augment)
+
+
+class PrepareSegmentation:
+    """map_batches: image bytes + mask rows -> augmented (image, class map) crops."""
+
+    def __init__(self, data: dict, mapping: dict[int, int], vocabulary: list[str],
+                 seen_classes: list[str] | None = None):
+        self.data = _Data(data)
+        self.aug = self.data.augmenter()
+        self.mapping = {int(k): v for k, v in mapping.items()}
+        self.seen = None
+        if seen_classes is not None:  # transductive zero-shot
+            self.seen = {vocabulary.index(n) for n in seen_classes}
+            self.index = {n: i for i, n in enumerate(vocabulary)}
+        self.rng = np.random.default_rng()
+
+    def target(self, rows: list[dict], meta_json: str, h: int, w: int) -> np.ndarray:
+        tgt = class_map(rows, h, w, self.data.threshold, self.mapping)
+        if self.seen is None:
+            return tgt
+        # transductive zero-shot: teacher labels only for unseen classes, gold masks for seen ones
+        tgt[np.isin(tgt, list(self.seen))] = IGNORE
+        anns = (json.loads(meta_json) if meta_json else {}).get("annotations", [])
+        gold = [{"class_id": self.index[a["category"]], "score": 1.0, "segmentation": a["segmentation"]}
+                for a in anns if self.index.get(a.get("category")) in self.seen and a.get("segmentation")]
+        gold_map = class_map(gold, h, w)
+        tgt[gold_map != IGNORE] = gold_map[gold_map != IGNORE]
+        return tgt
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from labelmill.io.images import decode_image
+        from labelmill.schemas.records import ImageRequest
+
+        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
+        images, targets = [], []
+        for data, labels, meta in zip(batch["image_bytes"], batch["labels_json"], batch["meta_json"]):
+            img = decode_image(bytes(data), big, self.data.max_image_pixels).pixels
+            tgt = self.target(json.loads(labels), meta, *img.shape[:2])
+            a, b = self.aug.segmentation(img, tgt, self.rng)
+            images.append(a)
+            targets.append(b.astype(np.int16))
+        return {"image": np.stack(images), "target": np.stack(targets)}
+
+
+class PrepareGrounding:
+    """map_batches: image bytes + box rows (or gold records) -> augmented crop, caption, boxes, spans."""
+
+    def __init__(self, data: dict):
+        self.data = _Data(data)
+        self.aug = self.data.augmenter()
+        self.rng = np.random.default_rng()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from labelmill.io.images import decode_image
+        from labelmill.schemas.records import ImageRequest
+
+        big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
+        out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": []}
+        for data, labels in zip(batch["image_bytes"], batch["labels_json"]):
+            target = grounding_target(json.loads(labels), self.data.threshold)
+            if target is None:
+                continue  # no box at the threshold: the image teaches nothing
+            img = decode_image(bytes(data), big, self.data.max_image_pixels).pixels
+            crop, boxes, keep = self.aug.boxes(img, target.boxes, self.rng)
+            if len(keep) == 0:
+                continue
+            out["image"].append(crop)
+            out["caption"].append(target.caption)
+            out["boxes_json"].append(json.dumps(boxes.tolist()))
+            out["spans_json"].append(json.dumps([target.tokens_positive[i] for i in keep]))
+        if not out["image"]:
+            s = self.data.image_size
+            return {"image": np.zeros((0, s, s, 3), np.uint8), "caption": np.array([], object),
+                    "boxes_json": np.array([], object), "spans_json": np.array([], object)}
+        return {"image": np.stack(out["image"]), "caption": np.array(out["caption"], object),
+                "boxes_json": np.array(out["boxes_json"], object), "spans_json": np.array(out["spans_json"], object)}
+
+
+def read_image(row: dict) -> dict:
+    with open(row["path"], "rb") as fh:
+        return {"image_bytes": fh.read(), "labels_json": row["labels_json"]}
