@@ -111,6 +111,11 @@ def test_auto_repeat_covers_the_run_in_one_pass_of_the_stream():
     assert passes(auto.data, auto.optim, auto.scaling, images=1, shards=MAX_AUTO_ITEMS) == 1  # capped
     fixed = cfg(repeat=3)
     assert passes(fixed.data, fixed.optim, fixed.scaling, images=12, shards=2) == 3
+    from labelmill.config import ConfigError
+
+    for bad in (0, "often"):
+        with pytest.raises(ConfigError, match="data.repeat"):
+            cfg(repeat=bad)
 
 
 def test_untrusted_pickle_and_missing_checkpoint(tmp_path):

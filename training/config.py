@@ -7,7 +7,7 @@ key path before any work starts (exit code 2).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +30,7 @@ class DataSection(_Strict):
     scale: tuple[float, float] = Field(default=(0.5, 2.0), description="random rescale range")
     hflip: bool = True
     augment: bool = True
-    repeat: int | Literal["auto"] = Field(
+    repeat: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         default="auto", description="passes over the version per Ray Data iteration; auto: enough for the whole "
         "run from the count of labelled images, so Ray Data starts once (each restart costs its start-up)")
     max_image_pixels: int = Field(default=90_000_000, gt=0)

@@ -71,8 +71,6 @@ def gold_records(gold) -> list[dict]:
     return rows
 
 
-
-
 def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels, build the pseudo-label (and gold) streams."""
     import ray.data
