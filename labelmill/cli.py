@@ -175,6 +175,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from labelmill.models.safe_load import convert_weights
+
+    print(json.dumps(convert_weights(args.src, args.dst, trust_source=args.trust_source), indent=2))
+    return 0
+
+
+def _add_convert_weights_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert-weights",
+        help="turn a checkpoint into a plain tensor file that every load path reads without running code",
+        description="Read SRC (a .pth/.pt pickle, an OpenAI TorchScript CLIP archive, .safetensors, .npz) and "
+        "write its state dict to DST as plain tensors (.safetensors, or a torch file of tensors only). labelmill "
+        "itself never runs code from a weights file: a SRC that needs code to load (a pickle of arbitrary "
+        "objects, a TorchScript archive whose pickle names other classes) is converted only with "
+        "--trust-source, which runs that code here; do it once, on a machine you trust.",
+    )
+    p.add_argument("src", help="checkpoint to read")
+    p.add_argument("dst", help="file to write (.safetensors recommended); must not exist")
+    p.add_argument("--trust-source", action="store_true",
+                   help="allow torch.jit.load / full unpickling of SRC: runs code from the file")
+    p.set_defaults(func=_cmd_convert_weights)
+
+
 def _add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true",
                    help="let Ray's own warnings and logs through to the terminal (hidden by default)")
@@ -256,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_report)
 
     _add_yield_parser(sub)
+    _add_convert_weights_parser(sub)
 
     p = sub.add_parser(
         "text-embeddings",
@@ -404,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputNotFound, VersionNotFound) as exc:
         print(f"labelmill: input error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except OutputConflictError as exc:
+    except (OutputConflictError, FileExistsError) as exc:
         print(f"labelmill: output error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
     except LockHeld as exc:

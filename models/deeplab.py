@@ -8,8 +8,8 @@ vocabulary's prompt-ensemble text embeddings (a 1x1 convolution initialised
 from them, frozen by default) times ``logit_scale``, exactly like the
 teacher, so the student keeps the open vocabulary: new classes are new rows.
 
-Checkpoints are plain tensor files (``model.pt``, loaded with
-``torch.load(weights_only=True)``) plus ``student.json`` (architecture,
+Checkpoints are plain tensor files (``model.pt``, read by
+:mod:`labelmill.models.safe_load`, which never runs code from a file) plus ``student.json`` (architecture,
 vocabulary, provenance).
 """
 
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from labelmill.models.common import WeightsError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, like the teacher
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,7 +31,7 @@ MODEL_FILE = "model.pt"
 META_FILE = "student.json"
 
 
-class StudentCheckpointError(RuntimeError):
+class StudentCheckpointError(WeightsError):
     """A student checkpoint is missing, incomplete or not a plain tensor file."""
 
 
@@ -113,21 +114,17 @@ class SegStudent(nn.Module):
 
 # ---------------------------------------------------------------- checkpoints
 def load_tensors(path: str) -> dict[str, torch.Tensor]:
-    """A state dict saved with torch.save, loaded with ``weights_only=True`` (no code runs)."""
+    """A state dict of tensors, read by :func:`labelmill.models.safe_load.read_tensors` (no code runs)."""
+    from labelmill.models.safe_load import check_finite, read_tensors
+
     if not os.path.isfile(path):
         raise StudentCheckpointError(f"checkpoint file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StudentCheckpointError(
-            f"{path} is an untrusted pickle (it needs more than tensors to load: {first}); "
-            "labelmill loads checkpoints with torch.load(weights_only=True) only") from None
-    except Exception as exc:
-        raise StudentCheckpointError(f"{path} is not a readable torch checkpoint: {type(exc).__name__}: {exc}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = read_tensors(path)
+        check_finite(state, path)
+    except WeightsError as exc:
+        raise StudentCheckpointError(str(exc)) from None
+    if not state:
         raise StudentCheckpointError(f"{path} does not hold a state dict of tensors")
     return state
 

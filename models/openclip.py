@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from labelmill.schemas.records import Provenance  # noqa: F401  (re-exported for callers)
 from labelmill.models.common import WeightsError, config_hash, file_sha256
+from labelmill.models.safe_load import check_finite, is_torchscript, peek_keys, read_tensors
 
 RANDOM_INIT = "random-init"
 _SHA_CACHE: dict[tuple[str, int, float], str] = {}
@@ -144,14 +145,20 @@ def load_clip(
         model = open_clip.create_model(arch, pretrained=None, **kwargs)
         weights = LoadedWeights(weights=label, sha256=RANDOM_INIT, path=None)
         return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
-    try:
-        if openai_format:
-            model = open_clip.create_model(arch, pretrained=None, **kwargs)
-            model.load_state_dict(openai_state_dict(path))
-        else:
-            model = open_clip.create_model(arch, pretrained=path, **kwargs)
-    except Exception as exc:
-        raise WeightsError(f"loading CLIP weights {path!r} into {arch!r} failed: {exc}") from exc
+    model = open_clip.create_model(arch, pretrained=None, **kwargs)
+    if path.endswith((".npz", ".npy")):  # big_vision (SigLIP) arrays: open_clip's converter, no pickle
+        try:
+            open_clip.load_checkpoint(model, path)
+        except Exception as exc:
+            raise WeightsError(f"loading CLIP weights {path!r} into {arch!r} failed: {_first_line(exc)}") from None
+        check_finite(model.state_dict(), path)
+    else:
+        state = openai_state_dict(path) if openai_format else read_tensors(path)
+        check_finite(state, path)
+        try:
+            _load_into(model, state)
+        except Exception as exc:
+            raise WeightsError(f"loading CLIP weights {path!r} into {arch!r} failed: {_first_line(exc)}") from None
     weights = LoadedWeights(weights=label, sha256=_cached_sha(path), path=path)
     return model.eval(), weights, open_clip.get_model_preprocess_cfg(model)
 
@@ -183,49 +190,56 @@ def resolve_quick_gelu(arch: str, path: str, quick_gelu: bool | None, openai_for
     )
 
 
-def _read_plain(path: str):
-    if path.endswith((".safetensors", ".npz", ".npy")):
-        return None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None  # not a plain state dict: open_clip's own loader reports what is wrong
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    return sd if isinstance(sd, dict) else None
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _is_torchscript(path: str) -> bool:
-    import zipfile
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """open_clip's own checkpoint fix-ups (``open_clip.load_checkpoint``) on a state dict read safely."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in zf.namelist())
+    state = convert_state_dict(model, dict(state))
+    if next(iter(state), "").startswith("module."):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for name in ("logit_scale", "logit_bias"):
+        own = getattr(model, name, None)
+        if name in state and own is not None and own.ndim != state[name].ndim:
+            state[name] = state[name].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    state.pop("text.transformer.embeddings.position_ids", None)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
 
 
 def is_openai_checkpoint(path: str) -> bool:
     """True for OpenAI's CLIP release format: a TorchScript archive, or a state dict with its extra entries.
 
     OpenAI's state dicts carry ``input_resolution``, ``context_length`` and
-    ``vocab_size``; open_clip-format files never do.
+    ``vocab_size``; open_clip-format files never do. Nothing in the file runs
+    (see :mod:`labelmill.models.safe_load`).
     """
-    if _is_torchscript(path):
+    if is_torchscript(path):
         return True
-    sd = _read_plain(path)
-    return sd is not None and any(k in sd for k in _OPENAI_MARKERS)
+    keys = peek_keys(path)
+    return keys is not None and any(k in keys for k in _OPENAI_MARKERS)
 
 
 def openai_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The open_clip state dict of an OpenAI-format file (the extra entries removed, fp32)."""
-    if _is_torchscript(path):
-        try:
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as exc:
-            raise WeightsError(f"{path!r} looks like a TorchScript CLIP archive but cannot be read: {exc}") from exc
-    else:
-        sd = _read_plain(path) or {}
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items() if k not in _OPENAI_MARKERS}
+    """The open_clip state dict of an OpenAI-format file (the extra entries removed, fp32).
+
+    TorchScript archives are read by a restricted unpickler: their code never
+    runs. The attention masks a scripted model keeps as buffers are dropped
+    (open_clip builds its own).
+    """
+    sd = read_tensors(path)
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()
+            if k not in _OPENAI_MARKERS and not k.endswith("attn_mask")}
 
 
 def _load_hf_hub(arch: str, cache_dir: str | None):

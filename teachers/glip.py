@@ -73,7 +73,11 @@ class GLIPTeacherConfig(TeacherConfig):
     def preflight(self, allow_random_init: bool) -> None:
         if self.mode == "vocabulary" and self.vocabulary is None:
             raise ValueError("glip mode=vocabulary needs a vocabulary")
-        resolve_glip_weights(self.weights, allow_random_init, download=False)
+        path = resolve_glip_weights(self.weights, allow_random_init, download=False)
+        if path is not None:
+            from labelmill.models.safe_load import check_readable
+
+            check_readable(path)  # refuses a file that would run code, reading none of it
         if self.tokenizer == TEST_TOKENIZER and self.weights is not None:
             raise ValueError(f"tokenizer {TEST_TOKENIZER!r} is for random-weight demos; real GLIP needs bert-base-uncased")
 

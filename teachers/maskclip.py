@@ -39,6 +39,8 @@ batch's forward runs.  On CPU, the label maps themselves are computed there.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -111,7 +113,9 @@ class CLIPModelFields(TeacherConfig):
 
     def preflight(self, allow_random_init: bool) -> None:
         from labelmill.models.openclip import resolve_quick_gelu, resolve_weights
+        from labelmill.models.safe_load import check_readable
 
+        path = None
         if self.arch_config is None and not self.model.startswith("hf-hub:"):
             path, _, tag_cfg = resolve_weights(
                 self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir
@@ -121,6 +125,10 @@ class CLIPModelFields(TeacherConfig):
         elif self.pretrained is None and not allow_random_init:
             name = "inline arch_config" if self.arch_config is not None else self.model
             resolve_weights(name, None, allow_random_init=False)
+        elif self.pretrained is not None and os.path.isfile(self.pretrained):
+            path = self.pretrained
+        if path is not None:
+            check_readable(path)  # refuses a file that would run code, running none of it
 
     def load(self, allow_random_init: bool):
         return load_clip(

@@ -65,6 +65,10 @@ class StudentTeacherConfig(TeacherConfig):
         if self._meta() is None or not os.path.exists(self.checkpoint):
             raise WeightsError(f"student checkpoint {self.checkpoint} not found (a folder with model.pt and "
                                "student.json, as `labelmill train maskclip-plus` writes)")
+        from labelmill.models.deeplab import read_spec
+        from labelmill.models.safe_load import check_readable
+
+        check_readable(read_spec(self.checkpoint)[1])  # refuses a file that would run code, reading none of it
 
 
 class StudentTeacher(Teacher):

@@ -128,7 +128,15 @@ class GLIPModel(_Strict):
     freeze_backbone: bool = False
     language_lr_scale: float = Field(default=1.0, ge=0)
     backbone_lr_scale: float = Field(default=1.0, ge=0)
-    allow_unsafe_pickle: bool = Field(default=False, description="load official .pth pickles (trusted files only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unsafe_pickle(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "allow_unsafe_pickle" in data:
+            raise ValueError("allow_unsafe_pickle was removed: labelmill never runs code from a weights file; "
+                             "convert the checkpoint once with `labelmill convert-weights SRC DST.safetensors "
+                             "--trust-source` on a machine you trust and set init_from to DST")
+        return data
 
 
 class GLIPLoss(_Strict):

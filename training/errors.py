@@ -33,3 +33,14 @@ class CheckpointError(TrainingError):
     """A checkpoint is missing, incomplete, or not a plain tensor file."""
 
     exit_code = EXIT_WEIGHTS
+
+
+def readable_or_raise(path: str) -> None:
+    """Driver-side check that a weights file loads without running code from it (one line, exit 3)."""
+    from labelmill.models.common import WeightsError
+    from labelmill.models.safe_load import check_readable
+
+    try:
+        check_readable(path)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None

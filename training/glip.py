@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from labelmill.training.config import GLIPTrainConfig
-from labelmill.training.errors import CheckpointError
+from labelmill.training.errors import CheckpointError, readable_or_raise
 
 KIND = "box"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,6 +82,8 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
         raise CheckpointError(f"tokenizer folder {cfg.model.tokenizer} does not exist")
     if cfg.model.init_from and not os.path.isfile(cfg.model.init_from):
         raise CheckpointError(f"model.init_from {cfg.model.init_from} does not exist")
+    if cfg.model.init_from:
+        readable_or_raise(cfg.model.init_from)
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
     kwargs = dict(fn_constructor_args=(cfg.data.model_dump(mode="json"),), batch_size=8,
@@ -117,7 +119,7 @@ class GroundingTask:
         m = self.cfg.model
         if m.init_from:
             try:
-                load_glip_weights(model, m.init_from, strict=False, allow_unsafe_pickle=m.allow_unsafe_pickle)
+                load_glip_weights(model, m.init_from, strict=False)
             except (GLIPCheckpointError, FileNotFoundError) as exc:
                 raise CheckpointError(str(exc).splitlines()[0]) from None
         model.language_backbone.requires_grad_(not m.freeze_language)

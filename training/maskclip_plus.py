@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from labelmill.models.deeplab import SegStudent, StudentCheckpointError, StudentSpec, load_tensors, read_spec, save_student
 from labelmill.training.config import MaskCLIPPlusConfig
-from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch
+from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch, readable_or_raise
 from labelmill.training.targets import IGNORE
 
 KIND = "mask"
@@ -166,6 +166,8 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
     from labelmill.training.prepare import PrepareSegmentation
 
+    if cfg.model.backbone_weights:
+        readable_or_raise(cfg.model.backbone_weights)
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
     vocabulary, emb = text_embeddings(cfg, summary.teacher)

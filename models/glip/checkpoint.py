@@ -20,13 +20,15 @@ dropped if a file happens to contain it.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
+
+from labelmill.models.common import WeightsError
+from labelmill.models.safe_load import check_finite, read_tensors
 
 DDP_PREFIX = "module."
 # Keys the model may supply itself when a file does not have them.
@@ -45,7 +47,7 @@ DOWNLOAD_HINT = (
 )
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(WeightsError):
     pass
 
 
@@ -72,47 +74,24 @@ class LoadReport:
         return not self.missing and not self.unexpected
 
 
-def read_state_dict(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a GLIP ``.pth`` (``{"model": ...}`` or a bare state dict) or a ``.safetensors`` file."""
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a GLIP ``.pth`` (``{"model": ...}`` or a bare state dict), ``.safetensors`` or ``.npz`` file.
+
+    Read by :func:`labelmill.models.safe_load.read_tensors`: nothing from the
+    file runs; a pickle that needs more than tensors is refused, naming
+    ``labelmill convert-weights``. NaN or infinite weights are refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GLIP checkpoint not found: {path}. {DOWNLOAD_HINT}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path), device="cpu"))
-    if path.suffix in (".npz", ".npy"):
-        return _read_numpy(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} contains objects other than tensors and plain containers, so it cannot be read with "
-            "weights_only=True. If you trust the file, pass allow_unsafe_pickle=True once and re-save it "
-            "with save_glip_weights(..., '*.safetensors')."
-        ) from exc
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
+        state = read_tensors(path)
+        check_finite(state, path)
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not state:
         raise CheckpointError(f"{path} does not hold a state dict")
-    return dict(obj)
-
-
-def _read_numpy(path: Path) -> dict[str, torch.Tensor]:
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise CheckpointError(f"{path} holds one array, not a state dict (a .npz of named arrays is needed)")
-            return {k: torch.from_numpy(np.array(data[k])) for k in data.files}
-    except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-            raise CheckpointError(
-                f"{path} holds object arrays (pickled Python objects), which labelmill never unpickles; "
-                "a GLIP .npz must hold plain numeric arrays, one per state-dict key"
-            ) from None
-        raise CheckpointError(f"{path} is not a readable .npz state dict: {exc}") from None
+    return state
 
 
 #: buffers computed from the architecture alone; a checkpoint's copy must equal the formula
@@ -158,7 +137,6 @@ def load_glip_weights(
     path: str | os.PathLike,
     *,
     strict: bool = True,
-    allow_unsafe_pickle: bool = False,
 ) -> LoadReport:
     """Load an official GLIP checkpoint (or one saved by :func:`save_glip_weights`).
 
@@ -166,7 +144,7 @@ def load_glip_weights(
     mismatch, raises :class:`CheckpointError`; keys in :data:`REGENERABLE_KEYS`
     may be absent from the file and keys in :data:`IGNORABLE_KEYS` may be extra.
     """
-    raw = read_state_dict(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    raw = read_state_dict(path)
     return load_state_dict_mapped(model, raw, strict=strict)
 
 
