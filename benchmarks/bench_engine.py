@@ -1,24 +1,37 @@
-"""Engine ceiling, and the label actor's CPU cost outside the forward.
+"""Engine ceiling, the simulated device, and the host CPU each teacher costs.
 
-    python benchmarks/bench_engine.py                      # both parts, defaults below
+    python benchmarks/bench_engine.py                      # ceiling and teacher costs, defaults below
     python benchmarks/bench_engine.py --images 2048 --shards 16 --skip-teachers
+    python benchmarks/bench_engine.py --simulate-device --images 512 --shards 8   # issue 18's CPU criteria
 
 1. **Ceiling.**  The null teacher (no network, one fixed label per image)
-   runs the whole engine -- read -> decode -> label -> filter -> write, Delta
-   commits included -- and, in the same process on the same already-started
-   local Ray, a decode-only job reads and decodes the same shards with the
-   same plan (read tasks, CPUs) and drops the pixels.  ratio = engine img/s
-   / decode-only img/s; the goal is >= 0.9 (the engine adds < 10 % to
-   decoding).  Ray start-up is outside both timings; each job's wall time
-   runs from building the dataset to the last row (the engine's includes its
-   commits).
-2. **Actor CPU outside the forward** (``--teachers``).  In-process, one torch
-   thread, so a forward's CPU time is the calling thread's: per teacher,
-   thread CPU-ms per image of ``predict_async(...).result()`` minus the CPU
-   inside the networks' forward calls (hooks), on decoded photos; and the
-   label stage's own cost per image (canvas, Arrow rows) with the null
-   teacher.  On CPU the "device" post-processing runs on the CPU and is
-   counted here; on a GPU it runs on the device (see gpu_suite.sh).
+   runs the whole engine -- read -> prepare -> infer -> finish -> filter ->
+   write, Delta commits included -- and, in the same process on the same
+   already-started local Ray, a decode-only job reads and decodes the same
+   shards with the same plan (read tasks, CPUs) and drops the pixels.  ratio
+   = engine img/s / decode-only img/s; the goal is >= 0.9 (the engine adds
+   < 10 % to decoding).  Ray start-up is outside both timings; each job's
+   wall time runs from building the dataset to the last row (the engine's
+   includes its commits).
+2. **Simulated device** (``--simulate-device``).  Each teacher's forward and
+   device post-processing is replaced by a wait that releases the GIL, for
+   a given milliseconds per forward batch, returning the raw device results
+   the real teacher produced beforehand on the same photos
+   (``benchmarks/simdevice.py``; recordings cached under ``.bench/sim``).
+   Everything else is the real pipeline on local Ray: read, prepare (decode,
+   GLIP's noun phrases and tokens), infer (pixels in, raw columns out),
+   finish (RLE, label rows, regions), filter, write, commits.  Per teacher:
+   a run with no device time measures the host capacity (img/s); a second
+   run simulates a device at 80 % of it.  Reported: the pipeline's rate
+   against the simulated device rate (goal >= 0.9), and the ``infer``
+   process's CPU-ms per image (goal <= 0.5; whole-process CPU time, Ray's
+   own threads in that process included).
+3. **Host CPU per teacher** (``--teachers``).  In-process, one torch
+   thread: per teacher, CPU-ms per image of its prepare, infer and finish
+   parts, the infer part split into the networks' forward (hooks) and the
+   rest; and the infer stage's own cost per image with the null teacher.
+   On CPU the "device" post-processing runs on the CPU and is counted in
+   infer; on a GPU it runs on the device (see gpu_suite.sh).
 
 Models are random-init ("small" sizes below, see benchmarks/workload.py):
 the figures measure the engine, not label quality.
@@ -72,7 +85,7 @@ def decode_only(cfg) -> tuple[int, float]:
     plan = engine.place(full, ray.cluster_resources(), False)  # the label run's plan: same read tasks, CPUs
     rows = max((s.bytes_per_row() or 0) for s in full.stages) or 1 << 20
     configure_ray_data(plan, cfg.ray.object_store_budget_mb or default_budget_mb(plan, cfg.ray.batch_size, rows))
-    pipe = Pipeline("decode-only", [full.source, full.find(name="decode")])
+    pipe = Pipeline("decode-only", [full.source, full.find(name="prepare")])
     urls = list_shards(cfg.input.shards, cfg.input.storage_options)
     t0 = time.perf_counter()
     n = 0
@@ -102,11 +115,12 @@ def in_process(cfg, shards: list[str], work: Path) -> dict:
 
     plan = plan_resources(cfg.ray, float(os.cpu_count() or 1), 0.0)
     pipe = build_pipeline(cfg)
-    read, decode, label, filt, write = (pipe.find(name=n) for n in ("read", "decode", "label", "filter", "write"))
-    label.place(Resources(cpus=plan.cpus_per_actor, gpus=0.0), plan.torch_threads)
-    for stage in (decode, label, filt, write):
+    read, decode, infer, finish, filt, write = (
+        pipe.find(name=n) for n in ("read", "prepare", "infer", "finish", "filter", "write"))
+    infer.place(Resources(cpus=plan.cpus_per_actor, gpus=0.0), plan.torch_threads)
+    for stage in (decode, infer, finish, filt, write):
         stage.setup()
-    label.process_batch(decode.process_batch(next(read.read_blocks(shards[0]))))  # warm-up, not timed
+    finish.process_batch(infer.process_batch(decode.process_batch(next(read.read_blocks(shards[0])))))  # warm-up
     t0 = time.perf_counter()
     n_dec = 0
     for url in shards:
@@ -118,7 +132,7 @@ def in_process(cfg, shards: list[str], work: Path) -> dict:
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
     loop = CommitLoop(store, cfg.output.commit_every_shards)
     read.reporter = loop.shard_read
-    parts = dict.fromkeys(("read", "decode", "label", "filter", "write"), 0.0)
+    parts = dict.fromkeys(("read", "prepare", "infer", "finish", "filter", "write"), 0.0)
 
     def timed(name, fn, *a):
         t = time.perf_counter()
@@ -129,8 +143,8 @@ def in_process(cfg, shards: list[str], work: Path) -> dict:
     for url in shards:
         blocks = read.read_blocks(url)
         while (block := timed("read", next, blocks, None)) is not None:
-            b = timed("decode", decode.process_batch, block)
-            b = timed("label", label.process_batch, b)
+            b = timed("prepare", decode.process_batch, block)
+            b = timed("finish", finish.process_batch, timed("infer", infer.process_batch, b))
             timed("write", loop.add, timed("write", write.process_batch, timed("filter", filt.process_batch, b)))
     counters = timed("write", loop.finish)
     t_eng = time.perf_counter() - t0
@@ -200,58 +214,65 @@ def decoded_batches(blobs, request, batch: int, n: int):
     out = []
     for s in range(0, n, batch):
         part = decoded[s : s + batch]
-        side = max(max(d.pixels.shape[:2]) for d in part)
-        canvas = torch.zeros((len(part), side, side, 3), dtype=torch.uint8)
-        for j, d in enumerate(part):
-            canvas[j, : d.pixels.shape[0], : d.pixels.shape[1]] = torch.from_numpy(np.array(d.pixels))
-        out.append(ImageBatch(canvas, [d.pixels.shape[:2] for d in part], [d.orig_hw for d in part],
+        pixels = [np.ascontiguousarray(d.pixels) for d in part]
+        out.append(ImageBatch(None, [p.shape[:2] for p in pixels], [d.orig_hw for d in part],
                               ["a person riding a horse near a car"] * len(part), [f"k{s + j}" for j in range(len(part))],
-                              [{} for _ in part], host=[d.pixels for d in part]))
+                              [{} for _ in part], host=pixels, images=[torch.from_numpy(p) for p in pixels]))
     return out
 
 
 def teacher_costs(args, blobs: list[bytes]) -> dict:
+    """Per teacher, CPU-ms per image of prepare, infer (forward and the rest) and finish, in this process."""
     import torch
 
-    from labelmill.teachers.base import build_teacher, validate_teacher_config
+    from labelmill.teachers.base import FinishInfo, build_teacher, upstream_views, validate_teacher_config
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
     sections = teacher_sections("small")
     results = {}
-    glip_outs: list = []
+    glip_raws: list = []
     for name in ("glip", "maskclip", "vild_dense", "vild_crop"):
         cfg = validate_teacher_config(sections[name])
         teacher = build_teacher(cfg, device, allow_random_init=True)
         batches = decoded_batches(blobs, cfg.image_request(), args.teacher_batch, args.teacher_images)
         clock = ForwardClock(teacher.torch_modules())
-        total = 0.0
-        n = 0
+        cpu = dict.fromkeys(("prepare", "infer", "finish"), 0.0)
+        n, outs = 0, []
         for b, batch in enumerate(batches):
-            upstream = {"glip": glip_outs[b]} if name.startswith("vild") else {}
+            upstream = {"glip": upstream_views(glip_raws[b][0], glip_raws[b][1], batch.orig_hw)} \
+                if name.startswith("vild") else {}
             if b == 1:  # batch 0 warms up
-                clock.cpu, total, n = 0.0, 0.0, 0
+                clock.cpu, n = 0.0, 0
+                cpu = dict.fromkeys(cpu, 0.0)
             t0 = time.thread_time()
+            prepared = teacher.host.prepare(list(batch.captions), list(batch.metas))
+            t1 = time.thread_time()
             with torch.inference_mode():
-                outs = teacher.predict_async(batch, upstream).result()
-            total += time.thread_time() - t0
+                raw = teacher.infer_async(batch, upstream, prepared).result()
+            t2 = time.thread_time()
+            outs = teacher.host.finish(raw, FinishInfo.of(batch, prepared))
+            t3 = time.thread_time()
+            cpu["prepare"] += t1 - t0
+            cpu["infer"] += t2 - t1
+            cpu["finish"] += t3 - t2
             n += len(batch)
             if name == "glip":
-                glip_outs.append(outs)
+                glip_raws.append((teacher.host, raw))
         clock.remove()
-        all_outs = glip_outs[-1] if name == "glip" else outs
         results[name] = {
-            "stored_bytes_per_img": stored_bytes(name, all_outs),
+            "stored_bytes_per_img": stored_bytes(name, outs),
             "images": n,
-            "cpu_ms_per_img_total": 1000 * total / n,
-            "cpu_ms_per_img_forward": 1000 * clock.cpu / n,
-            "cpu_ms_per_img_outside_forward": 1000 * (total - clock.cpu) / n,
+            "cpu_ms_per_img_prepare": 1000 * cpu["prepare"] / n,
+            "cpu_ms_per_img_infer_forward": 1000 * clock.cpu / n,
+            "cpu_ms_per_img_infer_outside_forward": 1000 * (cpu["infer"] - clock.cpu) / n,
+            "cpu_ms_per_img_finish": 1000 * cpu["finish"] / n,
             "labels_per_img": float(np.mean([len(o.labels) + (len(o.regions.boxes) if o.regions else 0)
-                                             for o in outs])),
+                                             for o in outs if o is not None])),
         }
         print(f"{name}: {json.dumps({k: round(v, 2) for k, v in results[name].items()})}", flush=True)
-    results["label_stage_null"] = stage_cost(args, blobs)
-    print(f"label stage (null teacher): {results['label_stage_null']}", flush=True)
+    results["infer_stage_null"] = stage_cost(args, blobs)
+    print(f"infer stage (null teacher): {results['infer_stage_null']}", flush=True)
     return results
 
 
@@ -264,6 +285,7 @@ def stored_bytes(teacher: str, outs) -> float:
 
     from labelmill.schemas.tables import LABEL_STRUCT, label_to_struct, regions_array
 
+    outs = [o for o in outs if o is not None]
     labels = [label_to_struct(lab, teacher) for o in outs for lab in o.labels]
     if labels:
         table = pa.table({"label": pa.array(labels, LABEL_STRUCT)}).flatten()
@@ -271,17 +293,17 @@ def stored_bytes(teacher: str, outs) -> float:
         table = pa.table({"regions": regions_array([[(teacher, o.regions)] for o in outs if o.regions is not None])})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    return buf.tell() / len(outs)
+    return buf.tell() / max(len(outs), 1)
 
 
 def stage_cost(args, blobs: list[bytes]) -> dict:
-    """CPU-ms per image of LabelImages.process_batch itself (null teacher), decode in the actor or not."""
+    """CPU-ms per image of InferImages.process_batch itself (null teacher), decode in the actor or not."""
     import pyarrow as pa
 
     from labelmill.schemas.records import ImageRequest
     from labelmill.schemas.tables import Col
-    from labelmill.stages.decode import DecodeImages
-    from labelmill.stages.label import LabelImages
+    from labelmill.stages.infer import InferImages
+    from labelmill.stages.prepare import PrepareInputs
     from labelmill.teachers.base import validate_teacher_config
 
     n = args.teacher_images
@@ -293,16 +315,101 @@ def stage_cost(args, blobs: list[bytes]) -> dict:
         Col.META_JSON: ["{}"] * n, Col.ERROR: pa.array([None] * n, pa.string()),
         Col.WARNINGS: pa.array([[] for _ in range(n)], pa.list_(pa.string())),
     })
-    decoded = DecodeImages(request, 90_000_000, 1).process_batch(raw)
+    teachers = [validate_teacher_config(NULL)]
     out = {}
-    for mode, batch in (("tasks", decoded), ("actor", raw)):
-        stage = LabelImages([validate_teacher_config(NULL)], allow_random_init=True, batch_size=args.teacher_batch,
-                            cpus=1, gpus=0, torch_threads=1, device="cpu", decode=mode, request=request)
+    for mode in ("tasks", "actor"):
+        batch = PrepareInputs(request, 90_000_000, teachers=teachers, decode=mode == "tasks").process_batch(raw)
+        stage = InferImages(teachers, allow_random_init=True, batch_size=args.teacher_batch, cpus=1, gpus=0,
+                            torch_threads=1, device="cpu", decode=mode, request=request)
         stage.setup()
         stage.process_batch(batch)
         t0 = time.process_time()
         stage.process_batch(batch)
         out[f"decode_{mode}_cpu_ms_per_img"] = round(1000 * (time.process_time() - t0) / n, 3)
+    return out
+
+
+# ------------------------------------------------------------------ simulated device
+def simulated_sections() -> dict[str, tuple[dict, dict | None]]:
+    """The teachers the simulation runs: (section, upstream section it was recorded with)."""
+    small = teacher_sections("small")
+    glip = {**small["glip"], "mode": "caption", "vocabulary": None, "min_size": 800, "max_size": 1333}
+    return {
+        "maskclip": (small["maskclip"], None),
+        "glip": (glip, None),
+        "vild_dense": ({**small["vild_dense"], "max_regions": 300}, glip),
+        "clip_embedding": ({**small["vild_crop"], "proposals": [{"meta_field": "proposals"}], "whole_image": True},
+                           None),
+    }
+
+
+def _recording(name: str, section: dict, upstream: dict | None, blobs: list[bytes], source: str) -> tuple[str, dict]:
+    from labelmill.models.common import config_hash
+
+    from simdevice import record
+
+    cache = Path(__file__).resolve().parents[1] / ".bench" / "sim"
+    path = cache / f"{name}-{config_hash([section, upstream, source, len(blobs)])}.arrow"
+    if path.is_file():
+        return str(path), {"cached": True}
+    print(f"[simulate] recording {name}'s device results on {len(blobs)} photos (once; cached)", flush=True)
+    return str(path), record(section, blobs, str(path), upstream_section=upstream)
+
+
+def _sim_run(shards: list[str], out: Path, section: dict, recording: str, ms: float, batch: int) -> dict:
+    from labelmill.config import load_config
+
+    from workload import cpu_ms_per_image, timed_run
+
+    name = section.get("name") or section["type"]
+    cfg = load_config({
+        "input": {"shards": shards}, "output": {"path": str(out), "commit_every_shards": 2},
+        "teachers": [{"type": "simdevice:SimulatedTeacher", "name": name, "teacher": section,
+                      "recording": recording, "ms_per_batch": ms}],
+        "ray": {"batch_size": batch, "device": "cpu"}, "allow_random_init": True, "progress_interval_s": 1,
+    })
+    summary, wall, rate, mem = timed_run(cfg, interval=1.0)
+    by_process = mem.cpu_by_process()
+    images = summary.counters.samples
+    return {"images": images, "errors": summary.counters.error, "img_s": rate, "wall_s": wall,
+            "infer_cpu_ms_per_img": cpu_ms_per_image(mem, "Infer", images),
+            "finish_cpu_ms_per_img": cpu_ms_per_image(mem, "Finish", images),
+            "cpu_s_by_process": by_process, "plan": summary.plan}
+
+
+def simulate(args, work: Path, blobs: list[bytes], source: str) -> dict:
+    """Per teacher: host capacity (no device time), then a device at ``args.device_share`` of it."""
+    import ray
+
+    bench_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (bench_dir, os.environ.get("PYTHONPATH")) if p)
+    shards = build_shards(work / "shards", blobs, args.images, args.shards)
+    wanted = args.sim_teachers.split(",")
+    sections = simulated_sections()
+    recordings = {n: _recording(n, *sections[n], blobs, source) for n in wanted}
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+    out = {}
+    try:
+        for name in wanted:
+            section = {**sections[name][0], "name": name}
+            path, info = recordings[name]
+            host = _sim_run(shards, work / f"{name}-host", section, path, 0.0, args.batch)
+            device_rate = args.device_share * host["img_s"]
+            ms = 1000 * args.batch / device_rate
+            sim = _sim_run(shards, work / f"{name}-sim", section, path, ms, args.batch)
+            out[name] = {"recording": info, "host_capacity_img_s": host["img_s"],
+                         "simulated_device_img_s": device_rate, "ms_per_batch": ms,
+                         "pipeline_img_s": sim["img_s"], "ratio": sim["img_s"] / device_rate,
+                         "infer_cpu_ms_per_img": sim["infer_cpu_ms_per_img"],
+                         "infer_cpu_ms_per_img_host_run": host["infer_cpu_ms_per_img"],
+                         "finish_cpu_ms_per_img": sim["finish_cpu_ms_per_img"],
+                         "runs": {"host": host, "simulated": sim}}
+            brief = {k: round(v, 3) for k, v in out[name].items() if isinstance(v, float)}
+            print(f"[simulate] {name}: {json.dumps(brief)}", flush=True)
+            shutil.rmtree(work / f"{name}-host", ignore_errors=True)
+            shutil.rmtree(work / f"{name}-sim", ignore_errors=True)
+    finally:
+        ray.shutdown()
     return out
 
 
@@ -319,6 +426,12 @@ def main(argv=None) -> int:
     ap.add_argument("--in-process", action="store_true",
                     help="ceiling without Ray: the same stages, one process (for a box too loaded to start Ray)")
     ap.add_argument("--skip-teachers", action="store_true")
+    ap.add_argument("--simulate-device", action="store_true",
+                    help="only the simulated-device runs (see part 2 of the description)")
+    ap.add_argument("--sim-teachers", default="maskclip,glip,vild_dense,clip_embedding",
+                    help="with --simulate-device: which teachers (comma-separated)")
+    ap.add_argument("--device-share", type=float, default=0.8,
+                    help="with --simulate-device: simulated device rate as a share of the host capacity")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     import torch
@@ -331,10 +444,13 @@ def main(argv=None) -> int:
     }
     work = Path(tempfile.mkdtemp(prefix="bench_engine_"))
     try:
-        if not args.skip_ceiling:
-            report["ceiling"] = ceiling(args, work, blobs)
-        if not args.skip_teachers:
-            report["teachers"] = teacher_costs(args, blobs)
+        if args.simulate_device:
+            report["simulated_device"] = simulate(args, work, blobs, source)
+        else:
+            if not args.skip_ceiling:
+                report["ceiling"] = ceiling(args, work, blobs)
+            if not args.skip_teachers:
+                report["teachers"] = teacher_costs(args, blobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(report, indent=2)

@@ -15,7 +15,7 @@ Three numbers on the same images, batch size and torch threads:
 * **teacher in-process**: ``MaskCLIPTeacher.predict`` on decoded batches,
   masks and RLE included, no Ray;
 * **pipeline**: ``labelmill run`` end to end on local Ray: tar shards on
-  disk -> read -> decode -> label -> filter -> Delta commits.  Reported as
+  disk -> read -> prepare -> infer -> finish -> filter -> Delta commits.  Reported as
   steady-state images/s (first to last committed sample) and as total wall
   time including Ray start-up and model load.
 
@@ -40,12 +40,14 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import timed_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "images"
@@ -109,62 +111,6 @@ def teacher_section(arch: str, size: int) -> dict:
     }
 
 
-class MemorySampler:
-    """Peak summed PSS of this process and all its descendants, and the CPU seconds each one used.
-
-    Reading PSS (``/proc/<pid>/smaps_rollup``) of a dozen Ray processes every
-    half second costs about a fifth of a core here, so a throughput run uses
-    ``pss=False``: resident set sizes (summed, so shared pages count twice),
-    and the CPU times, read every ``interval`` seconds from ``/proc/<pid>/stat``.
-    """
-
-    def __init__(self, interval: float = 0.5, pss: bool = True):
-        self.interval = interval
-        self.pss = pss
-        self.peak = 0
-        self.peak_driver_rss = 0
-        self.breakdown: dict[str, float] = {}
-        self.cpu_s: dict[int, tuple[str, float, float]] = {}  # pid -> (name, first reading, last)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total, parts = 0, {}
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    size = p.memory_full_info().pss if self.pss else p.memory_info().rss
-                    name = " ".join(p.cmdline()[:2])[-60:] if p.pid != me.pid else "driver"
-                    cpu = p.cpu_times()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += size
-                parts[name] = parts.get(name, 0) + size / 2**20
-                now = cpu.user + cpu.system
-                self.cpu_s[p.pid] = (name, self.cpu_s.get(p.pid, (name, now, now))[1], now)
-            if total > self.peak:
-                self.peak, self.breakdown = total, parts
-            self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def cpu_by_process(self) -> dict[str, float]:
-        """CPU seconds per process name while sampling (the driver's from the first reading on; a
-        process started later counts from its own first reading, so a short-lived one is undercounted)."""
-        out: dict[str, float] = {}
-        for name, first, last in self.cpu_s.values():
-            out[name] = out.get(name, 0.0) + (last - first if name == "driver" else last)
-        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def bare_and_teacher(shards: list[str], arch: str, size: int, batch: int, threads: int) -> dict:
     """Decode every image once (not timed), then time the forward and the teacher."""
     import torch
@@ -216,8 +162,6 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
              pss: bool = False) -> dict:
     """One ``labelmill run``; ``pss`` samples PSS every 0.5 s (memory runs), else RSS and CPU every 2 s."""
     from labelmill.config import load_config
-    from labelmill.pipelines.label import run
-    from labelmill.engine.progress import Progress
 
     cfg = load_config(
         {
@@ -230,27 +174,7 @@ def pipeline(shards_dir: Path, out: Path, arch: str, size: int, batch: int, thre
             "progress_interval_s": 5,
         }
     )
-    marks: list[tuple[float, int]] = []
-    original = Progress.update
-
-    def spy(self, counters, committed, force=False):
-        marks.append((time.monotonic(), counters.samples))
-        return original(self, counters, committed, force)
-
-    Progress.update = spy
-    try:
-        with MemorySampler(0.5 if pss else 2.0, pss=pss) as mem:
-            start = time.monotonic()
-            summary = run(cfg, stream=open(os.devnull, "w"))
-            wall = time.monotonic() - start
-    finally:
-        Progress.update = original
-    counted = [(t, n) for t, n in marks if n > 0]
-    if len(counted) >= 2 and counted[-1][1] > counted[0][1]:
-        (t0, n0), (t1, n1) = counted[0], counted[-1]
-        steady = (n1 - n0) / max(t1 - t0, 1e-9)
-    else:  # a short run: its samples were counted at one commit, so only the wall rate exists
-        steady = summary.counters.samples / wall
+    summary, wall, steady, mem = timed_run(cfg, pss=pss)
     return {
         "images": summary.counters.samples,
         "errors": summary.counters.error,
@@ -273,7 +197,7 @@ def driver_bytes_in_process(shards_dir: Path, out: Path, arch: str, size: int, b
                             regions: int) -> dict:
     """The same stages without Ray: what reaches the driver now (manifests) vs. before (labelled rows).
 
-    Runs read -> decode -> label -> filter -> write in this process on every
+    Runs read -> prepare -> infer -> finish -> filter -> write in this process on every
     shard and sums the Arrow bytes of the write stage's output (the manifest
     rows the engine's driver receives through ``iter_batches``) and of its
     input (the rows wave 1's driver-side writer received).
@@ -288,17 +212,19 @@ def driver_bytes_in_process(shards_dir: Path, out: Path, arch: str, size: int, b
         "ray": {"batch_size": batch, "torch_threads": threads}, "allow_random_init": True,
     })
     p = build_pipeline(cfg, "bench")
-    read, decode, label, filt, write = (p.find(name=n) for n in ("read", "decode", "label", "filter", "write"))
-    label.place(Resources(cpus=threads), threads)
-    label.setup()
+    read, prepare, infer, finish, filt, write = (
+        p.find(name=n) for n in ("read", "prepare", "infer", "finish", "filter", "write"))
+    infer.place(Resources(cpus=threads), threads)
+    infer.setup()
+    finish.setup()
     write.setup()
     before = after = images = regions_seen = 0
     start = time.monotonic()
     for url in sorted(glob.glob(str(shards_dir / "*.tar"))):
         for block in read.read_blocks(url):
-            decoded = decode.process_batch(block)
+            decoded = prepare.process_batch(block)
             for i in range(0, decoded.num_rows, batch):
-                rows = filt.process_batch(label.process_batch(decoded.slice(i, batch)))
+                rows = filt.process_batch(finish.process_batch(infer.process_batch(decoded.slice(i, batch))))
                 before += rows.nbytes
                 manifests = write.process_batch(rows)
                 after += manifests.nbytes

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / "shared" / "data" / "coco128" / "images"
@@ -233,3 +234,100 @@ class GpuSampler:
         """Mean over the samples after the first ``skip`` fraction (warm-up)."""
         s = self.samples[int(len(self.samples) * skip):]
         return float(np.mean(s)) if s else None
+
+
+class MemorySampler:
+    """Peak summed PSS of this process and all its descendants, and the CPU seconds each one used.
+
+    Reading PSS (``/proc/<pid>/smaps_rollup``) of a dozen Ray processes every
+    half second costs about a fifth of a core here, so a throughput run uses
+    ``pss=False``: resident set sizes (summed, so shared pages count twice),
+    and the CPU times, read every ``interval`` seconds from ``/proc/<pid>/stat``.
+    """
+
+    def __init__(self, interval: float = 0.5, pss: bool = True):
+        self.interval = interval
+        self.pss = pss
+        self.peak = 0
+        self.peak_driver_rss = 0
+        self.breakdown: dict[str, float] = {}
+        self.cpu_s: dict[int, tuple[str, float, float]] = {}  # pid -> (name, first reading, last)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total, parts = 0, {}
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    size = p.memory_full_info().pss if self.pss else p.memory_info().rss
+                    name = " ".join(p.cmdline()[:2])[-60:] if p.pid != me.pid else "driver"
+                    cpu = p.cpu_times()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                total += size
+                parts[name] = parts.get(name, 0) + size / 2**20
+                now = cpu.user + cpu.system
+                self.cpu_s[p.pid] = (name, self.cpu_s.get(p.pid, (name, now, now))[1], now)
+            if total > self.peak:
+                self.peak, self.breakdown = total, parts
+            self.peak_driver_rss = max(self.peak_driver_rss, me.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per process name while sampling (the driver's from the first reading on; a
+        process started later counts from its own first reading, so a short-lived one is undercounted)."""
+        out: dict[str, float] = {}
+        for name, first, last in self.cpu_s.values():
+            out[name] = out.get(name, 0.0) + (last - first if name == "driver" else last)
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_run(cfg, pss: bool = False, interval: float | None = None):
+    """``labelmill run`` of ``cfg`` (an already validated RunConfig) with its steady-state rate.
+
+    Returns ``(summary, wall seconds, steady img/s, sampler)``: the steady rate is counted from the first
+    to the last status update that saw samples (a run counted at one commit only gets its wall rate);
+    ``sampler`` holds peak memory and CPU seconds per process (:class:`MemorySampler`).
+    """
+    import os
+
+    from labelmill.engine.progress import Progress
+    from labelmill.pipelines.label import run
+
+    marks: list[tuple[float, int]] = []
+    original = Progress.update
+
+    def spy(self, counters, committed, force=False):
+        marks.append((time.monotonic(), counters.samples))
+        return original(self, counters, committed, force)
+
+    Progress.update = spy
+    try:
+        with MemorySampler(interval or (0.5 if pss else 2.0), pss=pss) as mem:
+            start = time.monotonic()
+            summary = run(cfg, stream=open(os.devnull, "w"))
+            wall = time.monotonic() - start
+    finally:
+        Progress.update = original
+    counted = [(t, n) for t, n in marks if n > 0]
+    if len(counted) >= 2 and counted[-1][1] > counted[0][1]:
+        (t0, n0), (t1, n1) = counted[0], counted[-1]
+        steady = (n1 - n0) / max(t1 - t0, 1e-9)
+    else:
+        steady = summary.counters.samples / wall
+    return summary, wall, steady, mem
+
+
+def cpu_ms_per_image(mem: MemorySampler, marker: str, images: int) -> float:
+    """CPU-ms per image of the processes whose name holds ``marker`` (``Infer``, ``Finish``: Ray's actor titles)."""
+    return 1000 * sum(v for k, v in mem.cpu_by_process().items() if marker in k) / max(images, 1)

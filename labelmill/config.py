@@ -72,7 +72,20 @@ class RayConfig(_Strict):
         description="read+decode tasks per label actor (default 2 per GPU actor, 1 per CPU actor); "
         "read concurrency follows the actor pool",
     )
-    gpus_per_actor: float | None = Field(default=None, ge=0, description="default: 1 if the cluster has GPUs, else 0")
+    gpus_per_actor: float | None = Field(
+        default=None, ge=0, description="GPUs of one infer actor; default: 1 / actors_per_gpu if the cluster has "
+        "GPUs, else 0")
+    actors_per_gpu: int = Field(
+        default=1, gt=0, description="infer actors sharing one GPU (each reserves 1/N of it): more device processes "
+        "where one process's host work per batch is the limit")
+    host_cpus_per_gpu: float | None = Field(
+        default=None, gt=0, description="CPUs per GPU for the prepare tasks and finish actors (the host work); "
+        "default: a GPU node's CPUs minus one, divided by its GPUs")
+    finish_actors: int | None = Field(
+        default=None, gt=0, description="most finish actors (RLE, label rows, filter, table writer); default: half "
+        "of host_cpus_per_gpu per GPU on a GPU plan, 1 on a CPU plan (the pool grows from 1 while work queues)")
+    finish_cpus: float | None = Field(
+        default=None, gt=0, description="CPU reservation of one finish actor (default 0.5 on a GPU plan, 0.25 on CPU)")
     cpus_per_actor: float | None = Field(default=None, gt=0, description="CPU reservation of a label actor")
     torch_threads: int | None = Field(default=None, gt=0, description="intra-op threads in a label actor")
     batch_size: int = Field(default=32, gt=0, description="images per teacher forward")
@@ -108,6 +121,8 @@ class RayConfig(_Strict):
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "RayConfig":
+        if self.actors_per_gpu > 1 and self.gpus_per_actor is not None:
+            raise ValueError("give either actors_per_gpu or gpus_per_actor (actors_per_gpu: N means 1/N GPU each)")
         if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) is larger than max_actors ({self.max_actors})")
         if self.teacher_actors and (self.min_actors or self.max_actors):

@@ -2,16 +2,18 @@
 
 ``models/`` imports nothing from ``teachers/``: the error type for missing
 weights, file hashing and the precision setting live here, and
-``labelmill.teachers.base`` re-exports them for plug-in authors.
+``labelmill.teachers.base`` re-exports them for plug-in authors. Importing
+this module does not import torch (config validation and the CPU pools use it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class WeightsError(RuntimeError):
@@ -32,11 +34,13 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
     """The autocast dtype a teacher's ``precision`` setting asks for (None = fp32).
 
     ``auto`` is fp32 on CPU and bf16 on CUDA (fp16 where the GPU has no bf16).
     """
+    import torch
+
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "fp16":

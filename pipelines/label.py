@@ -1,5 +1,5 @@
-"""read (decode fused in) -> label (actor pool; filter, table writer fused in) -> manifests -> the driver commits
-dataset versions.  The engine (:mod:`labelmill.engine`) plans, runs, commits; ``run`` resumes an output."""
+"""read -> prepare (CPU) -> infer (device) -> finish (CPU; filter, writer fused in) -> manifests -> the driver
+commits dataset versions.  The engine (:mod:`labelmill.engine`) plans, runs, commits; ``run`` resumes an output."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine, Pipeline, RunSummary
 from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.io.shards import list_shard_fingerprints
-from labelmill.stages.decode import DecodeImages, merge_requests
 from labelmill.stages.filter import FilterLabels
-from labelmill.stages.label import LabelImages
+from labelmill.stages.finish import FinishLabels
+from labelmill.stages.infer import InferImages
+from labelmill.stages.prepare import PrepareInputs, merge_requests
 from labelmill.stages.read import ReadShards
 from labelmill.stages.write import WriteTables
 from labelmill.store.commit import OutputStore
@@ -23,10 +24,10 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
     return Pipeline("label", [
         ReadShards(cfg.input.storage_options, cfg.input.samples_per_block, attempts=cfg.input.read_attempts,
                    backoff_s=cfg.input.read_backoff_s),
-        *([] if in_actor else [DecodeImages(request, cfg.input.max_image_pixels)]),
-        LabelImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size,
-                    device=cfg.ray.device, decode=cfg.ray.decode, request=request,
-                    max_pixels=cfg.input.max_image_pixels),
+        PrepareInputs(request, cfg.input.max_image_pixels, teachers=cfg.teachers, decode=not in_actor),
+        InferImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size,
+                    device=cfg.ray.device, decode=cfg.ray.decode, request=request, max_pixels=cfg.input.max_image_pixels),
+        FinishLabels(cfg.teachers),
         FilterLabels(cfg.filter),
         WriteTables(cfg.output.path, cfg.output.storage_options, cfg.output.compression, cfg.label_hash(),
                     run_id, __version__),

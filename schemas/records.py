@@ -97,6 +97,12 @@ class TeacherOutput:
     # embedder pooling MaskCLIP's value-path features).  Never written out.
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def proposal_boxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (N, 4) xyxy in original pixels and scores (N,) of the labels, for a later teacher."""
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (lab.bbox for lab in self.labels)],
+                         dtype=np.float64).reshape(-1, 4)
+        return boxes, np.array([float(lab.score) for lab in self.labels], dtype=np.float64)
+
 
 @dataclass(frozen=True)
 class ImageRequest:

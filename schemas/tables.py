@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -326,6 +326,20 @@ def label_to_struct(label: Label, teacher: str) -> dict:
         "segmentation": label.rle,
         "iscrowd": bool(label.iscrowd),
     }
+
+
+def region_from_struct(item: dict) -> tuple[str, RegionSet]:
+    """One ``REGION_STRUCT`` value (as ``to_pylist`` gives it) back as ``(teacher, RegionSet)``."""
+    n = len(item["scores"])
+    return item["teacher"], RegionSet(
+        boxes=np.asarray(item["boxes"], dtype=np.float32).reshape(n, 4),
+        scores=np.asarray(item["scores"], dtype=np.float32),
+        sources=list(item["sources"]),
+        embeddings=np.asarray(item["embeddings"], dtype=np.float16).reshape(n, int(item["dim"])),
+        mode=item["mode"],
+        model=item["model"],
+        pixel_scale=float(item["pixel_scale"]),
+    )
 
 
 def regions_array(per_row: Sequence[Sequence[tuple[str, RegionSet]]]) -> pa.Array:

@@ -39,15 +39,12 @@ batch's forward runs.  On CPU, the label maps themselves are computed there.
 
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from labelmill.models.common import autocast_dtype
 from labelmill.models.transfer import HostCopy
@@ -56,136 +53,16 @@ from labelmill.models.openclip import (
     DenseFeatures,
     encode_text_trimmed,
     fit_size,
-    load_clip,
     pad_to_patch,
     vit_input,
 )
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
-from labelmill.teachers.base import ImageBatch, ImageRequest, Pending, Teacher, TeacherConfig
+from labelmill.schemas.raw import RawBatch
+from labelmill.teachers.base import FinishInfo, ImageBatch, Pending, Teacher
+from labelmill.teachers.configs import CLIPModelFields, MaskCLIPConfig, VocabularyFile
 from labelmill.teachers.labelmap import pruned_argmax, pruned_labels, resample
-from labelmill.teachers.rle import class_rles, run_starts
+from labelmill.teachers.rle import run_starts
 from labelmill.teachers.vocab import load_templates, load_vocabulary, text_classifier
-
-
-class Refinement(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    threshold: float = Field(ge=0, le=1)
-
-
-class PromptDenoising(Refinement):
-    keep_all_if_none_pass: bool = Field(
-        default=True,
-        description="when every class of an image falls below the threshold, drop none (the reference "
-        "drops all, which leaves equal scores and labels every pixel with class 0)",
-    )
-
-
-class KeySmoothing(Refinement):
-    rule: Literal["reference", "cosine"] = Field(
-        default="reference",
-        description="reference: W = K K^T with keys L2-normalised over positions (MaskCLIP); cosine: "
-        "cosine similarity of keys, negatives clamped to 0, rows normalised to sum 1 (labelmill's earlier "
-        "rule: smoothed scores stay probability distributions)",
-    )
-
-
-class VocabularyFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    file: str
-
-
-class CLIPModelFields(TeacherConfig):
-    """How to build and load the open_clip model (shared with the ViLD embedder)."""
-
-    model: str = Field(default="ViT-B-16", description="open_clip architecture or hf-hub:org/repo")
-    pretrained: str | None = Field(
-        default="openai", description="open_clip pretrained tag or a local checkpoint file"
-    )
-    arch_config: dict | None = Field(default=None, description="inline open_clip model config (custom archs)")
-    quick_gelu: bool | None = Field(
-        default=None,
-        description="QuickGELU (OpenAI-trained weights) or GELU; default: from the pretrained tag, or QuickGELU "
-        "for OpenAI-format local files; other local files must say",
-    )
-    cache_dir: str | None = None
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-
-    def preflight(self, allow_random_init: bool) -> None:
-        from labelmill.models.openclip import resolve_quick_gelu, resolve_weights
-        from labelmill.models.safe_load import check_readable
-
-        path = None
-        if self.arch_config is None and not self.model.startswith("hf-hub:"):
-            path, _, tag_cfg = resolve_weights(
-                self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir
-            )
-            if path is not None and not tag_cfg:
-                resolve_quick_gelu(self.model, path, self.quick_gelu)
-        elif self.pretrained is None and not allow_random_init:
-            name = "inline arch_config" if self.arch_config is not None else self.model
-            resolve_weights(name, None, allow_random_init=False)
-        elif self.pretrained is not None and os.path.isfile(self.pretrained):
-            path = self.pretrained
-        if path is not None:
-            check_readable(path)  # refuses a file that would run code, running none of it
-
-    def load(self, allow_random_init: bool):
-        return load_clip(
-            self.model,
-            self.pretrained,
-            arch_config=self.arch_config,
-            allow_random_init=allow_random_init,
-            quick_gelu=self.quick_gelu,
-            cache_dir=self.cache_dir,
-        )
-
-
-class MaskCLIPConfig(CLIPModelFields):
-    """MaskCLIP settings; the defaults are the paper's COCO-Stuff evaluation (ViT-B/16, whole mode at
-    short side 512, long side at most 2048, key smoothing 1.0, prompt denoising 0.5)."""
-
-    type: Literal["maskclip"] = "maskclip"
-    vocabulary: str | list[str] | VocabularyFile = "coco-stuff-171"
-    background: list[str] = Field(default_factory=list, description="classes whose pixels give no mask")
-    templates: str | list[str] = "maskclip85"
-    logit_scale: float | None = Field(default=None, gt=0, description="default: the model's own (100 for OpenAI)")
-    mode: Literal["whole", "slide"] = "whole"
-    image_size: int = Field(
-        default=512, ge=32,
-        description="whole mode: short side of the resized image (paper: 512 COCO-Stuff, 520 PASCAL Context)",
-    )
-    whole_max_long_side: int = Field(default=2048, ge=32, description="whole mode: long side at most")
-    slide_short_side: int = Field(default=512, ge=32)
-    slide_max_long_side: int = Field(default=2048, ge=32)
-    slide_crop: int = Field(default=512, ge=32, description="slide mode: window side (mmseg COCO-Stuff: 512)")
-    slide_stride: int = Field(default=341, ge=1, description="slide mode: window step (mmseg COCO-Stuff: 341)")
-    window_batch_size: int = Field(default=32, gt=0, description="windows (or images) per forward")
-    key_smoothing: KeySmoothing = Field(default_factory=lambda: KeySmoothing(enabled=True, threshold=1.0))
-    prompt_denoising: PromptDenoising = Field(
-        default_factory=lambda: PromptDenoising(enabled=True, threshold=0.5)
-    )
-    pixel_threshold: float = Field(default=0.0, ge=0, le=1, description="pixels below stay unlabelled")
-    candidate_topk: int = Field(
-        default=0, ge=0,
-        description="only classes in the top-k of some patch compete in the argmax (faster, approximate); 0 = all",
-    )
-    label_resolution: int = Field(
-        default=0, ge=0,
-        description="long side at which the label map is computed before nearest upsampling (faster, "
-        "approximate); 0 = the original size, as the reference",
-    )
-
-    def image_request(self) -> ImageRequest:
-        if self.mode == "whole":
-            return ImageRequest(short_side=self.image_size, max_long_side=self.whole_max_long_side)
-        return ImageRequest(short_side=self.slide_short_side, max_long_side=self.slide_max_long_side)
-
-    @model_validator(mode="after")
-    def _check(self) -> "MaskCLIPConfig":
-        if self.slide_stride > self.slide_crop:
-            raise ValueError("slide_stride must not exceed slide_crop (windows would leave gaps)")
-        return self
 
 
 @dataclass
@@ -409,28 +286,33 @@ class MaskCLIPTeacher(CLIPTeacher):
 
     # -------------------------------------------------------------- labels
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
-        return self.predict_async(batch, upstream).result()
+        return self.predict_split(batch, upstream)
 
     def predict_async(self, batch: ImageBatch, upstream) -> Pending:
-        """The forward, label maps, statistics and runs queued on the device, and the batch's one copy
-        back started; the returned :class:`Pending` waits for that copy and encodes the masks.
+        """:meth:`infer_async`, then the host side's masks once the copy has landed (one process)."""
+        pending, info = self.infer_async(batch, upstream, None), FinishInfo.of(batch)
 
-        On CPU every step is host work: the label maps are computed by ``result()`` itself, on the
-        label stage's finishing thread, beside the next batch's forward."""
-        maps = self.score_maps(batch)
-
-        def outputs(labels: list[list[Label]]) -> list[TeacherOutput]:
-            outs = []
-            for sm, lab in zip(maps, labels):
-                out = TeacherOutput(labels=lab)
-                out.extras["score_map"] = sm
-                outs.append(out)
+        def finish() -> list[TeacherOutput]:
+            raw = pending.result()
+            outs = self.host.finish(raw, info)
+            for out, extras in zip(outs, raw.extras):
+                out.extras.update(extras)
             return outs
 
+        return Pending(finish)
+
+    def infer_async(self, batch: ImageBatch, upstream, prepared) -> Pending:
+        """The forward, label maps, statistics and runs queued on the device, and the batch's one copy
+        back started; the :class:`Pending` waits for that copy and gives the raw arrays
+        (:class:`~labelmill.teachers.hosts.MaskCLIPHost` turns them into masks).
+
+        On CPU every step is host work: the label maps are computed by ``result()`` itself, on the
+        infer stage's collecting thread, beside the next batch's forward."""
+        maps = self.score_maps(batch)
+        extras = [{"score_map": sm} for sm in maps]
         if self.device.type == "cpu":
-            return Pending(lambda: outputs(self.labels_from_maps(maps)))
-        waiting = self.queue_labels(maps)
-        return Pending(lambda: outputs(waiting()))
+            return Pending(lambda: self.queue_raw(maps, extras)())
+        return Pending(self.queue_raw(maps, extras))
 
     def _scan(self, sm: ScoreMap, channels: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
               normalise: bool):
@@ -506,12 +388,14 @@ class MaskCLIPTeacher(CLIPTeacher):
     def labels_from_maps(self, maps: list[ScoreMap]) -> list[list[Label]]:
         """Masks of every image: label maps, per-class statistics and the maps' column-major runs on
         the device, one copy of statistics and runs to the host, RLE compression on the CPU."""
-        return self.queue_labels(maps)()
+        raw = self.queue_raw(maps)()
+        return [out.labels for out in self.host.finish(raw, FinishInfo([""] * len(maps), [sm.orig_hw for sm in maps],
+                                                                     [None] * len(maps), [{}] * len(maps)))]
 
     @torch.inference_mode()
-    def queue_labels(self, maps: list[ScoreMap]) -> Callable[[], list[list[Label]]]:
-        """Queue :meth:`labels_from_maps`'s device part and start its one copy to the host; the
-        returned function waits for the copy and encodes the masks on the host."""
+    def queue_raw(self, maps: list[ScoreMap], extras: list[dict] | None = None) -> Callable[[], RawBatch]:
+        """Queue the label maps, statistics and runs on the device and start their one copy to the host;
+        the returned function waits for the copy and cuts it into the batch's raw arrays (vectorised)."""
         c = len(self.vocabulary)
         stats_all, flats, layout = [], [], []
         for sm in maps:
@@ -532,45 +416,27 @@ class MaskCLIPTeacher(CLIPTeacher):
             stats_all.append(torch.stack([n, score, lo[0], lo[1], hi[0], hi[1]]))  # (6, C+1)
             flats.append(arg.T.flatten())  # column-major, as COCO RLE counts
             layout.append((H, W))
+        b = len(maps)
         if not maps:
-            return lambda: []
+            empty = np.zeros(0, np.int64)
+            return lambda: RawBatch.from_counts(
+                {"stats": np.zeros((0, 6, c + 1)), "starts": empty, "values": empty, "hw": np.zeros((0, 2), np.int64)},
+                {"stats": empty, "starts": empty, "values": empty, "hw": empty}, extras=[])
         starts, values = run_starts(torch.cat(flats), [h * w for h, w in layout])
-        n_stats = len(maps) * 6 * (c + 1)
+        n_stats = b * 6 * (c + 1)
         nr = len(starts)
         # the one device-to-host copy of the batch, on a side stream: the next forward is not held up
         copy = HostCopy(torch.cat([torch.stack(stats_all).flatten(), starts.double(), values.double()]))
 
-        def finish() -> list[list[Label]]:
+        def finish() -> RawBatch:
             host = copy.get().numpy()
-            stats = host[:n_stats].reshape(len(maps), 6, c + 1)
             starts_h = host[n_stats : n_stats + nr].astype(np.int64)
-            values_h = host[n_stats + nr :].astype(np.int64)
-            out, offset = [], 0
-            for i, (H, W) in enumerate(layout):
-                lo_i, hi_i = np.searchsorted(starts_h, [offset, offset + H * W])
-                out.append(self._encode((H, W), stats[i], starts_h[lo_i:hi_i] - offset, values_h[lo_i:hi_i]))
-                offset += H * W
-            return out
+            borders = np.cumsum([0] + [h * w for h, w in layout])
+            runs = np.diff(np.searchsorted(starts_h, borders))  # runs per image
+            ones = np.ones(b, np.int64)
+            return RawBatch.from_counts(
+                {"stats": host[:n_stats].reshape(b, 6, c + 1), "hw": np.array(layout, np.int64).reshape(b, 2),
+                 "starts": starts_h - np.repeat(borders[:-1], runs), "values": host[n_stats + nr :].astype(np.int64)},
+                {"stats": ones, "hw": ones, "starts": runs, "values": runs}, extras=extras)
 
         return finish
-
-    def _encode(self, hw: tuple[int, int], stats: np.ndarray, starts: np.ndarray, values: np.ndarray) -> list[Label]:
-        """Labels of the classes present in one label map: RLE from its runs, device-computed statistics."""
-        c = len(self.vocabulary)
-        n, score, x0, y0, x1, y1 = stats
-        present = [int(k) for k in np.nonzero(n[:c])[0] if int(k) not in self.background]
-        H, W = hw
-        labels = []
-        for k, counts in zip(present, class_rles(starts, values, hw, present)):
-            labels.append(
-                Label(
-                    kind="mask",
-                    score=float(score[k] / n[k]),
-                    bbox=(float(x0[k]), float(y0[k]), float(x1[k] - x0[k] + 1), float(y1[k] - y0[k] + 1)),
-                    class_name=self.vocabulary.names[k],
-                    class_id=k,
-                    area=float(n[k]),
-                    rle={"size": [int(H), int(W)], "counts": counts.decode("ascii")},
-                )
-            )
-        return labels

@@ -11,17 +11,23 @@ the strings equal ``pycocotools.mask.encode`` of each class's mask.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 
+if TYPE_CHECKING:  # the encoding side (class_rles) runs in the torch-free finish pool
+    import torch
 
-def run_starts(flat: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+
+def run_starts(flat: "torch.Tensor", lengths: list[int]) -> "tuple[torch.Tensor, torch.Tensor]":
     """Start offsets of the runs of equal values in ``flat``, and their values.
 
     ``flat`` is the concatenation of segments of ``lengths`` (each a
     column-major flattened label map); a run never crosses a segment border.
     """
+    import torch
+
     change = torch.ones_like(flat, dtype=torch.bool)
     if flat.numel() > 1:
         change[1:] = flat[1:] != flat[:-1]

@@ -14,61 +14,16 @@ which the next training round reads::
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from pydantic import Field, model_validator
 
 from labelmill.schemas.records import Label, Provenance, TeacherOutput
-from labelmill.teachers.base import ImageBatch, ImageRequest, Teacher, TeacherConfig, WeightsError, file_sha256
-
-
-class StudentTeacherConfig(TeacherConfig):
-    type: Literal["student"] = "student"
-    checkpoint: str = Field(description="student checkpoint folder (model.pt + student.json) or its model.pt")
-    vocabulary: list[str] | None = Field(default=None, description="optional: must equal the checkpoint's")
-    image_size: int = Field(default=512, ge=16, description="long side the student sees")
-    background: list[str] = Field(default_factory=list, description="classes whose pixels give no mask")
-    pixel_threshold: float = Field(default=0.0, ge=0, le=1, description="pixels below stay unlabelled")
-
-    def image_request(self) -> ImageRequest:
-        return ImageRequest(short_side=self.image_size, max_long_side=self.image_size)
-
-    def _meta(self) -> dict | None:
-        folder = self.checkpoint if os.path.isdir(self.checkpoint) else os.path.dirname(self.checkpoint)
-        path = os.path.join(folder, "student.json")
-        if not os.path.isfile(path):
-            return None
-        with open(path) as fh:
-            return json.load(fh)
-
-    @model_validator(mode="after")
-    def _vocabulary_matches(self) -> "StudentTeacherConfig":
-        meta = self._meta()
-        if meta is None:
-            return self  # preflight reports the missing checkpoint
-        if self.vocabulary is not None and list(self.vocabulary) != list(meta["vocabulary"]):
-            raise ValueError(f"vocabulary mismatch: the config names {len(self.vocabulary)} classes but the student "
-                             f"checkpoint was trained on {len(meta['vocabulary'])} different ones "
-                             f"({meta['vocabulary'][:4]} ...); drop 'vocabulary' or retrain")
-        unknown = [b for b in self.background if b not in meta["vocabulary"]]
-        if unknown:
-            raise ValueError(f"background {unknown} not in the student's vocabulary")
-        return self
-
-    def preflight(self, allow_random_init: bool) -> None:
-        if self._meta() is None or not os.path.exists(self.checkpoint):
-            raise WeightsError(f"student checkpoint {self.checkpoint} not found (a folder with model.pt and "
-                               "student.json, as `labelmill train maskclip-plus` writes)")
-        from labelmill.models.deeplab import read_spec
-        from labelmill.models.safe_load import check_readable
-
-        check_readable(read_spec(self.checkpoint)[1])  # refuses a file that would run code, reading none of it
+from labelmill.teachers.base import ImageBatch, Teacher, WeightsError, file_sha256
+from labelmill.teachers.configs import StudentTeacherConfig
 
 
 class StudentTeacher(Teacher):

@@ -48,20 +48,20 @@ Two ways to embed a proposal:
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.ops import nms, roi_align
 
 from labelmill.models.openclip import DenseCLIP, fit_size, vit_input
-from labelmill.schemas.records import ImageRequest, RegionSet, TeacherOutput
-from labelmill.teachers.base import ImageBatch, TeacherConfig
-from labelmill.teachers.maskclip import CLIPModelFields, CLIPTeacher, MaskCLIPConfig
-
-WHOLE_IMAGE = "image"
+from labelmill.models.transfer import HostCopy
+from labelmill.schemas.raw import RawBatch
+from labelmill.schemas.records import TeacherOutput
+from labelmill.teachers.base import ImageBatch, Pending
+from labelmill.teachers.configs import ORIGINAL, WHOLE_IMAGE, ViLDConfig  # noqa: F401  (ORIGINAL: re-exported)
+from labelmill.teachers.maskclip import CLIPTeacher
 
 
 class Proposals(NamedTuple):
@@ -71,102 +71,6 @@ class Proposals(NamedTuple):
     scores: torch.Tensor     # (N,)
     sources: list[str]
     dropped: int             # proposals discarded as empty or too thin
-
-
-class ProposalSource(BaseModel):
-    """Where one kind of proposal comes from: an earlier teacher or the JSON."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    teacher: str | None = Field(default=None, description="instance name of an earlier teacher")
-    meta_field: str | None = Field(default=None, description="field of KEY.json holding boxes")
-    box_format: Literal["xyxy", "xywh"] = Field(default="xyxy", description="meta_field boxes only")
-    min_score: float = Field(default=0.0, ge=0, description="proposals scoring below are ignored")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ProposalSource":
-        if (self.teacher is None) == (self.meta_field is None):
-            raise ValueError("a proposal source names exactly one of 'teacher' or 'meta_field'")
-        return self
-
-    @property
-    def label(self) -> str:
-        """The value written in the ``sources`` column for these proposals."""
-        return self.teacher if self.teacher is not None else f"json:{self.meta_field}"
-
-
-#: An image side no photo reaches: asking for it keeps the original resolution.
-ORIGINAL = 1 << 30
-
-
-class ViLDConfig(CLIPModelFields):
-    type: Literal["vild"] = "vild"
-    proposals: list[ProposalSource] = Field(
-        default_factory=lambda: [ProposalSource(meta_field="proposals")], min_length=1
-    )
-    whole_image: bool = Field(default=False, description="add the whole image as one more proposal (score 1)")
-    nms_iou: float = Field(default=0.7, gt=0, le=1, description="class-agnostic NMS IoU; 1 keeps all")
-    max_regions: int = Field(default=300, gt=0, description="cap after NMS (ViLD's max_num_rois)")
-    min_box_size: float = Field(default=2.0, ge=0, description="px; thinner proposals are dropped")
-    mode: Literal["crop", "dense"] = "crop"
-    crop_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5], min_length=1)
-    crop_resize: Literal["stretch", "center_crop"] = Field(
-        default="stretch", description="stretch: the whole box (ViLD); center_crop: its central square (DetPro)"
-    )
-    crop_size: int | None = Field(default=None, ge=16, description="encoder input side; default the model's")
-    crop_batch_size: int = Field(default=128, gt=0, description="crops per encoder forward")
-    work_short_side: int | None = Field(
-        default=800, ge=32,
-        description="crop mode: crops are cut from a copy with this short side; null cuts them from the original",
-    )
-    work_max_long_side: int | None = Field(default=1333, ge=32, description="crop mode: that copy's long side at most")
-    dense_features_from: str | None = Field(
-        default=None, description="dense mode: an earlier MaskCLIP teacher with the same weights"
-    )
-    dense_image_size: int = Field(default=512, ge=32, description="dense mode without MaskCLIP: short side")
-    dense_max_long_side: int = Field(default=2048, ge=32, description="dense mode without MaskCLIP: long side at most")
-    dense_roi_size: int = Field(default=4, gt=0, description="RoIAlign bins per side before averaging")
-
-    @model_validator(mode="after")
-    def _check(self) -> "ViLDConfig":
-        if any(s <= 0 for s in self.crop_scales):
-            raise ValueError("crop_scales must be positive")
-        if self.dense_features_from is not None and self.mode != "dense":
-            raise ValueError("dense_features_from only applies to mode: dense")
-        return self
-
-    def image_request(self) -> ImageRequest:
-        if self.mode == "crop":
-            if self.work_short_side is None:  # the original resolution: a request the decoder never shrinks for
-                return ImageRequest(short_side=ORIGINAL, max_long_side=ORIGINAL)
-            return ImageRequest(short_side=self.work_short_side, max_long_side=self.work_max_long_side or ORIGINAL)
-        if self.dense_features_from is not None:  # pixels are not used: ask for nothing extra
-            return ImageRequest(short_side=32, max_long_side=32)
-        return ImageRequest(short_side=self.dense_image_size, max_long_side=self.dense_max_long_side)
-
-    def check_upstream(self, earlier: dict[str, TeacherConfig]) -> None:
-        for src in self.proposals:
-            if src.teacher is not None and src.teacher not in earlier:
-                raise ValueError(
-                    f"proposals from teacher {src.teacher!r}, which is not listed before this one "
-                    f"(earlier teachers: {sorted(earlier) or 'none'})"
-                )
-        name = self.dense_features_from
-        if name is None:
-            return
-        other = earlier.get(name)
-        if not isinstance(other, MaskCLIPConfig):
-            raise ValueError(f"dense_features_from={name!r} must name a MaskCLIP teacher listed before this one")
-        if other.mode != "whole":
-            raise ValueError(f"dense_features_from={name!r}: that MaskCLIP teacher runs in {other.mode!r} mode; "
-                             "only whole mode keeps one feature map per image")
-        fields = ("model", "pretrained", "arch_config", "quick_gelu")
-        differ = [f for f in fields if getattr(other, f) != getattr(self, f)]
-        if differ:
-            raise ValueError(
-                f"dense_features_from={name!r}: the MaskCLIP teacher uses other CLIP weights "
-                f"(differs in {differ}); pooled features would not match this embedder's model"
-            )
 
 
 # --------------------------------------------------------------------------
@@ -273,8 +177,8 @@ class ViLDEmbedder(CLIPTeacher):
                     got = upstream.get(src.teacher, [None] * len(batch))[i]
                     if got is None:  # that teacher failed or skipped this image
                         continue
-                    b = [[x, y, x + bw, y + bh] for x, y, bw, bh in (lab.bbox for lab in got.labels)]
-                    s = [float(lab.score) for lab in got.labels]
+                    found_boxes, found_scores = got.proposal_boxes()  # TeacherOutput or a split teacher's view
+                    b, s = found_boxes.tolist(), found_scores.tolist()
                 else:
                     value = batch.metas[i].get(src.meta_field)
                     if value is None:
@@ -328,7 +232,7 @@ class ViLDEmbedder(CLIPTeacher):
 
     @torch.inference_mode()
     def crop_embeddings(self, batch: ImageBatch, props) -> list[torch.Tensor]:
-        """Crop-mode embeddings, one (N_i, D) tensor per image, crops batched across images."""
+        """Crop-mode embeddings, one (N_i, D) tensor per image on the device, crops batched across images."""
         cfg = self.config
         jobs: list[tuple[int, int, int]] = []  # (image, scale index, region)
         plans: list[list[torch.Tensor]] = []  # per image, per scale: crop boxes in work pixels
@@ -338,17 +242,18 @@ class ViLDEmbedder(CLIPTeacher):
             to_work = torch.tensor([ww / w, wh / h, ww / w, wh / h])
             plans.append([self.crop_boxes(boxes, h, w, s) * to_work for s in cfg.crop_scales])
             jobs += [(i, k, r) for k in range(len(cfg.crop_scales)) for r in range(len(boxes))]
-        sums = [torch.zeros(len(p.boxes), self.embed_dim) for p in props]
+        first = np.cumsum([0] + [len(p.boxes) for p in props])
+        sums = torch.zeros(int(first[-1]), self.embed_dim, device=self.device)
         for start in range(0, len(jobs), cfg.crop_batch_size):
             chunk = jobs[start : start + cfg.crop_batch_size]
             crops = []
             for (i, k), group in _groups(chunk):
                 rows = torch.tensor([r for _, _, r in group])
                 crops.append(self.cut_crops(batch.image(i), plans[i][k][rows]))
-            emb = self.encode_crops(torch.cat(crops)).cpu()
-            for (i, k, r), e in zip(chunk, emb):
-                sums[i][r] += e
-        return [F.normalize(s, dim=-1) for s in sums]
+            rows = torch.tensor([int(first[i]) + r for i, _, r in chunk], device=self.device)
+            sums.index_add_(0, rows, self.encode_crops(torch.cat(crops)).to(sums.device))
+        sums = F.normalize(sums, dim=-1)
+        return [sums[first[i] : first[i + 1]] for i in range(len(props))]
 
     # ---------------------------------------------------------------- dense
     @torch.inference_mode()
@@ -399,7 +304,7 @@ class ViLDEmbedder(CLIPTeacher):
         out = []
         for i, ((boxes, *_), (feats, extent)) in enumerate(zip(props, maps)):
             h, w = batch.orig_hw[i]
-            out.append(pool_regions(feats, extent, (h, w), boxes, self.config.dense_roi_size).cpu())
+            out.append(pool_regions(feats, extent, (h, w), boxes, self.config.dense_roi_size))
         return out
 
     def pixel_scale(self, batch: ImageBatch, i: int, upstream) -> float:
@@ -421,28 +326,40 @@ class ViLDEmbedder(CLIPTeacher):
 
     # -------------------------------------------------------------- predict
     def predict(self, batch: ImageBatch, upstream) -> list[TeacherOutput]:
+        return self.predict_split(batch, upstream)
+
+    def infer_async(self, batch: ImageBatch, upstream, prepared) -> Pending:
+        """Proposals, embeddings on the device and their one copy back; the :class:`Pending` gives the raw
+        regions (:class:`~labelmill.teachers.hosts.ViLDHost` makes the region rows)."""
         props = self.proposals(batch, upstream)
         if self.config.mode == "crop":
             embs = self.crop_embeddings(batch, props)
         else:
             embs = self.dense_embeddings(batch, props, upstream)
-        outs = []
-        for i, ((boxes, scores, sources, dropped), emb) in enumerate(zip(props, embs)):
-            regions = RegionSet(
-                boxes=boxes.numpy().astype(np.float32),
-                scores=scores.numpy().astype(np.float32),
-                sources=sources,
-                embeddings=emb.numpy().astype(np.float16).reshape(len(boxes), self.embed_dim),
-                mode=self.config.mode,
-                model=self.model_name,
-                pixel_scale=self.pixel_scale(batch, i, upstream),
-            )
-            warnings = []
-            if dropped:
-                warnings.append(f"{self.name}: {dropped} proposal(s) empty or thinner than min_box_size="
-                                f"{self.config.min_box_size} px after clipping to the image, dropped")
-            outs.append(TeacherOutput(regions=regions, warnings=warnings))
-        return outs
+        n = len(batch)
+        index = {label: k for k, label in reversed(list(enumerate(self.host.source_labels())))}
+        counts = [len(p.boxes) for p in props]
+        emb = torch.cat(embs) if embs else torch.zeros(0, self.embed_dim)
+        copy = HostCopy(emb.to(torch.float16).reshape(-1))
+        arrays = {
+            "boxes": np.concatenate([p.boxes.numpy().astype(np.float32).reshape(-1, 4) for p in props])
+            if props else np.zeros((0, 4), np.float32),
+            "scores": np.concatenate([p.scores.numpy().astype(np.float32) for p in props])
+            if props else np.zeros(0, np.float32),
+            "sources": np.array([index[s] for p in props for s in p.sources], np.int64),
+            "pixel_scale": np.array([self.pixel_scale(batch, i, upstream) for i in range(n)], np.float64),
+            "dropped": np.array([p.dropped for p in props], np.int64),
+            "dim": np.full(n, self.embed_dim, np.int64),
+        }
+        ones = np.ones(n, np.int64)
+
+        def finish() -> RawBatch:
+            return RawBatch.from_counts({**arrays, "embeddings": copy.get().numpy()},
+                                        {"boxes": counts, "scores": counts, "sources": counts, "pixel_scale": ones,
+                                         "embeddings": np.asarray(counts, np.int64) * self.embed_dim,
+                                         "dropped": ones, "dim": ones})
+
+        return Pending(finish)
 
 
 def pool_regions(

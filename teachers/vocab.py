@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # vocabularies and templates are read without torch (config checks, CPU pools)
+    import torch
 
 BUILTIN_VOCABULARIES = ("coco-stuff-171", "pascal-context-59", "pascal-voc-20", "coco-80")
 
@@ -117,17 +117,16 @@ def _cache_dir() -> Path:
     return Path(root) / "text-embeddings"
 
 
-@torch.inference_mode()
 def text_classifier(
-    encode_text: Callable[[torch.Tensor], torch.Tensor],
-    tokenize: Callable[[list[str]], torch.Tensor],
+    encode_text: Callable[["torch.Tensor"], "torch.Tensor"],
+    tokenize: Callable[[list[str]], "torch.Tensor"],
     vocabulary: Vocabulary,
     templates: Sequence[str],
     *,
     cache_key: str | None = None,
-    device: torch.device | str = "cpu",
+    device: "torch.device | str" = "cpu",
     batch_size: int = 256,
-) -> torch.Tensor:
+) -> "torch.Tensor":
     """(num_classes, dim) L2-normalised prompt-ensemble text embeddings.
 
     For each class every template is filled with every synonym; the
@@ -136,6 +135,16 @@ def text_classifier(
     local disk, because encoding 171 classes x 85 prompts takes minutes on a
     CPU and every actor would otherwise repeat it.
     """
+    import torch
+
+    with torch.inference_mode():
+        return _text_classifier(encode_text, tokenize, vocabulary, templates, cache_key, device, batch_size)
+
+
+def _text_classifier(encode_text, tokenize, vocabulary, templates, cache_key, device, batch_size):
+    import torch
+    import torch.nn.functional as F
+
     path = None
     if cache_key is not None:
         digest = hashlib.sha256(

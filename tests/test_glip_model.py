@@ -81,3 +81,28 @@ def test_autocast_bfloat16_runs(model):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, ids, torch.ones_like(ids))
     assert all(torch.isfinite(t.float()).all() for t in out.token_logits)
+
+
+def test_fused_attention_equals_the_reference_arithmetic(monkeypatch):
+    """SDPA in the fusion layers (the CUDA default) gives the eager path's outputs up to float rounding."""
+    import labelmill.models.glip.dyhead as dyhead
+
+    torch.manual_seed(0)
+    m = GLIP(GLIPConfig.tiny()).eval()
+    x = torch.randn(2, 3, 64, 96)
+    ids = torch.randint(5, 50, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0  # padded text must stay masked in both paths
+    outs = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(dyhead, "FUSED_ATTENTION", mode)
+        with torch.inference_mode():
+            outs[mode] = m(x, ids, mask)
+    for name in ("token_logits", "box_deltas", "centerness"):
+        a, b = getattr(outs["never"], name), getattr(outs["always"], name)
+        a = torch.cat([t.flatten() for t in a]) if isinstance(a, (list, tuple)) else a.flatten()
+        b = torch.cat([t.flatten() for t in b]) if isinstance(b, (list, tuple)) else b.flatten()
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+    assert not dyhead._fused(m.train(), x) and dyhead._fused(m.eval(), x)  # "always", eval only
+    monkeypatch.setattr(dyhead, "FUSED_ATTENTION", "cuda")
+    assert not dyhead._fused(m, x)  # CPU tensors keep the eager arithmetic by default

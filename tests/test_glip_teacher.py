@@ -15,7 +15,7 @@ from labelmill.export.coco import export_coco
 from labelmill.config import load_config
 from labelmill.pipelines.label import build_pipeline, run
 from labelmill.io.shards import write_shard
-from labelmill.stages.decode import DecodeImages
+from labelmill.stages.prepare import PrepareInputs
 from labelmill.teachers.base import ImageBatch, WeightsError
 from labelmill.teachers.glip import GLIPTeacher, GLIPTeacherConfig
 
@@ -70,7 +70,7 @@ def test_glip_and_maskclip_in_one_run_share_one_decode(tmp_path, ray_session):
     write_shard(str(tmp_path / "shards" / "a.tar"), samples)
     out = str(tmp_path / "out")
     cfg = load_config(run_config(str(tmp_path / "shards"), out, teachers=[tiny_maskclip(), tiny_glip()]))
-    decodes = [s for s in build_pipeline(cfg).stages if isinstance(s, DecodeImages)]
+    decodes = [s for s in build_pipeline(cfg).stages if isinstance(s, PrepareInputs)]
     assert len(decodes) == 1 and decodes[0].request.short_side == 64 and decodes[0].request.max_long_side == 128
 
     summary = run(cfg)

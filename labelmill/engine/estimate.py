@@ -1,14 +1,18 @@
 """What a run will cost, measured before it starts (``labelmill run CONFIG --dry-run``).
 
-It lists the input, reads a few shards spread over the listing (their
-sample counts and bytes per sample give the number of samples of the whole
-input, scaled by the listed shard sizes), runs the pipeline's own read,
-decode, label, filter and write stages in this process on a short batch
-(one untimed warm-up pass, then a timed one: seconds per image for each
-teacher on this machine), encodes the batch's output tables as the writer
+It plans the run's operators first (``operators``: each Ray operator with
+its fused stages and one worker's resources, as the engine will run them;
+a plan that cannot run is a config error before anything is timed), lists
+the input, reads a few shards spread over the listing (their sample counts
+and bytes per sample give the number of samples of the whole input, scaled
+by the listed shard sizes), runs the pipeline's own read, prepare, infer,
+finish, filter and write stages in this process on a short batch (one
+untimed warm-up pass, then a timed one: seconds per image for each teacher
+in the device process, and for the host work of the prepare and finish
+stages, on this machine), encodes the batch's output tables as the writer
 would (bytes per sample and table), and scales everything to the input:
 
-* hours of labelling on the planned cluster (``label actors`` working in
+* hours of labelling on the planned cluster (``infer actors`` working in
   parallel, each at the measured speed),
 * storage per table,
 * GPU-hours (actor-hours times GPUs per actor; zero on a CPU plan).
@@ -38,19 +42,37 @@ def _sample_shards(shards: list, k: int) -> list:
 
 
 def planned_actors(cfg) -> tuple[int, float, str]:
-    """(label actors, GPUs per actor, where the numbers come from) of the run's plan."""
-    from labelmill.engine.runtime import plan_resources
-
+    """(infer actors, GPUs per actor, where the numbers come from) of the run's plan."""
     r = cfg.ray
-    gpus = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 if r.device == "cuda" else None)
+    gpus = r.gpus_per_actor if r.gpus_per_actor is not None else (1.0 / r.actors_per_gpu if r.device == "cuda" else None)
     if r.teacher_actors or r.max_actors:
         n = r.teacher_actors or r.max_actors
         if gpus is None:
-            gpus = 1.0 if r.device != "cpu" and (r.address or _local_gpus()) else 0.0
+            gpus = 1.0 / r.actors_per_gpu if r.device != "cpu" and (r.address or _local_gpus()) else 0.0
         return int(n), float(gpus), "config (ray.teacher_actors / ray.max_actors)"
-    plan = plan_resources(r, float(r.num_cpus or os.cpu_count() or 1), float(_local_gpus()),
-                          wants_gpu=r.device != "cpu")
+    plan = planned_resources(cfg)
     return plan.max_actors, plan.gpus_per_actor, "this machine's resources (set ray.max_actors for a cluster)"
+
+
+def planned_resources(cfg, actors: int | None = None):
+    """The resource plan the dry run reports: the configured cluster, else this machine's resources.
+
+    A GPU plan the config asks for (``ray.gpus_per_actor``, ``ray.device: cuda``, ``ray.address``) is
+    planned as for a cluster that can provide it; otherwise the plan is this machine's, with its checks
+    (a plan that cannot run raises :class:`~labelmill.config.ConfigError` here, before any timing)."""
+    from labelmill.engine.runtime import plan_resources
+
+    r = cfg.ray
+    if actors:
+        r = r.model_copy(update={"teacher_actors": actors, "min_actors": None, "max_actors": None})
+    wants = r.device != "cpu"
+    asks_gpu = wants and (bool(r.gpus_per_actor) or r.device == "cuda" or r.actors_per_gpu > 1)
+    cluster = bool(r.address or os.environ.get("RAY_ADDRESS"))
+    cpus = float(r.num_cpus or os.cpu_count() or 1)
+    gpus = float(_local_gpus())
+    if cluster or (asks_gpu and gpus < 1):
+        return plan_resources(r, cpus, gpus, autoscaling=True, max_gpus=None, wants_gpu=wants)
+    return plan_resources(r, cpus, gpus, wants_gpu=wants)
 
 
 def _local_gpus() -> int:
@@ -75,8 +97,13 @@ def estimate(cfg, pipeline, *, sample_shards: int = 3, batch_images: int | None 
     from labelmill.io.shards import list_shard_fingerprints
     from labelmill.schemas.tables import tables_emitted_by
 
-    read, decode = pipeline.find(name="read"), pipeline.find(name="decode")
-    label, filt, write = pipeline.find(role="model"), pipeline.find(name="filter"), pipeline.find(role="write")
+    from labelmill.engine.executor import Engine
+
+    plan = planned_resources(cfg, actors)  # a plan that cannot run fails here, before any timing
+    operators = Engine(cfg.ray, batch_size=cfg.ray.batch_size).operators(pipeline, plan)
+    read, prepare = pipeline.find(name="read"), pipeline.find(name="prepare")
+    infer, finish = pipeline.find(role="model"), pipeline.find(name="finish")
+    filt, write = pipeline.find(name="filter"), pipeline.find(role="write")
     listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)
     shards = [_Listed(url, fp.size) for url, fp in listing.items()]
     picked = _sample_shards(shards, max(1, sample_shards))
@@ -109,15 +136,19 @@ def estimate(cfg, pipeline, *, sample_shards: int = 3, batch_images: int | None 
         warm, timed = rows.slice(0, 1), rows
 
     with step("load teachers", stream=stream):
-        label.setup()
+        infer.setup()
+        finish.setup()
     with step(f"time the teachers on {timed.num_rows} image(s)", stream=stream):
-        label.process_batch(decode.process_batch(warm))  # warm-up: lazy init, allocator, caches
-        label.teacher_seconds.clear()
+        finish.process_batch(infer.process_batch(prepare.process_batch(warm)))  # warm-up: lazy init, caches
+        infer.teacher_seconds.clear()
         t0 = time.perf_counter()
-        decoded = decode.process_batch(timed)
-        decode_s = time.perf_counter() - t0
-        labelled = label.process_batch(decoded)
-    per_teacher = {name: (sec / n if n else None) for name, (sec, n) in label.teacher_seconds.items()}
+        prepared = prepare.process_batch(timed)
+        t1 = time.perf_counter()
+        inferred = infer.process_batch(prepared)
+        t2 = time.perf_counter()
+        labelled = finish.process_batch(inferred)
+        t3 = time.perf_counter()
+    per_teacher = {name: (sec / n if n else None) for name, (sec, n) in infer.teacher_seconds.items()}
     label_s_per_image = sum(v for v in per_teacher.values() if v)
 
     # the writer's tables for the timed batch, encoded as the run would store them
@@ -136,7 +167,7 @@ def estimate(cfg, pipeline, *, sample_shards: int = 3, batch_images: int | None 
     if actors:
         n_actors, plan_from = actors, "--actors"
     actor_hours = total_samples * label_s_per_image / 3600
-    device = str(getattr(label, "device", "cpu"))
+    device = str(getattr(infer, "device", "cpu"))
     return {
         "shards": len(shards),
         "shards_sampled": [i.url for i in picked],
@@ -147,7 +178,10 @@ def estimate(cfg, pipeline, *, sample_shards: int = 3, batch_images: int | None 
         "measured_device": device,
         "seconds_per_image": {k: (round(v, 6) if v is not None else None) for k, v in per_teacher.items()},
         "seconds_per_image_all_teachers": round(label_s_per_image, 6),
-        "decode_seconds_per_image": round(decode_s / timed.num_rows, 6),
+        "prepare_seconds_per_image": round((t1 - t0) / timed.num_rows, 6),
+        "infer_seconds_per_image": round((t2 - t1) / timed.num_rows, 6),
+        "finish_seconds_per_image": round((t3 - t2) / timed.num_rows, 6),
+        "operators": operators,
         "cluster": {"label_actors": n_actors, "gpus_per_actor": gpus_per_actor, "from": plan_from},
         "hours": round(actor_hours / max(n_actors, 1), 4),
         "actor_hours": round(actor_hours, 4),
@@ -177,8 +211,14 @@ def format_estimate(e: dict[str, Any]) -> str:
     ]
     for name, v in e["seconds_per_image"].items():
         lines.append(f"  {name:<16} {v:.4f} s/image" if v is not None else f"  {name:<16} (no image ran)")
-    lines.append(f"  decode           {e['decode_seconds_per_image']:.4f} s/image")
-    lines.append(f"plan: {c['label_actors']} label actor(s) x {c['gpus_per_actor']:g} GPU ({c['from']})")
+    lines.append(f"  prepare (host)   {e['prepare_seconds_per_image']:.4f} s/image")
+    lines.append(f"  finish (host)    {e['finish_seconds_per_image']:.4f} s/image")
+    lines.append(f"plan: {c['label_actors']} infer actor(s) x {c['gpus_per_actor']:g} GPU ({c['from']})")
+    for op in e["operators"]:
+        res = ", ".join(f"{k} {v:g}" for k, v in op["resources"].items() if v)
+        pool = (f"{op['actors']['min']}..{op['actors']['max']} actor(s)" if op["kind"] == "actors"
+                else f"up to {op['concurrency']} task(s)")
+        lines.append(f"  operator {op['name']:<8} [{', '.join(op['stages'])}] {pool} x [{res}]")
     lines.append(f"time: {e['hours']:.2f} h on that plan ({e['actor_hours']:.2f} actor-hours), "
                  f"{e['gpu_hours']:.2f} GPU-hours")
     lines.append("storage: " + ", ".join(f"{k} {_size(v)}" for k, v in e["storage_bytes"].items())

@@ -39,6 +39,7 @@ from labelmill.engine.runtime import (
     cluster_max_gpus,
     configure_ray_data,
     default_budget_mb,
+    node_host_cpus_per_gpu,
     plan_resources,
     start_ray,
     stop_ray,
@@ -75,6 +76,11 @@ class Pipeline:
     def check(self) -> list[str]:
         """Check every hop's column contract; returns the columns reaching the driver."""
         return check_contract(self.stages)
+
+
+def pool_of(stage: Stage) -> str:
+    """Which of the plan's actor pools a stateful stage runs in: the device pool, or the host (CPU) pool."""
+    return "model" if stage.role == "model" else "host"
 
 
 def fuse(stages: Sequence[Stage]) -> list[list[Stage]]:
@@ -397,20 +403,47 @@ class Engine:
         return f"{self.plan.describe()}; object store budget {self.budget_mb} MB"
 
     # ------------------------------------------------------------------ plan
-    def place(self, pipeline: Pipeline, res: dict[str, float], remote: bool) -> ResourcePlan:
-        """The resource plan for ``pipeline`` on a cluster with ``res``; places every operator's head stage."""
-        model = next((s for s in pipeline.stages if s.stateful), None)
+    def place(self, pipeline: Pipeline, res: dict[str, float], remote: bool, nodes: list[dict] | None = None
+              ) -> ResourcePlan:
+        """The resource plan for ``pipeline`` on a cluster with ``res`` (and ``nodes``, as ``ray.nodes()``
+        lists them); places every operator's head stage."""
+        model = next((s for s in pipeline.stages if s.stateful and s.role == "model"), None)
         wants_gpu = bool(model is not None and getattr(model, "wants_gpu", False))
         max_gpus = cluster_max_gpus() if remote and res.get("GPU", 0.0) < 1 else None
         plan = plan_resources(self.cfg, res.get("CPU", 0.0), res.get("GPU", 0.0), autoscaling=remote,
-                              max_gpus=max_gpus, wants_gpu=wants_gpu)
+                              max_gpus=max_gpus, wants_gpu=wants_gpu,
+                              node_host_cpus_per_gpu=node_host_cpus_per_gpu(nodes or []))
+        pools = plan.pools()
         for group in fuse(pipeline.stages):
             head = group[0]
             if head.stateful:
-                head.place(Resources(cpus=plan.cpus_per_actor, gpus=plan.gpus_per_actor), plan.torch_threads)
+                pool = pools[pool_of(head)]
+                head.place(Resources(cpus=pool["cpus"], gpus=pool["gpus"]), pool["threads"])
             else:
                 head.place(Resources(cpus=plan.read_cpus))
         return plan
+
+    def operators(self, pipeline: Pipeline, plan: ResourcePlan) -> list[dict[str, Any]]:
+        """The Ray operators as the engine runs them: name, fused stages, one worker's resources, pool bounds
+        (what ``labelmill run --dry-run --json`` reports)."""
+        pools = plan.pools()
+        out = []
+        for group in fuse(pipeline.stages):
+            head = group[0]
+            entry: dict[str, Any] = {"name": head.name, "stages": [s.name for s in group]}
+            if head.stateful:
+                pool = pools[pool_of(head)]
+                entry["resources"] = {"CPU": pool["cpus"], "GPU": pool["gpus"]}
+                if head.role == "model" and self.cfg.actor_resources:
+                    entry["resources"].update(self.cfg.actor_resources)
+                entry["kind"] = "actors"
+                entry["actors"] = {"min": pool["min"], "max": pool["max"]}
+            else:
+                entry["resources"] = {"CPU": plan.read_cpus, "GPU": 0.0}
+                entry["kind"] = "tasks"
+                entry["concurrency"] = plan.read_tasks
+            out.append(entry)
+        return out
 
     def dataset(self, pipeline: Pipeline, inputs: list[str], plan: ResourcePlan, meter=None):
         """The Ray dataset that streams ``inputs`` through ``pipeline``'s operators (what ``run`` iterates;
@@ -425,16 +458,19 @@ class Engine:
             ShardDatasource(source, inputs, meter), override_num_blocks=len(inputs), concurrency=plan.read_tasks,
             **source.resources().ray_args(),
         )
+        pools = plan.pools()
         for group in fuse(pipeline.stages[1:]):
             head = group[0]
             kwargs: dict[str, Any] = dict(batch_format=head.batch_format, zero_copy_batch=True,
                                           **head.resources().ray_args())
             if head.stateful:
-                if self.cfg.actor_resources:
+                pool = pools[pool_of(head)]
+                if head.role == "model" and self.cfg.actor_resources:
                     kwargs["resources"] = dict(self.cfg.actor_resources)
+                rows = self.batch_size * head.batches_per_call if head.role == "model" else None
                 ds = ds.map_batches(
-                    actor_class(group, meter), batch_size=self.batch_size * head.batches_per_call,
-                    compute=ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors), **kwargs,
+                    actor_class(group, meter), batch_size=rows,
+                    compute=ActorPoolStrategy(min_size=pool["min"], max_size=pool["max"]), **kwargs,
                 )
             else:
                 ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)
@@ -446,7 +482,7 @@ class Engine:
         for group in fuse(pipeline.stages):
             head = group[0]
             need = head.resources().request()
-            if head.stateful:
+            if head.stateful and head.role == "model":
                 need.update(self.cfg.actor_resources)
             out[head.name] = need
         return out
@@ -465,7 +501,7 @@ class Engine:
 
         ledger = meter = ticker = None
         try:
-            self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote)
+            self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote, ray.nodes())
             rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
             self.budget_mb = self.cfg.object_store_budget_mb or default_budget_mb(plan, self.batch_size, rows)
             configure_ray_data(plan, self.budget_mb)

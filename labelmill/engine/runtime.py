@@ -6,7 +6,6 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 
 from labelmill.config import ConfigError, RayConfig
@@ -18,15 +17,29 @@ class RayStartError(RuntimeError):
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """How the run's stages share the cluster.
+    """How the run's stages share the cluster: three pools.
+
+    * **infer** (device actors): ``min_actors..max_actors`` actors, each with
+      ``gpus_per_actor`` GPU (``1 / ray.actors_per_gpu``) and
+      ``cpus_per_actor`` CPU, ``torch_threads`` intra-op threads;
+    * **prepare** (CPU tasks, fused after the reader): up to ``read_tasks``
+      at a time, ``read_cpus`` each;
+    * **finish** (CPU actors, filter and table writer fused in):
+      ``host_min..host_max`` actors, ``host_cpus`` each.
+
+    On a GPU plan the two CPU pools are sized from the node:
+    ``host_cpus_per_gpu`` CPUs per GPU in use (default: a GPU node's CPUs
+    minus one, divided by its GPUs), half for preparing and half for
+    finishing, so a GPU's throughput is never bounded by one Python process.
 
     CPU-only machines are where naive plans deadlock: two label actors with
-    ``num_cpus=1`` on two CPUs leave nothing for the read tasks that feed
-    them.  The plan therefore reserves fractional CPUs for the read and
-    decode tasks and gives the label actors the rest, while the actors'
-    torch thread count (what really uses the cores) is set separately.
+    ``num_cpus=1`` on two CPUs leave nothing for the tasks that feed them.
+    The plan therefore reserves fractional CPUs for the read/prepare tasks
+    and the finish actor and gives the infer actors the rest, while the
+    actors' torch thread count (what really uses the cores) is set
+    separately.
 
-    On a cluster reached by address the actor pool autoscales between
+    On a cluster reached by address the infer pool autoscales between
     ``min_actors`` and ``max_actors``; a teacher that wants a GPU asks for
     one even while no GPU node is up yet, so the cluster autoscaler starts
     GPU workers for the pending actors.
@@ -43,29 +56,54 @@ class ResourcePlan:
     total_gpus: float
     autoscaling: bool = False
     note: str = ""
+    host_min: int = 1
+    host_max: int = 1
+    host_cpus: float = 0.25
+    host_cpus_per_gpu: float | None = None
 
     @property
     def actors(self) -> int:
         return self.max_actors
 
+    def pools(self) -> dict[str, dict]:
+        """Per role of a stateful operator: its actor pool bounds and one actor's resources."""
+        return {
+            "model": {"min": self.min_actors, "max": self.max_actors, "cpus": self.cpus_per_actor,
+                      "gpus": self.gpus_per_actor, "threads": self.torch_threads},
+            "host": {"min": self.host_min, "max": self.host_max, "cpus": self.host_cpus, "gpus": 0.0,
+                     "threads": None},
+        }
+
     def describe(self) -> str:
         dev = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "CPU"
-        pool = (f"{self.min_actors}..{self.max_actors}" if self.min_actors != self.max_actors
-                else f"{self.max_actors}")
+
+        def pool(lo: int, hi: int) -> str:
+            return f"{lo}..{hi}" if lo != hi else f"{hi}"
+
         text = (
-            f"{pool} label actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, {self.torch_threads} torch threads]; "
-            f"up to {self.read_tasks} read+decode task(s) x {self.read_cpus:g} CPU (the filter and the table "
-            f"writer run in the label actors); cluster now {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
+            f"{pool(self.min_actors, self.max_actors)} infer actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, "
+            f"{self.torch_threads} torch threads]; up to {self.read_tasks} read+prepare task(s) x {self.read_cpus:g} "
+            f"CPU; {pool(self.host_min, self.host_max)} finish actor(s) x {self.host_cpus:g} CPU (RLE, label rows, "
+            f"filter and table writer)"
         )
+        if self.host_cpus_per_gpu is not None and self.gpus_per_actor:
+            text += f"; {self.host_cpus_per_gpu:g} host CPUs per GPU"
+        text += f"; cluster now {self.total_cpus:g} CPU, {self.total_gpus:g} GPU"
         return text + (f"; {self.note}" if self.note else "")
 
 
+#: host CPUs per GPU when no GPU node can be seen to size the CPU pools from (a cluster still scaling up)
+UNKNOWN_HOST_CPUS_PER_GPU = 4.0
+
+
 def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False,
-                   max_gpus: float | None = None, wants_gpu: bool = True) -> ResourcePlan:
-    """Decide the actor pool and reservations; raise ConfigError on a plan that cannot run.
+                   max_gpus: float | None = None, wants_gpu: bool = True,
+                   node_host_cpus_per_gpu: float | None = None) -> ResourcePlan:
+    """Decide the three pools and their reservations; raise ConfigError on a plan that cannot run.
 
     ``autoscaling``: the cluster was reached by address and may grow.
     ``max_gpus``: the most GPUs its autoscaler can provide (None: unknown).
+    ``node_host_cpus_per_gpu``: (CPUs - 1) / GPUs of the GPU nodes seen (None: none seen).
     """
     note = ""
     can_have_gpus = total_gpus >= 1 or (autoscaling and (max_gpus is None or max_gpus >= 1))
@@ -74,18 +112,18 @@ def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autosca
     elif cfg.gpus_per_actor is not None:
         gpus_per_actor = cfg.gpus_per_actor
     else:
-        gpus_per_actor = 1.0 if can_have_gpus else 0.0
+        gpus_per_actor = 1.0 / cfg.actors_per_gpu if can_have_gpus else 0.0
     if cfg.device == "cuda" and gpus_per_actor == 0:
         raise ConfigError("ray.device=cuda needs ray.gpus_per_actor > 0")
     if gpus_per_actor > 0 and total_gpus < gpus_per_actor and autoscaling:
-        note = "no GPU visible yet: the label actors wait for the cluster autoscaler to start GPU workers"
+        note = "no GPU visible yet: the infer actors wait for the cluster autoscaler to start GPU workers"
 
     if cfg.teacher_actors:
         lo = hi = cfg.teacher_actors
     elif gpus_per_actor > 0:
-        fit = max(1, int(total_gpus // gpus_per_actor))
+        fit = max(1, int(total_gpus / gpus_per_actor + 1e-9))
         if autoscaling:
-            ceiling = int(max_gpus // gpus_per_actor) if max_gpus else fit
+            ceiling = int(max_gpus / gpus_per_actor + 1e-9) if max_gpus else fit
             hi = cfg.max_actors or max(fit, ceiling, 1)
             lo = cfg.min_actors or 1
         else:
@@ -95,34 +133,56 @@ def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autosca
         hi = cfg.max_actors or 1
         lo = cfg.min_actors or hi
     lo = min(lo, hi)
-    per_actor = cfg.read_tasks_per_actor or (2 if gpus_per_actor > 0 else 1)
-    read_tasks = cfg.read_tasks or max(1, int(round(per_actor * hi)))
     read = cfg.read_cpus
-    reserve = read_tasks * read
+    host_per_gpu = None
     if gpus_per_actor > 0:
-        cpus = cfg.cpus_per_actor or 1.0
+        host_per_gpu = cfg.host_cpus_per_gpu or node_host_cpus_per_gpu or UNKNOWN_HOST_CPUS_PER_GPU
+        gpus_used = max(hi * gpus_per_actor, 1.0 if hi else 0.0)
+        host_total = host_per_gpu * gpus_used
+        prepare = max(1, int(round(host_total / 2)))
+        finish = cfg.finish_actors or max(1, int(math.ceil(host_total / 2)))
+        finish_cpus = cfg.finish_cpus or 0.5
+        if cfg.read_tasks_per_actor:
+            prepare = max(1, int(round(cfg.read_tasks_per_actor * hi)))
+        read_tasks = cfg.read_tasks or prepare
+        reserve = read_tasks * read + finish * finish_cpus
+        cpus = cfg.cpus_per_actor or 1.0 / cfg.actors_per_gpu
         threads = cfg.torch_threads or max(1, int(cpus))
         if not autoscaling and hi * gpus_per_actor > total_gpus + 1e-9:
             raise ConfigError(
-                f"{hi} label actors x {gpus_per_actor:g} GPU need more than the cluster's {total_gpus:g} GPUs"
+                f"{hi} infer actors x {gpus_per_actor:g} GPU need more than the cluster's {total_gpus:g} GPUs"
             )
     else:
+        finish = cfg.finish_actors or 1
+        finish_cpus = cfg.finish_cpus or 0.25
+        per_actor = cfg.read_tasks_per_actor or 1
+        read_tasks = cfg.read_tasks or max(1, int(round(per_actor * hi)))
+        reserve = read_tasks * read + finish * finish_cpus
         room = total_cpus - reserve
         if room <= 0 and not autoscaling:
             raise ConfigError(
-                f"the cluster's {total_cpus:g} CPUs cannot hold the read/decode reservations ({reserve:g}); "
-                "lower ray.read_tasks or ray.read_cpus"
+                f"the cluster's {total_cpus:g} CPUs cannot hold the read/prepare and finish reservations "
+                f"({reserve:g}); lower ray.read_tasks, ray.read_cpus or ray.finish_cpus"
             )
         cpus = cfg.cpus_per_actor or max(0.1, min(max(1.0, total_cpus / hi), room / hi))
         threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / hi)))
     if not autoscaling and hi * cpus + reserve > total_cpus + 1e-9:
         raise ConfigError(
-            f"resource plan would deadlock: {hi} label actors x {cpus:g} CPU plus {reserve:g} CPU for "
-            f"read/decode exceeds the cluster's {total_cpus:g} CPUs; lower ray.teacher_actors / ray.max_actors "
-            "or ray.cpus_per_actor"
+            f"resource plan would deadlock: {hi} infer actors x {cpus:g} CPU plus {reserve:g} CPU for the "
+            f"read/prepare tasks and finish actors exceeds the cluster's {total_cpus:g} CPUs; lower "
+            "ray.teacher_actors / ray.max_actors, ray.cpus_per_actor, ray.finish_actors or ray.host_cpus_per_gpu"
         )
     return ResourcePlan(lo, hi, gpus_per_actor, cpus, threads, read_tasks, read, total_cpus, total_gpus,
-                        autoscaling, note)
+                        autoscaling, note, host_min=1, host_max=finish, host_cpus=finish_cpus,
+                        host_cpus_per_gpu=host_per_gpu)
+
+
+def node_host_cpus_per_gpu(nodes: list[dict]) -> float | None:
+    """(CPUs - 1) / GPUs of the smallest live GPU node (``ray.nodes()`` entries), None if none is up."""
+    per = [(n["Resources"].get("CPU", 0.0) - 1) / n["Resources"]["GPU"] for n in nodes
+           if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    per = [p for p in per if p > 0]
+    return min(per) if per else None
 
 
 def verbose() -> bool:

@@ -43,6 +43,20 @@ def _clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
     return x.clamp(min=-limit, max=limit)
 
 
+#: where the fusion attention uses ``F.scaled_dot_product_attention`` outside training: "cuda" (default:
+#: fused kernels, no (B, H, Nv, Nl) logits materialised twice), "always" or "never". The eager path (the
+#: reference's arithmetic, including its clamp of the logits at +-clamp_value) serves training and the CPU,
+#: where labels stay bit for bit those of earlier versions. The two agree up to float rounding while
+#: |logits| < clamp_value (50,000), i.e. unless the forward overflowed (tests/test_glip_model.py).
+FUSED_ATTENTION = "cuda"
+
+
+def _fused(module: nn.Module, x: torch.Tensor) -> bool:
+    if module.training or FUSED_ATTENTION == "never":
+        return False
+    return FUSED_ATTENTION == "always" or x.is_cuda
+
+
 class HSigmoid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu6(x + 3.0) / 6.0
@@ -197,6 +211,12 @@ class BiMultiHeadAttention(nn.Module):
         k = self._heads(self.l_proj(l))
         values_v = self._heads(self.values_v_proj(v))
         values_l = self._heads(self.values_l_proj(l))
+        if _fused(self, q):
+            valid = text_mask.bool()[:, None, None, :]
+            # image queries over the real tokens; text queries over every image position (scale folded into q)
+            delta_v = self.out_v_proj(self._merge(F.scaled_dot_product_attention(q, k, values_l, valid, scale=1.0)))
+            delta_l = self.out_l_proj(self._merge(F.scaled_dot_product_attention(k, q, values_v, scale=1.0)))
+            return delta_v, delta_l
         logits = _clamp(q @ k.transpose(-1, -2), self.clamp)  # (B, H, Nv, Nl)
 
         # Text queries attend over every image position (padding included).
@@ -270,6 +290,9 @@ class _SelfAttention(nn.Module):
             return t.view(b, n, self.num_heads, hd).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if _fused(self, q):
+            ctx = F.scaled_dot_product_attention(q, k, v, text_mask.bool()[:, None, None, :])
+            return ctx.transpose(1, 2).reshape(b, n, d)
         scores = _clamp((q @ k.transpose(-1, -2)) / math.sqrt(hd), self.clamp)
         scores = scores.masked_fill(~text_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
         ctx = scores.softmax(dim=-1) @ v

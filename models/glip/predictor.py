@@ -44,10 +44,10 @@ from labelmill.models.transfer import HostCopy
 
 from .model import GLIP
 from .postprocess import RawDetections, merge_and_pack, select_batch
-from .preprocess import PreparedImage, choose_canvas, pad_to, padded_size, prepare_image
-from .text import Prompt, encode_prompts, vocabulary_prompts
+from .preprocess import PreparedImage, choose_canvas, pad_to, padded_size, prepare_image, prepare_image_device
+from .text import Prompt, Tokenized, encode_tokenized, tokenize_prompt, vocabulary_prompts
 
-PromptLike = Union[Prompt, Sequence[Prompt]]
+PromptLike = Union[Prompt, Tokenized, Sequence[Union[Prompt, Tokenized]]]
 
 
 @dataclass
@@ -106,6 +106,7 @@ class GLIPPredictor:
         canvas_sizes: Sequence[tuple[int, int]] | None = None,
         autocast_dtype: torch.dtype | None = None,
         pad_text_to_max_length: bool = False,
+        device_preprocess: bool = False,
     ):
         cfg = model.cfg
         self.cfg = cfg
@@ -129,10 +130,24 @@ class GLIPPredictor:
         self.canvas_sizes = canvas_sizes
         self.autocast_dtype = autocast_dtype
         self.pad_text_to_max_length = pad_text_to_max_length
+        self.device_preprocess = device_preprocess
 
     # ----------------------------------------------------------------- helpers
     def prepare(self, image) -> PreparedImage:
+        """Resize and normalise one image: on the device from a uint8 tensor when ``device_preprocess``,
+        else with PIL on the host (the reference)."""
+        if self.device_preprocess and isinstance(image, torch.Tensor):
+            return prepare_image_device(image.to(self.device), self.cfg.pixel_mean, self.cfg.pixel_std,
+                                        self.min_size, self.max_size)
         return prepare_image(image, self.cfg.pixel_mean, self.cfg.pixel_std, self.min_size, self.max_size)
+
+    def tokenized(self, prompt: PromptLike) -> list[Tokenized]:
+        """A prompt (or chunk list) as tokenised chunks; :class:`Tokenized` ones pass as they are."""
+        if isinstance(prompt, Tokenized):
+            return [prompt]
+        if isinstance(prompt, Prompt):
+            return [tokenize_prompt(self.tokenizer, prompt, self.cfg.max_query_len)]
+        return [c for p in prompt for c in self.tokenized(p)]
 
     def padded_shape(self, resized: tuple[int, int]) -> tuple[int, int]:
         if self.canvas_sizes:
@@ -154,9 +169,23 @@ class GLIPPredictor:
 
     def predict_async(self, images: Sequence, prompts: Sequence[PromptLike]) -> Callable[[], list[Detections]]:
         """Queue the work of :meth:`predict`; calling the result waits for the one host copy."""
+        waiting, chunks = self._queue(images, prompts)
+
+        def detections() -> list[Detections]:
+            packed, counts = waiting()
+            return self._unpack(packed, chunks, counts)
+
+        return detections
+
+    def predict_packed(self, images: Sequence, prompts: Sequence[PromptLike]) -> Callable[[], tuple[np.ndarray, list[int]]]:
+        """Like :meth:`predict_async`, but the result is the batch's packed (N, 6) rows -- x1, y1, x2, y2,
+        score, phrase index -- and each image's row count, as they come back from the device."""
+        return self._queue(images, prompts)[0]
+
+    def _queue(self, images: Sequence, prompts: Sequence[PromptLike]):
         if len(images) != len(prompts):
             raise ValueError("need exactly one prompt (or list of prompt chunks) per image")
-        chunks = [[p] if isinstance(p, Prompt) else list(p) for p in prompts]
+        chunks = [self.tokenized(p) for p in prompts]
         if any(not c for c in chunks):
             raise ValueError("empty prompt list")
         prepared = [self.prepare(img) for img in images]
@@ -169,7 +198,7 @@ class GLIPPredictor:
             for shape, members in groups.items():
                 for image_batch in _batches(members, self.max_batch_size):
                     self._run_images(shape, image_batch, prepared, chunks, raw)
-            return self._merge_all(prepared, chunks, raw)
+            return self._merge_all(prepared, chunks, raw), chunks
 
     def predict_vocabulary(self, images: Sequence, class_names: Sequence[str], **prompt_kwargs) -> list[Detections]:
         """Detect a class list in every image; ``phrase_indices`` index ``class_names``."""
@@ -178,7 +207,7 @@ class GLIPPredictor:
 
     def _run_images(self, shape, image_batch, prepared, chunks, raw) -> None:
         pixels = pad_to([prepared[i].tensor for i in image_batch], shape)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type != "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         else:
             pixels = pixels.to(self.device)
@@ -191,11 +220,11 @@ class GLIPPredictor:
             else:
                 index = torch.tensor(positions, device=self.device)
                 job_features = [f.index_select(0, index) for f in features]
-            encoded = encode_prompts(
-                self.tokenizer,
+            encoded = encode_tokenized(
                 [chunks[i][j] for _, i, j in job_batch],
                 self.cfg.max_query_len,
                 self.pad_text_to_max_length,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
             )
             out = self.model.predict_from_features(
                 job_features, encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
@@ -215,22 +244,22 @@ class GLIPPredictor:
             for (_, i, j), det in zip(job_batch, found):
                 raw[(i, j)] = det
 
-    def _merge_all(self, prepared: list[PreparedImage], chunks: list[list[Prompt]], raw) -> Callable[[], list[Detections]]:
+    def _merge_all(self, prepared: list[PreparedImage], chunks: list[list[Tokenized]], raw):
         """Merge chunks per image on the device; one device-to-host copy for the whole call."""
         if not prepared:
-            return lambda: []
+            return lambda: (np.zeros((0, 6)), [])
         packed, counts = merge_and_pack(
             [[raw[(i, j)] for j in range(len(chunks[i]))] for i in range(len(prepared))],
-            [np.cumsum([0] + [len(p.phrases) for p in c]).tolist()[:-1] for c in chunks],
+            [np.cumsum([0] + [p.n_phrases for p in c]).tolist()[:-1] for c in chunks],
             [p.scale for p in prepared],
             score_floor=self.score_floor,
             max_detections=self.max_detections_per_image,
         )
         copy = HostCopy(packed)
-        return lambda: self._unpack(copy.get().numpy(), chunks, counts)
+        return lambda: (copy.get().numpy(), counts)
 
     @staticmethod
-    def _unpack(host: np.ndarray, chunks: list[list[Prompt]], counts: list[int]) -> list[Detections]:
+    def _unpack(host: np.ndarray, chunks: list[list[Tokenized]], counts: list[int]) -> list[Detections]:
         out, start = [], 0
         for prompts, n in zip(chunks, counts):
             rows = host[start : start + n]

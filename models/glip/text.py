@@ -204,17 +204,9 @@ def positive_map(offsets: Sequence[tuple[int, int]], prompt: Prompt, length: int
     character falls back to the two before it.  A span whose ends cannot be
     placed (e.g. truncated away) contributes nothing.
     """
-    lookup = _char_to_token(offsets, len(prompt.caption))
     out = torch.zeros(len(prompt.phrases), length)
-    for p, phrase in enumerate(prompt.phrases):
-        for start, end in phrase.spans:
-            first = next((lookup[c] for c in range(start, min(start + 3, end)) if lookup[c] is not None), None)
-            last = next((lookup[c] for c in range(end - 1, max(end - 4, start - 1), -1) if lookup[c] is not None), None)
-            if first is None or last is None:
-                continue
-            out[p, first : last + 1] = 1.0
-        if out[p].sum() == 0:
-            warnings.warn(f"phrase {phrase.text!r} maps to no token (truncated?); it cannot be detected")
+    for p, first, last in phrase_token_ranges(offsets, prompt):
+        out[p, first : last + 1] = 1.0
     return out
 
 
@@ -238,3 +230,63 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], max_length: int, pad_to
     for row, prompt in zip(enc["offset_mapping"].tolist(), prompts):
         maps.append(normalize_positive_map(positive_map([tuple(o) for o in row], prompt, length)))
     return EncodedPrompts(enc["input_ids"], enc["attention_mask"], maps)
+
+
+# ------------------------------------------------------- pre-tokenised prompts
+@dataclass(frozen=True)
+class Tokenized:
+    """One prompt tokenised on its own: what the device needs, computed on the host (the prepare stage).
+
+    ``ranges`` lists, per phrase span that maps to tokens, ``(phrase, first token, last token)``;
+    padding these to a batch's longest gives exactly :func:`encode_prompts`' ids, mask and maps.
+    """
+
+    input_ids: tuple[int, ...]
+    ranges: tuple[tuple[int, int, int], ...]
+    texts: tuple[str, ...]
+
+    @property
+    def n_phrases(self) -> int:
+        return len(self.texts)
+
+
+def phrase_token_ranges(offsets: Sequence[tuple[int, int]], prompt: Prompt) -> list[tuple[int, int, int]]:
+    """``(phrase, first, last)`` token ranges of every span, with :func:`positive_map`'s fall-backs."""
+    lookup = _char_to_token(offsets, len(prompt.caption))
+    ranges = []
+    for p, phrase in enumerate(prompt.phrases):
+        found = False
+        for start, end in phrase.spans:
+            first = next((lookup[c] for c in range(start, min(start + 3, end)) if lookup[c] is not None), None)
+            last = next((lookup[c] for c in range(end - 1, max(end - 4, start - 1), -1) if lookup[c] is not None), None)
+            if first is None or last is None:
+                continue
+            ranges.append((p, first, last))
+            found = True
+        if not found:
+            warnings.warn(f"phrase {phrase.text!r} maps to no token (truncated?); it cannot be detected")
+    return ranges
+
+
+def tokenize_prompt(tokenizer, prompt: Prompt, max_length: int) -> Tokenized:
+    enc = tokenizer(prompt.caption, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    ranges = phrase_token_ranges([tuple(o) for o in enc["offset_mapping"]], prompt)
+    return Tokenized(tuple(enc["input_ids"]), tuple(tuple(r) for r in ranges), prompt.texts)
+
+
+def encode_tokenized(items: Sequence[Tokenized], max_length: int, pad_to_max_length: bool = False,
+                     pad_token_id: int = 0) -> EncodedPrompts:
+    """:func:`encode_prompts` for prompts tokenised beforehand: pad to the longest (or ``max_length``)."""
+    length = max_length if pad_to_max_length else max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    maps = []
+    for b, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[b, :n] = torch.tensor(t.input_ids, dtype=torch.long)
+        mask[b, :n] = 1
+        binary = torch.zeros(t.n_phrases, length)
+        for p, first, last in t.ranges:
+            binary[p, first : last + 1] = 1.0
+        maps.append(normalize_positive_map(binary))
+    return EncodedPrompts(ids, mask, maps)
