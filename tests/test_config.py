@@ -86,3 +86,30 @@ def test_resource_plan_on_gpus():
     with pytest.raises(ConfigError, match="GPUs"):
         plan_resources(RayConfig(teacher_actors=8), total_cpus=16, total_gpus=4)
     assert plan_resources(RayConfig(device="cpu"), 16, 4).gpus_per_actor == 0
+
+
+def test_host_pools_are_sized_from_the_gpu_node():
+    """Prepare tasks and finish actors share host_cpus_per_gpu per GPU; everything fits the node."""
+    plan = plan_resources(RayConfig(), total_cpus=16, total_gpus=1, node_host_cpus_per_gpu=15.0)
+    assert plan.host_cpus_per_gpu == 15 and plan.read_tasks == 8 and (plan.host_min, plan.host_max) == (1, 8)
+    assert plan.cpus_per_actor + plan.read_tasks * plan.read_cpus + plan.host_max * plan.host_cpus <= 16
+    # the config value wins; four GPUs give four times the pools
+    four = plan_resources(RayConfig(host_cpus_per_gpu=6), total_cpus=32, total_gpus=4, node_host_cpus_per_gpu=7.0)
+    assert four.actors == 4 and four.read_tasks == 12 and four.host_max == 12
+    # no GPU node seen yet (an autoscaling cluster): a stated default, not zero
+    cold = plan_resources(RayConfig(max_actors=2), total_cpus=4, total_gpus=0, autoscaling=True, max_gpus=8)
+    assert cold.host_cpus_per_gpu == 4 and cold.host_max == 4
+    # a CPU plan: one finish actor beside the infer actor and the read task, on 2 CPUs
+    cpu = plan_resources(RayConfig(), total_cpus=2, total_gpus=0)
+    assert (cpu.host_min, cpu.host_max, cpu.host_cpus) == (1, 1, 0.25) and cpu.host_cpus_per_gpu is None
+    assert cpu.cpus_per_actor + cpu.read_tasks * cpu.read_cpus + cpu.host_cpus <= 2
+    with pytest.raises(ConfigError, match="finish"):
+        plan_resources(RayConfig(finish_actors=8), total_cpus=2, total_gpus=0)
+
+
+def test_several_infer_actors_share_a_gpu():
+    plan = plan_resources(RayConfig(actors_per_gpu=3), total_cpus=16, total_gpus=2, node_host_cpus_per_gpu=7.5)
+    assert plan.actors == 6 and abs(plan.gpus_per_actor - 1 / 3) < 1e-9 and abs(plan.cpus_per_actor - 1 / 3) < 1e-9
+    assert "1 infer actor" not in plan.describe() and "0.333 GPU" in plan.describe()
+    with pytest.raises(ValueError, match="actors_per_gpu or gpus_per_actor"):
+        RayConfig(actors_per_gpu=2, gpus_per_actor=0.5)

@@ -91,6 +91,6 @@ def test_a_run_shows_the_eta_line_and_no_ray_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr
     assert re.search(r"shards 2/2 done, 0 pending, ETA 0s", err), err[-3000:]
-    assert re.search(r"read [\d.]+/s decode [\d.]+/s label [\d.]+/s write [\d.]+/s", err)
+    assert re.search(r"read [\d.]+/s prepare [\d.]+/s infer [\d.]+/s finish [\d.]+/s write [\d.]+/s", err)
     noise = [line for line in err.splitlines() if RAY_NOISE.search(line)]
     assert not noise, noise

@@ -75,13 +75,13 @@ class ResourcePlan:
         }
 
     def describe(self) -> str:
-        dev = f"{self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "CPU"
+        dev = f"{self.gpus_per_actor:.3g} GPU" if self.gpus_per_actor else "CPU"
 
         def pool(lo: int, hi: int) -> str:
             return f"{lo}..{hi}" if lo != hi else f"{hi}"
 
         text = (
-            f"{pool(self.min_actors, self.max_actors)} infer actor(s) x [{dev}, {self.cpus_per_actor:g} CPU, "
+            f"{pool(self.min_actors, self.max_actors)} infer actor(s) x [{dev}, {self.cpus_per_actor:.3g} CPU, "
             f"{self.torch_threads} torch threads]; up to {self.read_tasks} read+prepare task(s) x {self.read_cpus:g} "
             f"CPU; {pool(self.host_min, self.host_max)} finish actor(s) x {self.host_cpus:g} CPU (RLE, label rows, "
             f"filter and table writer)"
