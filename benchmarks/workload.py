@@ -305,10 +305,14 @@ def timed_run(cfg, pss: bool = False, interval: float | None = None):
     from labelmill.pipelines.label import run
 
     marks: list[tuple[float, int]] = []
+    window: dict[str, dict] = {}  # CPU seconds per process at the first and the latest status update with samples
     original = Progress.update
 
     def spy(self, counters, committed, force=False):
         marks.append((time.monotonic(), counters.samples))
+        if counters.samples > 0:
+            window.setdefault("first", {"samples": counters.samples, "cpu": process_cpu()})
+            window["last"] = {"samples": counters.samples, "cpu": process_cpu()}
         return original(self, counters, committed, force)
 
     Progress.update = spy
@@ -325,9 +329,30 @@ def timed_run(cfg, pss: bool = False, interval: float | None = None):
         steady = (n1 - n0) / max(t1 - t0, 1e-9)
     else:
         steady = summary.counters.samples / wall
+    mem.steady = window if "first" in window and window["last"]["samples"] > window["first"]["samples"] else None
     return summary, wall, steady, mem
 
 
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """pid -> (process title, CPU seconds so far) of this process's descendants (Ray's workers included)."""
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cpu = p.cpu_times()
+            out[p.pid] = (" ".join(p.cmdline()[:2])[-60:], cpu.user + cpu.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
 def cpu_ms_per_image(mem: MemorySampler, marker: str, images: int) -> float:
-    """CPU-ms per image of the processes whose name holds ``marker`` (``Infer``, ``Finish``: Ray's actor titles)."""
+    """CPU-ms per image of the processes whose title holds ``marker`` (``Infer``, ``Finish``: Ray's actor titles),
+    over the steady state (from the first to the latest status update that saw samples: start-up, model load
+    and the last batches' drain are outside), else over the whole run."""
+    window = getattr(mem, "steady", None)
+    if window:
+        first, last = window["first"], window["last"]
+        spent = sum(cpu - first["cpu"].get(pid, (name, 0.0))[1] for pid, (name, cpu) in last["cpu"].items()
+                    if marker in name and pid in first["cpu"])
+        return 1000 * spent / (last["samples"] - first["samples"])
     return 1000 * sum(v for k, v in mem.cpu_by_process().items() if marker in k) / max(images, 1)

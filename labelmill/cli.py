@@ -6,26 +6,16 @@ import argparse
 import json
 import sys
 
-from labelmill.exitcodes import (
-    EXIT_CONFIG,
-    EXIT_ERROR,
-    EXIT_FAILED_SHARDS,
-    EXIT_INPUT,
-    EXIT_LOCK_HELD,
-    EXIT_OUTPUT,
-    EXIT_WEIGHTS,
-)
+from labelmill.exitcodes import EXIT_FAILED_SHARDS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from labelmill.config import load_config
     from labelmill.pipelines.label import run
-    from labelmill.engine.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         return _dry_run(cfg, args)
-    preflight(cfg)
     _quiet_terminal()
     summary = run(cfg)
     print(json.dumps(summary.as_dict(), indent=2))
@@ -227,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="labelmill",
         description="Streaming pseudo-labelling of WebDataset image-caption shards with CLIP-family teachers on Ray.",
     )
+    from labelmill import __version__
+
+    parser.add_argument("--version", action="version", version=f"labelmill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -396,17 +389,6 @@ def _add_export_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from labelmill.config import ConfigError
-    from labelmill.data import OutputNotFound, VersionNotFound
-    from labelmill.export.base import ExportError
-    from labelmill.engine.executor import PipelineStalled
-    from labelmill.engine.runtime import RayStartError
-    from labelmill.io.shards import ShardListError
-    from labelmill.store.commit import OutputConflictError
-    from labelmill.store.lock import LockHeld
-    from labelmill.teachers.base import WeightsError
-    from labelmill.training.errors import TrainingError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides given after an option (argparse cannot intermix them)
@@ -417,36 +399,30 @@ def main(argv: list[str] | None = None) -> int:
     _apply_verbose(args)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"labelmill: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except WeightsError as exc:
-        print(f"labelmill: weights error: {exc}", file=sys.stderr)
-        return EXIT_WEIGHTS
-    except ShardListError as exc:
-        print(f"labelmill: input error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (OutputNotFound, VersionNotFound) as exc:
-        print(f"labelmill: input error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (OutputConflictError, FileExistsError) as exc:
-        print(f"labelmill: output error: {exc}", file=sys.stderr)
-        return EXIT_OUTPUT
-    except LockHeld as exc:
-        print(f"labelmill: lock held: {exc}", file=sys.stderr)
-        return EXIT_LOCK_HELD
-    except ExportError as exc:
-        print(f"labelmill: export error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except TrainingError as exc:
-        print(f"labelmill: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except RayStartError as exc:
-        print(f"labelmill: ray error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except PipelineStalled as exc:
-        print(f"labelmill: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    except (Exception, KeyboardInterrupt) as exc:
+        from labelmill.exitcodes import EXIT_PIPE_CLOSED, classify
+
+        known = classify(exc)
+        if known is None:
+            raise  # a bug: the traceback is the report
+        code, line = known
+        if code == EXIT_PIPE_CLOSED:  # the reader went away (| head): nothing more to say, nowhere to say it
+            _silence_stdout()
+            return code
+        print(f"labelmill: {line}", file=sys.stderr)
+        if getattr(args, "json", False):  # a scheduler reading only stdout gets the code too
+            print(json.dumps({"command": args.command, "error": line, "exit_code": code}), flush=True)
+        return code
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -23,37 +23,12 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 def _cmd_refresh(args: argparse.Namespace) -> int:
     from labelmill.config import load_config
-    from labelmill.engine.preflight import preflight
     from labelmill.pipelines.refresh import refresh
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        preflight(cfg)
-        summary = refresh(cfg, content_hash=args.content_hash)
-    except Exception as exc:
-        if args.json:  # a scheduler reading only stdout still gets the code (main prints the message)
-            code = _error_code(exc)
-            print(json.dumps({"command": "refresh", "error": f"{type(exc).__name__}: {exc}", "exit_code": code}))
-        raise
+    cfg = load_config(args.config, args.overrides)
+    summary = refresh(cfg, content_hash=args.content_hash)
     _print_summary(summary, args.json)
     return summary["exit_code"]
-
-
-def _error_code(exc: Exception) -> int:
-    from labelmill.config import ConfigError
-    from labelmill.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_INPUT, EXIT_LOCK_HELD, EXIT_OUTPUT, EXIT_WEIGHTS
-    from labelmill.io.shards import ShardListError
-    from labelmill.store.commit import OutputConflictError
-    from labelmill.store.lock import LockHeld
-    from labelmill.store.read import OutputNotFound, VersionNotFound
-    from labelmill.teachers.base import WeightsError
-
-    for types, code in ((ConfigError, EXIT_CONFIG), (WeightsError, EXIT_WEIGHTS), (ShardListError, EXIT_INPUT),
-                        ((OutputConflictError, OutputNotFound, VersionNotFound), EXIT_OUTPUT),
-                        (LockHeld, EXIT_LOCK_HELD)):
-        if isinstance(exc, types):
-            return code
-    return EXIT_ERROR
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labelmill.schemas.records import Provenance  # noqa: F401  (re-exported for callers)
 from labelmill.models.common import WeightsError, config_hash, file_sha256
 from labelmill.models.safe_load import check_finite, is_torchscript, peek_keys, read_tensors
 
@@ -91,6 +90,16 @@ def resolve_weights(
             f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag of {arch!r} "
             f"(known tags: {known or 'none'})"
         )
+    cached = _hub_cached(tag_cfg, cache_dir)
+    if cached is not None:
+        return cached, f"{arch}@{pretrained}", tag_cfg
+    why = hub_unreachable(tag_cfg.get("url") if not tag_cfg.get("hf_hub") else None)
+    if why is not None:  # say so at once: no download retries against a hub that cannot answer
+        raise WeightsError(
+            f"open_clip weights {arch}/{pretrained} are not in the local cache and cannot be downloaded: {why}. "
+            "Fetch them where the hub is reachable and copy the Hugging Face cache (HF_HOME) here, or set "
+            "'pretrained' to a local checkpoint file."
+        )
     try:
         path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
     except Exception as exc:  # network, hub, permission: all mean "no weights here"
@@ -103,6 +112,49 @@ def resolve_weights(
     if not path or not os.path.isfile(path):
         raise WeightsError(f"open_clip returned no file for {arch}/{pretrained}")
     return path, f"{arch}@{pretrained}", tag_cfg
+
+
+def _hub_cached(tag_cfg: dict[str, Any], cache_dir: str | None) -> str | None:
+    """A tag's weights file when it is already in the local Hugging Face cache (no network is touched)."""
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    model_id, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    names = [filename.replace("open_clip_pytorch_model.bin", "open_clip_model.safetensors"),
+             filename.replace(".bin", ".safetensors"), filename]
+    for name in dict.fromkeys(names):
+        got = try_to_load_from_cache(model_id, name, cache_dir=cache_dir)
+        if isinstance(got, str) and os.path.isfile(got):
+            return got
+    return None
+
+
+def hub_unreachable(url: str | None = None, timeout_s: float = 3.0) -> str | None:
+    """Why weights cannot be downloaded right now (offline mode, no route to the hub), or None.
+
+    ``HF_HUB_OFFLINE`` is honoured; otherwise one TCP connection to the hub (``HF_ENDPOINT``, or the
+    host of ``url``) within ``timeout_s`` decides, instead of a download's retries and back-off.
+    """
+    from urllib.parse import urlparse
+
+    if url is None and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    parsed = urlparse(url or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
+    if not host:
+        return None
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached ({type(exc).__name__}: {exc})"
+    return None
 
 
 def load_clip(
@@ -133,6 +185,7 @@ def load_clip(
             f"open_clip has no architecture {arch!r}; pick one of open_clip.list_models() "
             "or give an inline arch_config"
         )
+    check_activation(arch, quick_gelu)
     path, label, tag_cfg = resolve_weights(arch, pretrained, allow_random_init=allow_random_init, cache_dir=cache_dir)
     openai_format = path is not None and not tag_cfg and is_openai_checkpoint(path)
     if path is not None and not tag_cfg:
@@ -165,6 +218,15 @@ def load_clip(
 
 #: entries of OpenAI's released state dicts that open_clip's own files do not have
 _OPENAI_MARKERS = ("input_resolution", "context_length", "vocab_size")
+
+
+def check_activation(arch: str, quick_gelu: bool | None) -> None:
+    """Refuse ``quick_gelu: false`` for an architecture whose config fixes QuickGELU (it would be ignored)."""
+    import open_clip
+
+    if quick_gelu is False and (open_clip.get_model_config(arch) or {}).get("quick_gelu"):
+        raise WeightsError(f"quick_gelu: false conflicts with {arch!r}, whose config sets QuickGELU; use the "
+                           "architecture name without '-quickgelu' for GELU weights")
 
 
 def resolve_quick_gelu(arch: str, path: str, quick_gelu: bool | None, openai_format: bool | None = None) -> bool | None:

@@ -35,12 +35,12 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
 
 
 def run(cfg: RunConfig, *, stream=None) -> RunSummary:
-    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # input, output and Ray
-    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # are checked
-    store.check_writable()  # before anything is written (the lock, the claim)
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # cheap checks first: input,
+    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # output, lock;
+    store.check_writable()  # then weights and Ray (a failure before the claim leaves nothing behind)
     engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
                     stream=stream or sys.stderr)
-    with engine.session(needed=any(s not in store.done_shards() for s in listing)), writer_lock(cfg, "run") as lock:
+    with writer_lock(cfg, "run") as lock, engine.session(needed=any(s not in store.done_shards() for s in listing)):
         return _run(cfg, store, listing, lock, engine, stream or sys.stderr)
 
 

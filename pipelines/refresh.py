@@ -42,7 +42,9 @@ REFRESH_DIR = "_labelmill/refreshes"
 def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
     """Run one refresh; returns its summary (``exit_code`` included), also kept in the output."""
     stream = stream or sys.stderr
-    with writer_lock(cfg, "refresh") as lock:
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
+    OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression).check_writable()
+    with writer_lock(cfg, "refresh") as lock:  # the input and the output were checked: nothing written before
         started, run_id = time.monotonic(), new_run_id()
         store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
         if store.read_config() is None:
@@ -50,7 +52,6 @@ def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
         repair = store.repair()
         if any(repair.values()):
             print(f"[labelmill] repaired output after an interrupted writer: {repair}", file=stream)
-        listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
         records = store.versions()
         committed = committed_from_records(store.shard_items(records), store.label_inputs(records))
         plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import traceback
 import warnings
@@ -135,8 +136,11 @@ class InferImages(Stage):
         self.allow_random_init = allow_random_init
         self.batch_size = batch_size
         # several forward batches per call: the next batch's copy and the last one's collection overlap a
-        # forward only inside a call
+        # forward inside a call; two calls at once (threads) let one call's last collection and its output
+        # overlap the next call's forwards, so the device does not wait between calls. The forwards themselves
+        # take turns (one device lock): the device's work stays one queue.
         self.batches_per_call = batches_per_call
+        self.concurrent_calls = 2
         self.cpus = cpus
         self.gpus = gpus
         self.torch_threads = torch_threads
@@ -188,6 +192,7 @@ class InferImages(Stage):
                            if getattr(src, "teacher", None)}
         self.read_later |= {c.dense_features_from for c in self.teacher_configs
                             if getattr(c, "dense_features_from", None)}
+        self._device_lock = threading.Lock()
         self._copy_pool = ThreadPoolExecutor(1, thread_name_prefix="infer-copy")
         self._collect_pool = ThreadPoolExecutor(1, thread_name_prefix="infer-collect")
 
@@ -341,8 +346,9 @@ class InferImages(Stage):
                 copied = self._copy_pool.submit(self._to_device, chunks[k + 1], cols, errors, warns)
             if chunk.batch is None:
                 continue
-            chunk.wait(self.device)
-            collect = self._forward(chunk, errors, warns)
+            with self._device_lock:
+                chunk.wait(self.device)
+                collect = self._forward(chunk, errors, warns)
             collecting.append(self._collect_pool.submit(collect, labels, regions, raws, errors, warns))
         for f in collecting:
             f.result()

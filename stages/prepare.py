@@ -26,6 +26,8 @@ from labelmill.schemas.tables import Col, meta_dict
 from labelmill.stages.base import Resources, Stage
 
 PLACEHOLDER = np.zeros((1, 1, 3), dtype=np.uint8)
+#: longest side assumed for a decoded row in the object-store budget (photos at original size)
+ROW_SIDE_CAP = 2048
 
 
 def read_captions(batch: pa.Table, warns: list[list[str]]) -> list[str | None]:
@@ -81,7 +83,10 @@ class PrepareInputs(Stage):
         return Resources(cpus=self.cpus)
 
     def bytes_per_row(self) -> int:
-        return self.request.max_long_side * self.request.max_long_side * 3
+        """A decoded row's size for the object-store budget: the request's square, at most 2048 x 2048 (a
+        request for the original resolution would otherwise make the budget unbounded)."""
+        side = min(self.request.max_long_side, ROW_SIDE_CAP)
+        return side * side * 3
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         errors = batch.column(Col.ERROR).to_pylist()

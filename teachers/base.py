@@ -434,6 +434,9 @@ def resolve_config_class(type_name: str) -> type[TeacherConfig]:
 def validate_teacher_config(section: dict[str, Any]) -> TeacherConfig:
     if not isinstance(section, dict) or "type" not in section:
         raise ValueError("each teacher needs a 'type'")
+    if not isinstance(section["type"], str):
+        hint = " (YAML reads a bare null as nothing: write type: \"null\")" if section["type"] is None else ""
+        raise ValueError(f"teacher type must be a string, not {section['type']!r}{hint}")
     return resolve_config_class(section["type"]).model_validate(section)
 
 

@@ -65,11 +65,12 @@ class CLIPModelFields(TeacherConfig):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     def preflight(self, allow_random_init: bool) -> None:
-        from labelmill.models.openclip import resolve_quick_gelu, resolve_weights
+        from labelmill.models.openclip import check_activation, resolve_quick_gelu, resolve_weights
         from labelmill.models.safe_load import check_readable
 
         path = None
         if self.arch_config is None and not self.model.startswith("hf-hub:"):
+            check_activation(self.model, self.quick_gelu)
             path, _, tag_cfg = resolve_weights(
                 self.model, self.pretrained, allow_random_init=allow_random_init, cache_dir=self.cache_dir
             )
@@ -78,7 +79,9 @@ class CLIPModelFields(TeacherConfig):
         elif self.pretrained is None and not allow_random_init:
             name = "inline arch_config" if self.arch_config is not None else self.model
             resolve_weights(name, None, allow_random_init=False)
-        elif self.pretrained is not None and os.path.isfile(self.pretrained):
+        elif self.pretrained is not None and self.arch_config is not None:
+            if not os.path.isfile(self.pretrained):  # an inline architecture has no tags: a local file or nothing
+                raise WeightsError(f"CLIP weights file {self.pretrained!r} does not exist")
             path = self.pretrained
         if path is not None:
             check_readable(path)  # refuses a file that would run code, running none of it
@@ -110,7 +113,8 @@ class MaskCLIPConfig(CLIPModelFields):
     mode: Literal["whole", "slide"] = "whole"
     image_size: int = Field(
         default=512, ge=32,
-        description="whole mode: short side of the resized image (paper: 512 COCO-Stuff, 520 PASCAL Context)",
+        description="whole mode: short side of the resized image (paper: 512 for COCO-Stuff; PASCAL Context bounds the "
+        "long side at 520 instead: image_size 520 with whole_max_long_side 520)",
     )
     whole_max_long_side: int = Field(default=2048, ge=32, description="whole mode: long side at most")
     slide_short_side: int = Field(default=512, ge=32)

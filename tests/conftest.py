@@ -29,3 +29,16 @@ def ray_session():
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The errors of the test must be found before Ray starts."""
+    import labelmill.engine.executor as executor
+    import labelmill.engine.runtime as runtime
+
+    def refuse(cfg):
+        raise AssertionError("Ray was started for a run that should have failed first")
+
+    monkeypatch.setattr(runtime, "start_ray", refuse)
+    monkeypatch.setattr(executor, "start_ray", refuse)

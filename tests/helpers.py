@@ -105,3 +105,19 @@ def gt_sample(key: str, seed: int, w: int = 96, h: int = 64):
 
 def gt_teacher(**kw) -> dict:
     return {"type": "plugin_teacher:GroundTruthTeacher", "name": "gt", **kw}
+
+
+def write_config(tmp_path, cfg, name: str = "run.yaml") -> str:
+    """A run config written as YAML; its path."""
+    import yaml
+
+    path = Path(tmp_path) / name
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def one_line(capsys, prefix: str) -> str:
+    """The one line a failed command printed on stderr (asserts it is one, with ``prefix``)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(prefix), err
+    return err[0]

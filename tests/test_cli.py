@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 
-from helpers import run_config
-from labelmill.cli import EXIT_CONFIG, EXIT_INPUT, EXIT_WEIGHTS, main
+from helpers import make_shards, run_config
+from labelmill.cli import main
+from labelmill.exitcodes import EXIT_CONFIG, EXIT_INPUT, EXIT_WEIGHTS
 
 
 def cli(*args, env=None):
@@ -36,7 +37,8 @@ def test_config_errors_before_any_work(tmp_path, capsys):
 
 def test_missing_weights_are_an_error_that_says_how_to_fix(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    cfg = run_config(str(tmp_path), str(tmp_path / "out"))
+    make_shards(tmp_path / "in", 1, 1)  # the input is listed first (cheap checks before weights)
+    cfg = run_config(str(tmp_path / "in"), str(tmp_path / "out"))
     cfg["allow_random_init"] = False
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path)]) == EXIT_WEIGHTS

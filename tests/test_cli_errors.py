@@ -7,34 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-import labelmill.engine.runtime as runtime
-from helpers import make_shards, run_config
+from helpers import make_shards, one_line, run_config, write_config
 from labelmill.cli import main
 from labelmill.exitcodes import EXIT_CONFIG, EXIT_ERROR, EXIT_INPUT, EXIT_OUTPUT
-
-
-def write(tmp_path, cfg) -> str:
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """These errors must be found before Ray starts."""
-    def refuse(cfg):
-        raise AssertionError("Ray was started for a run that should have failed first")
-    monkeypatch.setattr(runtime, "start_ray", refuse)
-    import labelmill.engine.executor as executor
-    monkeypatch.setattr(executor, "start_ray", refuse)
-
-
-def one_line(capsys, prefix: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(prefix), err
-    return err[0]
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no_shards"])
@@ -45,7 +21,7 @@ def test_missing_or_empty_input_leaves_no_output(tmp_path, capsys, no_ray, case)
     if case == "no_shards":
         (folder / "notes.txt").write_text("no tar here")
     out = tmp_path / "out"
-    assert main(["run", write(tmp_path, run_config(str(folder), str(out)))]) == EXIT_INPUT
+    assert main(["run", write_config(tmp_path, run_config(str(folder), str(out)))]) == EXIT_INPUT
     assert "matches no shard" in one_line(capsys, "labelmill: input error:")
     assert not out.exists()  # no _labelmill/config.json left behind
 
@@ -54,11 +30,11 @@ def test_output_path_that_is_a_file(tmp_path, capsys, no_ray):
     make_shards(tmp_path / "in", 1, 1)
     out = tmp_path / "out.txt"
     out.write_text("keep me")
-    assert main(["run", write(tmp_path, run_config(str(tmp_path / "in"), str(out)))]) == EXIT_OUTPUT
+    assert main(["run", write_config(tmp_path, run_config(str(tmp_path / "in"), str(out)))]) == EXIT_OUTPUT
     assert "is a file" in one_line(capsys, "labelmill: output error:")
     assert out.read_text() == "keep me"
     nested = str(out / "sub")
-    assert main(["run", write(tmp_path, run_config(str(tmp_path / "in"), nested))]) == EXIT_OUTPUT
+    assert main(["run", write_config(tmp_path, run_config(str(tmp_path / "in"), nested))]) == EXIT_OUTPUT
     assert "lies under the file" in one_line(capsys, "labelmill: output error:")
 
 
@@ -67,9 +43,9 @@ def test_unknown_vocabulary_is_a_config_error(tmp_path, capsys, no_ray):
     out = tmp_path / "out"
     cfg = run_config(str(tmp_path / "in"), str(out))
     cfg["teachers"][0]["vocabulary"] = "coco-81"
-    assert main(["run", write(tmp_path, cfg)]) == EXIT_CONFIG
+    assert main(["run", write_config(tmp_path, cfg)]) == EXIT_CONFIG
     assert "unknown vocabulary 'coco-81'" in one_line(capsys, "labelmill: config error:")
-    assert main(["run", "--dry-run", write(tmp_path, cfg)]) == EXIT_CONFIG  # found with the config alone
+    assert main(["run", "--dry-run", write_config(tmp_path, cfg)]) == EXIT_CONFIG  # found with the config alone
     capsys.readouterr()
     assert not out.exists()
 
@@ -80,7 +56,7 @@ def test_ray_start_up_failure_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "blocker").write_text("")  # Ray cannot make its temp folder under a file
     env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "blocker" / "ray"), RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "labelmill", "run", write(tmp_path, run_config(str(tmp_path / "in"),
+    proc = subprocess.run([sys.executable, "-m", "labelmill", "run", write_config(tmp_path, run_config(str(tmp_path / "in"),
                                                                                             str(out)))],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_ERROR, proc.stderr[-2000:]

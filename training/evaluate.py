@@ -158,7 +158,10 @@ def evaluate(checkpoint: str, output: str, *, version: int | None = None, gt: st
         if gt:
             return segmentation_gt(model, ds, gt, max_images)
         return segmentation_agreement(model, ds, teacher, threshold, max_images)
-    from labelmill.training.glip import evaluate_detection
+    from labelmill.training.glip import META_FILE as GLIP_META, evaluate_detection
 
+    if not (os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, GLIP_META))):
+        raise CheckpointError(f"{checkpoint} is not a student checkpoint: expected a folder holding {META_FILE} "
+                              f"(MaskCLIP+) or {GLIP_META} (GLIP), as `labelmill train` writes")
     return evaluate_detection(checkpoint, ds, gt=gt, teacher=teacher, threshold=threshold,
                               max_images=max_images, tokenizer=tokenizer)

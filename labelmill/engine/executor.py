@@ -468,9 +468,11 @@ class Engine:
                 if head.role == "model" and self.cfg.actor_resources:
                     kwargs["resources"] = dict(self.cfg.actor_resources)
                 rows = self.batch_size * head.batches_per_call if head.role == "model" else None
+                calls = getattr(head, "concurrent_calls", 1)
+                threads = dict(max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True) if calls > 1 else {}
                 ds = ds.map_batches(
                     actor_class(group, meter), batch_size=rows,
-                    compute=ActorPoolStrategy(min_size=pool["min"], max_size=pool["max"]), **kwargs,
+                    compute=ActorPoolStrategy(min_size=pool["min"], max_size=pool["max"], **threads), **kwargs,
                 )
             else:
                 ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)

@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -127,19 +128,22 @@ class StageMeter:
         self.every_s = every_s
         self.pending: dict[str, list] = {}
         self.last = time.monotonic()
+        self._lock = threading.Lock()  # an actor may run several calls at once (the infer stage does)
 
     def add(self, stage: str, rows: int, seconds: float) -> None:
-        entry = self.pending.setdefault(stage, [0, 0.0])
-        entry[0] += int(rows)
-        entry[1] += float(seconds)
-        if time.monotonic() - self.last >= self.every_s:
+        with self._lock:
+            entry = self.pending.setdefault(stage, [0, 0.0])
+            entry[0] += int(rows)
+            entry[1] += float(seconds)
+            due = time.monotonic() - self.last >= self.every_s
+        if due:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending and self.send is not None:
-            self.send({k: (v[0], v[1]) for k, v in self.pending.items()})
-        self.pending = {}
-        self.last = time.monotonic()
+        with self._lock:
+            pending, self.pending, self.last = self.pending, {}, time.monotonic()
+        if pending and self.send is not None:
+            self.send({k: (v[0], v[1]) for k, v in pending.items()})
 
 
 class StageTotals:

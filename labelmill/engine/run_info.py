@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from labelmill.store.lock import OutputLock
 from labelmill.store.refresh_plan import LabelInputs, inputs_key
@@ -30,6 +31,21 @@ def version_info(cfg: Any, run_id: str) -> tuple[dict, dict]:
     return info, {"inputs": key}
 
 
-def writer_lock(cfg: Any, command: str) -> OutputLock:
-    """The output's writer lock (raises :class:`~labelmill.store.lock.LockHeld` when another writer runs)."""
-    return OutputLock(cfg.output.path, cfg.output.storage_options, command=command)
+@contextlib.contextmanager
+def writer_lock(cfg: Any, command: str, preflight: bool = True) -> Iterator[OutputLock]:
+    """Hold the output's writer lock (:class:`~labelmill.store.lock.LockHeld` at once when another writer runs),
+    then check what is slower to check: every teacher's weights (:func:`labelmill.engine.preflight.preflight`).
+
+    So a second writer is refused before any weights resolve or Ray starts; a failure here releases the lock,
+    and an output the lock created is removed again (nothing is left behind).
+    """
+    lock = OutputLock(cfg.output.path, cfg.output.storage_options, command=command).acquire()
+    try:
+        if preflight:
+            from labelmill.engine.preflight import preflight as check_teachers
+
+            check_teachers(cfg)
+        yield lock
+    finally:
+        lock.release()
+        lock.remove_if_only_lock()

@@ -34,6 +34,13 @@ class DecodedImage:
     warnings: list[str] = field(default_factory=list)
 
 
+
+def scaled_side(n: int, scale: float) -> int:
+    """A side after scaling, rounded half up like the teachers' own resize (``models.openclip.fit_size``,
+    mmcv's ``rescale_size``): Python's ``round`` rounds half to even, which gave some images a size one
+    pixel off the teacher's and so an extra 1-px resize."""
+    return max(1, int(n * scale + 0.5))
+
 def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -127,7 +134,7 @@ def decode_image(data: bytes | None, request: ImageRequest, max_pixels: int) -> 
     except Exception as exc:  # truncated data, corrupt stream
         raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from None
 
-    target = (max(1, round(orig_w * scale)), max(1, round(orig_h * scale)))
+    target = (scaled_side(orig_w, scale), scaled_side(orig_h, scale))
     if img.size != target:
         img = img.resize(target, Image.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)
@@ -170,7 +177,7 @@ def nvjpeg_target(data: bytes, request: ImageRequest, max_pixels: int) -> tuple[
     except Exception:  # not nvJPEG's to judge: the PIL path decodes it or reports the error row
         return None
     scale = min(1.0, request.scale_for(height, width))
-    return height, width, max(1, round(height * scale)), max(1, round(width * scale))
+    return height, width, scaled_side(height, scale), scaled_side(width, scale)
 
 
 def decode_batch(

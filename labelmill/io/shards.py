@@ -61,6 +61,16 @@ def is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _STORAGE_MODULES
 
 
+def storage_message(exc: BaseException, options_key: str) -> str:
+    """One line for a storage error, with what to do about missing credentials."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if "credential" in line.lower() or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        line += (f" (no usable credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key and "
+                 f"secret in {options_key})")
+    return line
+
+
 @dataclass
 class RawSample:
     """One sample as read from a tar: still encoded."""
@@ -248,8 +258,10 @@ def list_shard_fingerprints(
                                       if _is_shard(p) and _is_file(i)), key=_first)
             except FileNotFoundError:
                 matches = []
-            except (OSError, PermissionError) as exc:
-                raise ShardListError(f"cannot list {url!r}: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - storage errors become one line; anything else is a bug
+                if not is_transient(exc):
+                    raise
+                raise ShardListError(f"cannot list {url!r}: {storage_message(exc, 'input.storage_options')}") from None
             found.extend((_with_protocol(m, url), info) for m, info in matches)
         if not found:
             raise ShardListError(f"input {item!r} matches no shard (*.tar, *.tar.gz, *.tgz)")

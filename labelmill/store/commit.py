@@ -331,6 +331,13 @@ class OutputStore:
             except (FileNotFoundError, NotADirectoryError):
                 path = posixpath.dirname(path.rstrip("/"))
                 continue
+            except Exception as exc:  # noqa: BLE001 - storage errors (credentials, network) are one line
+                from labelmill.io.shards import is_transient, storage_message
+
+                if not is_transient(exc):
+                    raise
+                raise OutputConflictError(f"cannot reach output {self.uri}: "
+                                          f"{storage_message(exc, 'output.storage_options')}") from None
             if info.get("type") == "file":
                 what = "is a file" if path == self.root else f"lies under the file {path}"
                 raise OutputConflictError(f"output {self.uri} {what}; give a folder for output.path")

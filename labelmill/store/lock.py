@@ -110,8 +110,10 @@ class OutputLock:
             raise ValueError("ttl_s must be positive")
         self.output = output.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.output, **(storage_options or {}))
+        self.root = root
         self.dir = posixpath.join(root, LOCK_DIR)
         self.local = "file" in _protocols(self.fs)
+        self._fresh_output = False  # the output did not exist when the lock was taken
         self.command = command
         self.ttl_s = float(ttl_s)
         self.heartbeat_s = self.ttl_s / 10 if heartbeat_s is None else float(heartbeat_s)
@@ -222,6 +224,10 @@ class OutputLock:
         """Take the lock now or raise :class:`LockHeld` (never waits)."""
         if self.generation is not None:
             raise LockError("this lock object already holds the lock")
+        try:
+            self._fresh_output = not self.fs.exists(self.root)
+        except Exception:  # noqa: BLE001 - unknown: keep whatever is there
+            self._fresh_output = False
         for _ in range(20):  # only loops when records vanish under us (pruning)
             generations = self._generations()
             previous = None
@@ -309,8 +315,27 @@ class OutputLock:
             self._thread.join(timeout=30)
             self._thread = None
         if self.generation is not None and not self._lost and not self._superseded():
-            self._overwrite(self.generation, self._body(released=True, released_at=self.clock()))
+            try:
+                self._overwrite(self.generation, self._body(released=True, released_at=self.clock()))
+            except OSError:  # e.g. no space left: drop our record instead (that needs no space), never raise
+                try:
+                    self.fs.rm(self._path(self.generation))
+                except OSError:
+                    log.warning("could not release the lock of %s; the next writer takes it over after its TTL",
+                                self.output)
         self.generation = None
+
+    def remove_if_only_lock(self) -> None:
+        """A writer that failed before writing anything leaves nothing: an output this lock created and that
+        holds only lock records is removed again."""
+        if not self._fresh_output:
+            return
+        try:
+            names = [posixpath.relpath(p, self.root) for p in self.fs.find(self.root)]
+            if all(n.startswith(LOCK_DIR + "/") for n in names):
+                self.fs.rm(self.root, recursive=True)
+        except Exception:  # noqa: BLE001 - tidying only
+            pass
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -172,11 +172,17 @@ def readable_record(store: OutputStore, version: int | str | None) -> dict:
     return record
 
 
-def open_version(output: str, version: int | str | None = None, *,
-                 storage_options: dict | None = None) -> DatasetVersion:
+def existing_output(output: str, storage_options: dict | None = None) -> OutputStore:
+    """The store of an output a reading command was given; :class:`OutputNotFound` if there is none."""
     store = OutputStore(output, storage_options)
     if not store.fs.exists(store.root):
         raise OutputNotFound(f"{output} does not exist")
+    return store
+
+
+def open_version(output: str, version: int | str | None = None, *,
+                 storage_options: dict | None = None) -> DatasetVersion:
+    store = existing_output(output, storage_options)
     return DatasetVersion(store, readable_record(store, version))
 
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from labelmill.store.commit import STAGING, VACUUM_FILE, OutputStore
 from labelmill.store.lock import OutputLock
-from labelmill.store.read import DatasetVersion, readable_record
+from labelmill.store.read import DatasetVersion, existing_output, readable_record
 SCORE_BINS = np.linspace(0.0, 1.0, 11)
 
 
@@ -34,7 +34,7 @@ def _shard_changes(previous: dict[str, dict], record: dict) -> dict[str, int]:
 
 def describe_versions(output: str, storage_options: dict | None = None) -> list[dict]:
     """One summary per version, oldest first (what ``labelmill versions`` prints)."""
-    store = OutputStore(output, storage_options)
+    store = existing_output(output, storage_options)
     records = store.versions()
     vacuumed = store.vacuumed()
     out, state = [], {}
@@ -95,7 +95,7 @@ def _version_stats(view: DatasetVersion) -> dict[str, Any]:
 
 def diff_versions(output: str, a: int | str, b: int | str, storage_options: dict | None = None) -> dict:
     """Counts per class and status, shards in and out, and the score-distribution shift from A to B."""
-    store = OutputStore(output, storage_options)
+    store = existing_output(output, storage_options)
     ra, rb = readable_record(store, a), readable_record(store, b)
     records = store.versions()
     items_a = OutputStore.shard_items([r for r in records if r["version"] <= ra["version"]])
@@ -145,7 +145,7 @@ def format_diff(d: dict) -> str:
 # ------------------------------------------------------------------ rollback
 def rollback(output: str, version: int | str, storage_options: dict | None = None) -> dict:
     """Publish a new version equal to ``version`` (under the writer lock)."""
-    store = OutputStore(output, storage_options)
+    store = existing_output(output, storage_options)
     with OutputLock(output, storage_options, command="rollback") as lock:
         store.repair()
         target = readable_record(store, version)
@@ -170,7 +170,7 @@ def _kept(records: list[dict], keep_versions: int | None, older_than_days: float
 def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: float | None = None,
            apply: bool = False, storage_options: dict | None = None, now: datetime | None = None) -> dict:
     """Delete data files no kept version reads, and staging leftovers; a dry run unless ``apply``."""
-    store = OutputStore(output, storage_options)
+    store = existing_output(output, storage_options)
     lock = OutputLock(output, storage_options, command="vacuum")
     lock.acquire()
     try:
