@@ -318,10 +318,10 @@ def part_glip(s: Settings, blobs) -> dict:
     model = teacher.predictor.model
     h, w = (64, 128) if s.dry else (800, 1344)
     x = torch.randn(b, 3, h, w, device=s.device)
-    prompt = teacher.vocab_prompts[0]
-    from labelmill.models.glip.text import encode_prompts
+    prompt = teacher.vocab_prompts[0]  # tokenised once per actor
+    from labelmill.models.glip.text import encode_tokenized
 
-    enc = encode_prompts(teacher.tokenizer, [prompt] * b, model.cfg.max_query_len, False)
+    enc = encode_tokenized([prompt] * b, model.cfg.max_query_len, False, teacher.tokenizer.pad_token_id or 0)
     ids, mask = enc.input_ids.to(s.device), enc.attention_mask.to(s.device)
 
     fwd = in_autocast(s, lambda: model(x, ids, mask))

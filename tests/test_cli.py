@@ -88,3 +88,36 @@ def test_text_embeddings_command(tmp_path, capsys):
     missing = str(tmp_path / "nope.pt")
     assert main(["text-embeddings", str(dest), "--model", "ViT-B-32", "--pretrained", missing]) == EXIT_WEIGHTS
     assert "nope.pt" in capsys.readouterr().err
+
+
+def test_help_and_config_validation_import_no_torch(tmp_path):
+    """Parsing arguments and validating a config load no torch, pandas or pyarrow (the registry is lazy)."""
+    import subprocess
+    import sys
+
+    cfg = run_config(str(tmp_path), str(tmp_path / "out"))
+    cfg["teachers"] = [
+        {"type": "maskclip", "vocabulary": "coco-80", "pretrained": None},
+        {"type": "glip", "tokenizer": "builtin-test", "mode": "vocabulary", "vocabulary": ["a", "b"]},
+        {"type": "vild", "proposals": [{"teacher": "glip"}], "pretrained": None},
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = (
+        "import sys, contextlib, io\n"
+        "from labelmill.cli import build_parser, main\n"
+        "commands = [a.dest for a in build_parser()._subparsers._group_actions][0]\n"
+        "names = list(build_parser()._subparsers._group_actions[0].choices)\n"
+        "for argv in [['--help']] + [[n, '--help'] for n in names]:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "from labelmill.config import load_config\n"
+        f"cfg = load_config({str(path)!r})\n"
+        "print(len(names), len(cfg.teachers), sorted(m for m in ('torch', 'pandas', 'pyarrow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n, teachers, loaded = out.stdout.split(maxsplit=2)
+    assert int(n) >= 15 and teachers == "3" and loaded.strip() == "[]", out.stdout + out.stderr

@@ -47,3 +47,29 @@ def test_processes_below_a_killed_driver_are_ended(tmp_path):
         for p in psutil.Process().children(recursive=True):
             if p.pid in {driver.pid} or (watcher is not None and p.pid == watcher.pid):
                 p.kill()
+
+
+def test_the_watcher_runs_before_ray_starts(monkeypatch):
+    """A kill -9 during Ray's own start-up is covered too: the watcher exists when ray.init is called."""
+    import pytest
+    import ray
+
+    from labelmill.config import RayConfig
+    from labelmill.engine import runtime
+
+    seen = {}
+
+    def init(**kwargs):
+        seen["watcher"] = runtime._REAPER
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(runtime, "_REAPER", None)
+    with pytest.raises(runtime.RayStartError, match="stop here"):
+        runtime.start_ray(RayConfig())
+    watcher = seen["watcher"]
+    assert watcher is not None and watcher.poll() is None  # alive while Ray starts
+    watcher.kill()
+    watcher.wait(timeout=10)

@@ -36,6 +36,7 @@ from labelmill.engine.commit_loop import CommitLoop, RunCounters
 from labelmill.engine.progress import Progress, StageMeter, StageTotals
 from labelmill.engine.runtime import (
     ResourcePlan,
+    autoscaler_limits,
     cluster_max_gpus,
     configure_ray_data,
     default_budget_mb,
@@ -291,10 +292,11 @@ class StallWatch:
     """
 
     def __init__(self, timeout: float, requests: dict[str, dict[str, float]], autoscaling: bool, stream,
-                 nodes=None):
+                 nodes=None, limits: dict[str, float] | None = None):
         self.timeout = timeout
         self.requests = requests
         self.autoscaling = autoscaling
+        self.limits = limits
         self.stream = stream
         self.nodes = nodes
         self.last = time.monotonic()
@@ -305,8 +307,6 @@ class StallWatch:
     def watching(self, every: float = 1.0) -> Iterator[None]:
         """Check in a thread while the block runs; a stall interrupts the block (KeyboardInterrupt in the
         main thread, so Ray Data's iterator unwinds normally) and sets :attr:`error`."""
-        import _thread
-
         if threading.current_thread() is not threading.main_thread():
             yield  # only the main thread can be interrupted; elsewhere a stall is not detected
             return
@@ -318,7 +318,7 @@ class StallWatch:
                     self.check()
                 except PipelineStalled as exc:
                     self.error = exc
-                    _thread.interrupt_main()
+                    self._stop_main(done)
                     return
                 except Exception:  # noqa: BLE001 - e.g. Ray shutting down: the watch just ends
                     return
@@ -330,6 +330,22 @@ class StallWatch:
         finally:
             done.set()
             thread.join(timeout=5)
+
+    def _stop_main(self, done: threading.Event, grace_s: float = 30.0) -> None:
+        """Make the main thread give up: interrupt it; if it is stuck where an interrupt is not seen (a wait
+        inside Ray), send the process SIGINT; as the last resort print the one line and exit (code 1)."""
+        import _thread
+        import os
+        import signal
+
+        _thread.interrupt_main()
+        if done.wait(grace_s):
+            return
+        os.kill(os.getpid(), signal.SIGINT)
+        if done.wait(grace_s):
+            return
+        print(f"labelmill: {self.error}", file=sys.stderr, flush=True)
+        os._exit(1)
 
     def progressed(self) -> None:
         self.last = time.monotonic()
@@ -351,15 +367,19 @@ class StallWatch:
         what = "; ".join(f"{name} workers need {{{_fmt(self.requests[name])}}} each, no live node has "
                          f"{{{_fmt(lacks)}}}" for name, lacks in missing.items())
         live = sum(1 for n in nodes if n.get("Alive"))
-        if self.autoscaling and not self.warned:
+        # wait for an autoscaler only if its node types can provide what is missing
+        can_add = self.autoscaling and (self.limits is None or all(
+            self.limits.get(k, 0.0) >= self.requests[name].get(k, 0.0) for name, lacks in missing.items()
+            for k in lacks))
+        if can_add and not self.warned:
             self.warned = True
             print(f"[labelmill] waiting for nodes: no progress for {idle:.0f}s; {what} ({live} live nodes); "
                   "waiting for the cluster autoscaler to add such nodes", file=self.stream, flush=True)
             return
-        if self.autoscaling and idle < 2 * self.timeout:
+        if can_add and idle < 2 * self.timeout:
             return
-        hint = ("the cluster autoscaler added no such node" if self.autoscaling
-                else "add a node with these resources, or change the ray section of the config")
+        hint = ("the cluster autoscaler added no such node" if can_add
+                else "no autoscaler can add such a node: add one, or change the ray section of the config")
         raise PipelineStalled(
             f"pipeline stalled: no progress for {idle:.0f}s (ray.stall_timeout_s={self.timeout:g}); {what} "
             f"({live} live nodes); {hint}. Committed shards are kept: re-run the same command to resume"
@@ -409,10 +429,14 @@ class Engine:
         lists them); places every operator's head stage."""
         model = next((s for s in pipeline.stages if s.stateful and s.role == "model"), None)
         wants_gpu = bool(model is not None and getattr(model, "wants_gpu", False))
-        max_gpus = cluster_max_gpus() if remote and res.get("GPU", 0.0) < 1 else None
+        max_gpus = None
+        if remote and res.get("GPU", 0.0) < 1:  # no GPU up: can the autoscaler start one? (no autoscaler: no)
+            max_gpus = cluster_max_gpus() or 0.0
+        live = [n.get("Resources", {}) for n in nodes or [] if n.get("Alive")]
         plan = plan_resources(self.cfg, res.get("CPU", 0.0), res.get("GPU", 0.0), autoscaling=remote,
                               max_gpus=max_gpus, wants_gpu=wants_gpu,
-                              node_host_cpus_per_gpu=node_host_cpus_per_gpu(nodes or []))
+                              node_host_cpus_per_gpu=node_host_cpus_per_gpu(nodes or []),
+                              max_node_cpus=max((n.get("CPU", 0.0) for n in live), default=None))
         pools = plan.pools()
         for group in fuse(pipeline.stages):
             head = group[0]
@@ -478,6 +502,22 @@ class Engine:
                 ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)
         return ds
 
+    def check_placeable(self, pipeline: Pipeline, nodes: list[dict], limits: dict[str, float] | None) -> None:
+        """Refuse, before any work, a plan one of whose workers fits on no live node when no autoscaler can add
+        such a node (``limits``: the most the autoscaler's node types provide; None: no autoscaler)."""
+        from labelmill.config import ConfigError
+
+        requests = self._requests(pipeline)
+        missing = unschedulable(requests, nodes)
+        if limits is not None:  # an autoscaler waits for nodes it can start; not for what none of its types has
+            missing = {name: lacks for name, lacks in missing.items()
+                       if any(limits.get(k, 0.0) < requests[name].get(k, 0.0) for k in lacks)}
+        if missing:
+            what = "; ".join(f"{name} workers need {{{_fmt(requests[name])}}} each, no node has {{{_fmt(lacks)}}}"
+                             for name, lacks in missing.items())
+            raise ConfigError(f"the resource plan fits on no node of this cluster: {what} (no autoscaler can add "
+                              "one); lower ray.cpus_per_actor / ray.gpus_per_actor, or ray.actor_resources")
+
     def _requests(self, pipeline: Pipeline) -> dict[str, dict[str, float]]:
         """Per operator (named by its first stage): what one of its workers needs from one node."""
         out = {}
@@ -503,7 +543,10 @@ class Engine:
 
         ledger = meter = ticker = None
         try:
-            self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote, ray.nodes())
+            nodes = ray.nodes()
+            self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote, nodes)
+            limits = autoscaler_limits() if remote else None
+            self.check_placeable(pipeline, nodes, limits)
             rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
             self.budget_mb = self.cfg.object_store_budget_mb or default_budget_mb(plan, self.batch_size, rows)
             configure_ray_data(plan, self.budget_mb)
@@ -529,7 +572,8 @@ class Engine:
 
             # the line refreshes on its own clock, also while the stream waits (model load, a slow shard)
             ticker = _Ticker(min(self.progress_interval_s, 1.0), refresh)
-            watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), plan.autoscaling, self.stream)
+            watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), limits is not None, self.stream,
+                               limits=limits)
             try:
                 with watch.watching():
                     for batch in self.dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(

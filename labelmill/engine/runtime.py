@@ -98,12 +98,13 @@ UNKNOWN_HOST_CPUS_PER_GPU = 4.0
 
 def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autoscaling: bool = False,
                    max_gpus: float | None = None, wants_gpu: bool = True,
-                   node_host_cpus_per_gpu: float | None = None) -> ResourcePlan:
+                   node_host_cpus_per_gpu: float | None = None, max_node_cpus: float | None = None) -> ResourcePlan:
     """Decide the three pools and their reservations; raise ConfigError on a plan that cannot run.
 
     ``autoscaling``: the cluster was reached by address and may grow.
     ``max_gpus``: the most GPUs its autoscaler can provide (None: unknown).
     ``node_host_cpus_per_gpu``: (CPUs - 1) / GPUs of the GPU nodes seen (None: none seen).
+    ``max_node_cpus``: the CPUs of the largest live node (an actor must fit one node).
     """
     note = ""
     can_have_gpus = total_gpus >= 1 or (autoscaling and (max_gpus is None or max_gpus >= 1))
@@ -164,7 +165,7 @@ def plan_resources(cfg: RayConfig, total_cpus: float, total_gpus: float, autosca
                 f"the cluster's {total_cpus:g} CPUs cannot hold the read/prepare and finish reservations "
                 f"({reserve:g}); lower ray.read_tasks, ray.read_cpus or ray.finish_cpus"
             )
-        cpus = cfg.cpus_per_actor or max(0.1, min(max(1.0, total_cpus / hi), room / hi))
+        cpus = cfg.cpus_per_actor or max(0.1, min(max(1.0, total_cpus / hi), room / hi, max_node_cpus or room))
         threads = cfg.torch_threads or max(1, int(math.floor(total_cpus / hi)))
     if not autoscaling and hi * cpus + reserve > total_cpus + 1e-9:
         raise ConfigError(
@@ -300,6 +301,8 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray
 
+    global _REAPER
+
     quiet_ray_warnings()
     if ray.is_initialized():
         return False, False
@@ -312,7 +315,11 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
                 filter_native_stderr()
             return True, True
         # address="local": always a private Ray for this process, never a cluster
-        # someone else started on this host with `ray start`.
+        # someone else started on this host with `ray start`. The watcher starts first, so a kill -9
+        # during Ray's own start-up leaves nothing running either.
+        from labelmill.engine import reaper
+
+        _REAPER = reaper.start()
         ray.init(
             address="local",
             num_cpus=cfg.num_cpus,
@@ -321,13 +328,10 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
             configure_logging=False,
         )
     except Exception as exc:  # noqa: BLE001 - any start-up failure is one clear line for the CLI
+        # the watcher stays: when this driver exits with the error below, it ends what Ray had started
         where = f"the Ray cluster at {address!r}" if address else "an embedded local Ray"
         first = (str(exc).strip().splitlines() or [""])[0]
         raise RayStartError(f"could not start or reach {where}: {type(exc).__name__}: {first}") from exc
-    from labelmill.engine import reaper
-
-    global _REAPER
-    _REAPER = reaper.start()  # a kill -9 of this driver leaves no Ray process running
     if quiet:
         filter_native_stderr()
     return True, False
@@ -348,17 +352,21 @@ def stop_ray() -> None:
         _REAPER = None
 
 
-def cluster_max_gpus() -> float | None:
-    """The most GPUs the cluster autoscaler's node types can provide; None if it is not known."""
+def autoscaler_limits() -> dict[str, float] | None:
+    """The most of each resource the cluster autoscaler's node types can provide; None: no autoscaler known."""
     try:
         from ray._private.state import state
 
         limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - a private API; absence means "unknown"
+    except Exception:  # noqa: BLE001 - a private API; absence means "no autoscaler we can see"
         return None
-    if not limits:
-        return None
-    return float(limits.get("GPU", 0) or 0)
+    return {k: float(v or 0) for k, v in limits.items()} if limits else None
+
+
+def cluster_max_gpus() -> float | None:
+    """The most GPUs the cluster autoscaler's node types can provide; None if it is not known."""
+    limits = autoscaler_limits()
+    return None if limits is None else float(limits.get("GPU", 0.0))
 
 
 def default_budget_mb(plan: ResourcePlan, batch_size: int, row_bytes: int) -> int:
