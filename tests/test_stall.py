@@ -121,7 +121,7 @@ def test_node_death_mid_run_fails_within_the_stall_timeout(tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     node = cluster.add_node(num_cpus=1, resources={"teacher_node": 1})
     try:
-        make_shards(tmp_path / "in", 12, 8)
+        make_shards(tmp_path / "in", 24, 8)
         cfg = run_config(str(tmp_path / "in"), str(tmp_path / "out"))
         cfg["ray"].update(address=cluster.address, actor_resources={"teacher_node": 1}, stall_timeout_s=15,
                           batch_size=2)
@@ -132,19 +132,46 @@ def test_node_death_mid_run_fails_within_the_stall_timeout(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "labelmill", "run", str(path)], env=env,
                                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         lines = []
-        for line in proc.stderr:  # remove the node once labels are flowing
+        for line in proc.stderr:  # remove the node once the run streams (its actor starting there, shards read)
             lines.append(line)
-            if " samples " in line and not line.split("]", 1)[1].lstrip().startswith("0 samples"):
+            if " samples " in line and "read " in line:
                 break
         cluster.remove_node(node)
         killed = time.monotonic()
-        rest, _ = proc.communicate(timeout=180)
+        _, rest = proc.communicate(timeout=180)
         waited = time.monotonic() - killed
         err = "".join(lines) + rest
         assert proc.returncode == EXIT_ERROR, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("labelmill: pipeline stalled") and "teacher_node: 1" in last, err[-3000:]
         assert waited < 2 * 15 + 60, waited  # the stall timeout plus Ray's own detection of the dead node
+        assert "no autoscaler can add such a node" in last and "waiting for nodes" not in err
         assert "Traceback" not in err
     finally:
         cluster.shutdown()
+
+
+def test_no_gpu_and_no_autoscaler_plans_for_cpu(monkeypatch):
+    """device: auto on a cluster reached by address, with no GPU node and no autoscaler: a CPU plan, not an
+    actor waiting for a GPU that cannot come; the actor's CPUs fit the largest node."""
+    import labelmill.engine.executor as executor
+    from labelmill.config import RayConfig
+    from labelmill.engine.executor import Engine, Pipeline
+    from labelmill.stages.base import Stage
+
+    class Source(Stage):
+        name, role = "read", "source"
+
+        def process_batch(self, batch):
+            return batch
+
+    class Infer(Source):
+        name, role, stateful, wants_gpu = "infer", "model", True, True
+
+    monkeypatch.setattr(executor, "cluster_max_gpus", lambda: None)
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0}}]
+    plan = Engine(RayConfig(), batch_size=4).place(Pipeline("p", [Source(), Infer()]), {"CPU": 3.0}, True, nodes)
+    assert plan.gpus_per_actor == 0 and plan.cpus_per_actor <= 2.0
+    monkeypatch.setattr(executor, "cluster_max_gpus", lambda: 8.0)  # an autoscaler with GPU node types
+    plan = Engine(RayConfig(), batch_size=4).place(Pipeline("p", [Source(), Infer()]), {"CPU": 3.0}, True, nodes)
+    assert plan.gpus_per_actor == 1

@@ -433,6 +433,8 @@ class Engine:
         if remote and res.get("GPU", 0.0) < 1:  # no GPU up: can the autoscaler start one? (no autoscaler: no)
             max_gpus = cluster_max_gpus() or 0.0
         live = [n.get("Resources", {}) for n in nodes or [] if n.get("Alive")]
+        # the infer actors must fit a node that has their custom resources (ray.actor_resources), if any
+        live = [n for n in live if all(n.get(k, 0.0) >= v for k, v in self.cfg.actor_resources.items())] or live
         plan = plan_resources(self.cfg, res.get("CPU", 0.0), res.get("GPU", 0.0), autoscaling=remote,
                               max_gpus=max_gpus, wants_gpu=wants_gpu,
                               node_host_cpus_per_gpu=node_host_cpus_per_gpu(nodes or []),
