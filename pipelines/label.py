@@ -25,12 +25,12 @@ def build_pipeline(cfg: RunConfig, run_id: str = "plan") -> Pipeline:
         ReadShards(cfg.input.storage_options, cfg.input.samples_per_block, attempts=cfg.input.read_attempts,
                    backoff_s=cfg.input.read_backoff_s),
         PrepareInputs(request, cfg.input.max_image_pixels, teachers=cfg.teachers, decode=not in_actor),
-        InferImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size,
-                    device=cfg.ray.device, decode=cfg.ray.decode, request=request, max_pixels=cfg.input.max_image_pixels),
+        InferImages(cfg.teachers, allow_random_init=cfg.allow_random_init, batch_size=cfg.ray.batch_size, device=cfg.ray.device,
+                    decode=cfg.ray.decode, request=request, max_pixels=cfg.input.max_image_pixels,
+                    concurrent_calls=cfg.ray.infer_calls_per_actor),
         FinishLabels(cfg.teachers),
         FilterLabels(cfg.filter),
-        WriteTables(cfg.output.path, cfg.output.storage_options, cfg.output.compression, cfg.label_hash(),
-                    run_id, __version__),
+        WriteTables(cfg.output.path, cfg.output.storage_options, cfg.output.compression, cfg.label_hash(), run_id, __version__),
     ])
 
 

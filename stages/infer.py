@@ -127,6 +127,7 @@ class InferImages(Stage):
         request: ImageRequest | None = None,
         max_pixels: int = 90_000_000,
         batches_per_call: int = 4,
+        concurrent_calls: int = 2,
     ):
         if decode not in ("tasks", "actor"):
             raise ValueError(f"decode must be 'tasks' or 'actor', not {decode!r}")
@@ -140,7 +141,7 @@ class InferImages(Stage):
         # overlap the next call's forwards, so the device does not wait between calls. The forwards themselves
         # take turns (one device lock): the device's work stays one queue.
         self.batches_per_call = batches_per_call
-        self.concurrent_calls = 2
+        self.concurrent_calls = concurrent_calls
         self.cpus = cpus
         self.gpus = gpus
         self.torch_threads = torch_threads

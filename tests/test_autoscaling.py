@@ -58,7 +58,10 @@ def test_run_scales_onto_fake_gpu_nodes_and_commits_exact_rows(tmp_path):
     trace = tmp_path / "trace"
     trace.mkdir()
     cfg = run_config(str(shards), str(tmp_path / "out"), teachers=[gt_teacher(delay_s=3.0, trace_dir=str(trace))])
-    cfg["ray"] = {"batch_size": 1, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5, "read_cpus": 0.25}
+    # one call per actor: this workload queues only a few tasks, and Ray Data grows the pool once 1.75 x
+    # infer_calls_per_actor of them wait per actor (a labelling run at scale queues far more)
+    cfg["ray"] = {"batch_size": 1, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 0.5, "read_cpus": 0.25,
+                  "infer_calls_per_actor": 1}
     cfg["output"]["commit_every_shards"] = 2
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -112,7 +112,7 @@ def test_placement_check_before_work():
 
 @pytest.mark.slow
 def test_node_death_mid_run_fails_within_the_stall_timeout(tmp_path):
-    """The infer actors' only node dies mid-run on a cluster without an autoscaler: one line, exit 1, within
+    """The infer actors' only node dies mid-run on a cluster that cannot replace it: one line, exit 1, within
     twice ray.stall_timeout_s (it used to print "waiting for nodes" and then hang)."""
     import time
 
@@ -145,7 +145,9 @@ def test_node_death_mid_run_fails_within_the_stall_timeout(tmp_path):
         last = err.strip().splitlines()[-1]
         assert last.startswith("labelmill: pipeline stalled") and "teacher_node: 1" in last, err[-3000:]
         assert waited < 2 * 15 + 60, waited  # the stall timeout plus Ray's own detection of the dead node
-        assert "no autoscaler can add such a node" in last and "waiting for nodes" not in err
+        # a head started by `ray start` runs a monitor that reads as an autoscaler, so the watch may first say
+        # it waits for nodes; either way the run fails within twice the timeout, naming what is missing
+        assert "no autoscaler can add such a node" in last or "the cluster autoscaler added no such node" in last
         assert "Traceback" not in err
     finally:
         cluster.shutdown()
@@ -170,8 +172,9 @@ def test_no_gpu_and_no_autoscaler_plans_for_cpu(monkeypatch):
 
     monkeypatch.setattr(executor, "cluster_max_gpus", lambda: None)
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0}}]
-    plan = Engine(RayConfig(), batch_size=4).place(Pipeline("p", [Source(), Infer()]), {"CPU": 3.0}, True, nodes)
+    engine, pipe = Engine(RayConfig(), batch_size=4), Pipeline("p", [Source(), Infer()])
+    plan = engine.place(pipe, {"CPU": 3.0}, True, nodes, no_autoscaler=True)
     assert plan.gpus_per_actor == 0 and plan.cpus_per_actor <= 2.0
+    assert engine.place(pipe, {"CPU": 3.0}, True, nodes).gpus_per_actor == 1  # unknown: an autoscaler may add one
     monkeypatch.setattr(executor, "cluster_max_gpus", lambda: 8.0)  # an autoscaler with GPU node types
-    plan = Engine(RayConfig(), batch_size=4).place(Pipeline("p", [Source(), Infer()]), {"CPU": 3.0}, True, nodes)
-    assert plan.gpus_per_actor == 1
+    assert engine.place(pipe, {"CPU": 3.0}, True, nodes).gpus_per_actor == 1

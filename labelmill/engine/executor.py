@@ -37,6 +37,7 @@ from labelmill.engine.progress import Progress, StageMeter, StageTotals
 from labelmill.engine.runtime import (
     ResourcePlan,
     autoscaler_limits,
+    autoscaler_present,
     cluster_max_gpus,
     configure_ray_data,
     default_budget_mb,
@@ -291,7 +292,7 @@ class StallWatch:
     schedulable work (a teacher loading its weights) never trips it.
     """
 
-    def __init__(self, timeout: float, requests: dict[str, dict[str, float]], autoscaling: bool, stream,
+    def __init__(self, timeout: float, requests: dict[str, dict[str, float]], autoscaling: bool | None, stream,
                  nodes=None, limits: dict[str, float] | None = None):
         self.timeout = timeout
         self.requests = requests
@@ -367,6 +368,8 @@ class StallWatch:
         what = "; ".join(f"{name} workers need {{{_fmt(self.requests[name])}}} each, no live node has "
                          f"{{{_fmt(lacks)}}}" for name, lacks in missing.items())
         live = sum(1 for n in nodes if n.get("Alive"))
+        if self.autoscaling is None:  # a cluster reached by address: is an autoscaler there by now?
+            self.autoscaling = autoscaler_present(self.limits)
         # wait for an autoscaler only if its node types can provide what is missing
         can_add = self.autoscaling and (self.limits is None or all(
             self.limits.get(k, 0.0) >= self.requests[name].get(k, 0.0) for name, lacks in missing.items()
@@ -423,15 +426,16 @@ class Engine:
         return f"{self.plan.describe()}; object store budget {self.budget_mb} MB"
 
     # ------------------------------------------------------------------ plan
-    def place(self, pipeline: Pipeline, res: dict[str, float], remote: bool, nodes: list[dict] | None = None
-              ) -> ResourcePlan:
+    def place(self, pipeline: Pipeline, res: dict[str, float], remote: bool, nodes: list[dict] | None = None,
+              no_autoscaler: bool = False) -> ResourcePlan:
         """The resource plan for ``pipeline`` on a cluster with ``res`` (and ``nodes``, as ``ray.nodes()``
-        lists them); places every operator's head stage."""
+        lists them); places every operator's head stage. ``no_autoscaler``: the cluster cannot grow, so a GPU
+        no node has now will never come."""
         model = next((s for s in pipeline.stages if s.stateful and s.role == "model"), None)
         wants_gpu = bool(model is not None and getattr(model, "wants_gpu", False))
         max_gpus = None
-        if remote and res.get("GPU", 0.0) < 1:  # no GPU up: can the autoscaler start one? (no autoscaler: no)
-            max_gpus = cluster_max_gpus() or 0.0
+        if remote and res.get("GPU", 0.0) < 1:  # no GPU up: can an autoscaler start one? (None: unknown)
+            max_gpus = 0.0 if no_autoscaler else cluster_max_gpus()
         live = [n.get("Resources", {}) for n in nodes or [] if n.get("Alive")]
         # the infer actors must fit a node that has their custom resources (ray.actor_resources), if any
         live = [n for n in live if all(n.get(k, 0.0) >= v for k, v in self.cfg.actor_resources.items())] or live
@@ -504,13 +508,17 @@ class Engine:
                 ds = ds.map_batches(_Chain(group, meter), batch_size=None, concurrency=plan.read_tasks, **kwargs)
         return ds
 
-    def check_placeable(self, pipeline: Pipeline, nodes: list[dict], limits: dict[str, float] | None) -> None:
+    def check_placeable(self, pipeline: Pipeline, nodes: list[dict], limits: dict[str, float] | None,
+                        autoscaler: bool = False) -> None:
         """Refuse, before any work, a plan one of whose workers fits on no live node when no autoscaler can add
-        such a node (``limits``: the most the autoscaler's node types provide; None: no autoscaler)."""
+        such a node (``limits``: the most the autoscaler's node types provide, None where it does not say;
+        ``autoscaler``: one runs)."""
         from labelmill.config import ConfigError
 
         requests = self._requests(pipeline)
         missing = unschedulable(requests, nodes)
+        if autoscaler and limits is None:
+            return  # an autoscaler whose node types we cannot see: the stall watch judges later
         if limits is not None:  # an autoscaler waits for nodes it can start; not for what none of its types has
             missing = {name: lacks for name, lacks in missing.items()
                        if any(limits.get(k, 0.0) < requests[name].get(k, 0.0) for k in lacks)}
@@ -548,7 +556,13 @@ class Engine:
             nodes = ray.nodes()
             self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote, nodes)
             limits = autoscaler_limits() if remote else None
-            self.check_placeable(pipeline, nodes, limits)
+            scaler = False
+            if remote and unschedulable(self._requests(pipeline), nodes):
+                scaler = autoscaler_present(limits, wait_s=10.0)  # the v1 monitor reports every few seconds
+                if not scaler and plan.gpus_per_actor and self.cfg.device == "auto":
+                    # no GPU node and nothing that could add one: label on the CPUs there are
+                    self.plan = plan = self.place(pipeline, ray.cluster_resources(), remote, nodes, no_autoscaler=True)
+            self.check_placeable(pipeline, nodes, limits, scaler)
             rows = max((s.bytes_per_row() or 0) for s in pipeline.stages) or 1 << 20
             self.budget_mb = self.cfg.object_store_budget_mb or default_budget_mb(plan, self.batch_size, rows)
             configure_ray_data(plan, self.budget_mb)
@@ -574,8 +588,9 @@ class Engine:
 
             # the line refreshes on its own clock, also while the stream waits (model load, a slow shard)
             ticker = _Ticker(min(self.progress_interval_s, 1.0), refresh)
-            watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), limits is not None, self.stream,
-                               limits=limits)
+            # whether to wait for an autoscaler: known now, or (a cluster reached by address) asked at a stall
+            waits = True if scaler or limits is not None else (None if remote else False)
+            watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), waits, self.stream, limits=limits)
             try:
                 with watch.watching():
                     for batch in self.dataset(pipeline, inputs, plan, _MeterClient(meter)).iter_batches(

@@ -363,6 +363,36 @@ def autoscaler_limits() -> dict[str, float] | None:
     return {k: float(v or 0) for k, v in limits.items()} if limits else None
 
 
+def autoscaler_present(limits: dict[str, float] | None = None, wait_s: float = 0.0) -> bool:
+    """Whether the cluster has an autoscaler that can add nodes: its published node-type limits (autoscaler v2),
+    or an ``autoscaler_report`` in the status the v1 monitor writes to the GCS key-value store every few seconds
+    (waited for up to ``wait_s``). A head started without an autoscaling config runs the monitor too, but its
+    status has no such report: it can add no node."""
+    import json as _json
+    import time as _time
+
+    if limits is not None:
+        return True
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    deadline = _time.monotonic() + wait_s
+    while True:
+        try:
+            if _internal_kv_initialized():
+                status = _internal_kv_get(b"__autoscaling_status")
+                if status and _json.loads(status).get("autoscaler_report"):
+                    return True
+                if _internal_kv_get(b"AutoscalerMetricsAddress"):
+                    return True
+        except Exception:  # noqa: BLE001 - a private API: absence reads as "no autoscaler seen"
+            pass
+        if autoscaler_limits() is not None:
+            return True
+        if _time.monotonic() >= deadline:
+            return False
+        _time.sleep(0.5)
+
+
 def cluster_max_gpus() -> float | None:
     """The most GPUs the cluster autoscaler's node types can provide; None if it is not known."""
     limits = autoscaler_limits()
