@@ -366,7 +366,9 @@ def _sim_run(shards: list[str], out: Path, section: dict, recording: str, ms: fl
         "input": {"shards": shards}, "output": {"path": str(out), "commit_every_shards": 2},
         "teachers": [{"type": "simdevice:SimulatedTeacher", "name": name, "teacher": section,
                       "recording": recording, "ms_per_batch": ms}],
-        "ray": {"batch_size": batch, "device": "cpu"}, "allow_random_init": True, "progress_interval_s": 1,
+        # a simulated device: the GPU plan's two calls per infer actor (a CPU plan's default is one)
+        "ray": {"batch_size": batch, "device": "cpu", "infer_calls_per_actor": 2}, "allow_random_init": True,
+        "progress_interval_s": 1,
     })
     summary, wall, rate, mem = timed_run(cfg, interval=1.0)
     by_process = mem.cpu_by_process()

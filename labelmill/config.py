@@ -78,11 +78,12 @@ class RayConfig(_Strict):
     actors_per_gpu: int = Field(
         default=1, gt=0, description="infer actors sharing one GPU (each reserves 1/N of it): more device processes "
         "where one process's host work per batch is the limit")
-    infer_calls_per_actor: int = Field(
-        default=2, ge=1, le=8,
-        description="calls one infer actor runs at once (threads; the forwards take turns under one device lock): "
-        "2 lets one call's collection overlap the next call's forwards, so the device does not wait between "
-        "calls. Ray Data grows the pool when 1.75 x this many tasks wait per actor")
+    infer_calls_per_actor: int | None = Field(
+        default=None, ge=1, le=8,
+        description="calls one infer actor runs at once (threads; the forwards take turns under one device lock); "
+        "default 2 on a GPU plan (one call's collection overlaps the next call's forwards, so the device does not "
+        "wait between calls), 1 on a CPU plan (where both would compete for the same cores and memory). Ray Data "
+        "grows the pool when 1.75 x this many tasks wait per actor")
     host_cpus_per_gpu: float | None = Field(
         default=None, gt=0, description="CPUs per GPU for the prepare tasks and finish actors (the host work); "
         "default: a GPU node's CPUs minus one, divided by its GPUs")

@@ -64,8 +64,9 @@ class Stage(ABC):
     #: engine batches per call of a stateful stage (one that overlaps its own batches inside a call
     #: asks for several: batches are not overlapped across calls)
     batches_per_call: int = 1
-    #: calls one actor of a stateful stage runs at once (threads); a stage above 1 must be thread-safe
-    concurrent_calls: int = 1
+    #: calls one actor of a stateful stage runs at once (threads; None: 2 on a GPU plan, else 1); a stage
+    #: allowing more than 1 must be thread-safe
+    concurrent_calls: int | None = 1
 
     def resources(self) -> Resources:
         return Resources(cpus=getattr(self, "cpus", 1.0), gpus=getattr(self, "gpus", 0.0))

@@ -127,7 +127,7 @@ class InferImages(Stage):
         request: ImageRequest | None = None,
         max_pixels: int = 90_000_000,
         batches_per_call: int = 4,
-        concurrent_calls: int = 2,
+        concurrent_calls: int | None = None,
     ):
         if decode not in ("tasks", "actor"):
             raise ValueError(f"decode must be 'tasks' or 'actor', not {decode!r}")
@@ -137,9 +137,9 @@ class InferImages(Stage):
         self.allow_random_init = allow_random_init
         self.batch_size = batch_size
         # several forward batches per call: the next batch's copy and the last one's collection overlap a
-        # forward inside a call; two calls at once (threads) let one call's last collection and its output
-        # overlap the next call's forwards, so the device does not wait between calls. The forwards themselves
-        # take turns (one device lock): the device's work stays one queue.
+        # forward inside a call; on a GPU plan two calls at once (threads) let one call's last collection and its
+        # output overlap the next call's forwards, so the device does not wait between calls (None: the engine
+        # decides from the plan). The forwards themselves take turns (one device lock): one device queue.
         self.batches_per_call = batches_per_call
         self.concurrent_calls = concurrent_calls
         self.cpus = cpus

@@ -47,6 +47,7 @@ def test_dry_run_json_reports_the_operators_as_the_engine_runs_them(tmp_path, ca
     ops = {op["name"]: op for op in e["operators"]}
     assert [op["stages"] for op in e["operators"]] == [["read", "prepare"], ["infer"], ["finish", "filter", "write"]]
     assert ops["infer"]["resources"]["GPU"] == 1 and ops["infer"]["actors"] == {"min": 16, "max": 16}
+    assert ops["infer"]["calls_per_actor"] == 2 and ops["finish"]["calls_per_actor"] == 1
     assert ops["finish"]["resources"]["GPU"] == 0 and ops["finish"]["actors"]["max"] == 48  # 6 CPUs x 16 GPUs / 2
     assert ops["read"]["kind"] == "tasks" and ops["read"]["concurrency"] == 48
     assert e["cluster"]["label_actors"] == 16 and e["prepare_seconds_per_image"] > 0

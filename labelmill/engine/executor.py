@@ -468,6 +468,7 @@ class Engine:
                     entry["resources"].update(self.cfg.actor_resources)
                 entry["kind"] = "actors"
                 entry["actors"] = {"min": pool["min"], "max": pool["max"]}
+                entry["calls_per_actor"] = getattr(head, "concurrent_calls", 1) or (2 if pool["gpus"] else 1)
             else:
                 entry["resources"] = {"CPU": plan.read_cpus, "GPU": 0.0}
                 entry["kind"] = "tasks"
@@ -498,7 +499,7 @@ class Engine:
                 if head.role == "model" and self.cfg.actor_resources:
                     kwargs["resources"] = dict(self.cfg.actor_resources)
                 rows = self.batch_size * head.batches_per_call if head.role == "model" else None
-                calls = getattr(head, "concurrent_calls", 1)
+                calls = getattr(head, "concurrent_calls", 1) or (2 if pool["gpus"] else 1)
                 threads = dict(max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True) if calls > 1 else {}
                 ds = ds.map_batches(
                     actor_class(group, meter), batch_size=rows,
