@@ -75,14 +75,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export_odvg(args: argparse.Namespace) -> int:
-    from labelmill.export.odvg import export_odvg
-
-    print(json.dumps(export_odvg(args.output, args.dest, version=args.version, teacher=args.teacher,
-                                 threshold=args.threshold), indent=2))
-    return 0
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
@@ -250,18 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parsers(sub)
 
     p = sub.add_parser(
-        "export-odvg",
-        help="write the grounding labels of a dataset version as ODVG JSONL",
-        description="One JSON line per image with its caption and grounded boxes (xyxy, phrase, tokens_positive).",
-    )
-    p.add_argument("output", help="the run's output.path")
-    p.add_argument("dest", help="JSONL file to write")
-    p.add_argument("--version", type=int, default=None, help="dataset version (default latest)")
-    p.add_argument("--teacher", help="only this teacher")
-    p.add_argument("--threshold", type=float, default=0.0, help="minimum box score")
-    p.set_defaults(func=_cmd_export_odvg)
-
-    p = sub.add_parser(
         "report",
         help="write an HTML report with mask overlays and per-class counts",
         description="Render the first images of OUTPUT with their labels, plus per-class and per-status counts.",
@@ -349,7 +329,8 @@ def _add_export_parsers(sub) -> None:
     def teachers_and_ids(p) -> None:
         p.add_argument("--teacher", dest="teachers", action="append", help="only this teacher (repeatable)")
         p.add_argument("--category-ids", help="the ids to keep: JSON {name: id}, or a COCO file with 'categories' "
-                       "(default: official COCO ids for COCO-80 classes, else vocabulary index + 1)")
+                       "(default: the output's registry: official COCO / COCO-Stuff ids for their classes, "
+                       "1001.. for others, the same in every version)")
 
     def images(p) -> None:
         p.add_argument("--images", choices=["link", "copy", "none"], default="copy",
@@ -372,8 +353,10 @@ def _add_export_parsers(sub) -> None:
         "export-yolo", help="write an Ultralytics (YOLO) detection or segmentation dataset",
         description="Ultralytics label files (normalised cx cy w h, or polygons traced from the RLE masks) and "
         "data.yaml for one teacher, with the images linked or copied from the shards.", epilog=EXPORT_EXIT_CODES)
-    common(p, "task", "teacher", "images", "image_cache")
+    common(p, "task", "teacher", "images", "image_cache", "val_fraction")
     p.add_argument("--task", choices=["detect", "segment"], default="detect")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of images in val, fixed per image by a hash of its key (default 0.1)")
     p.add_argument("--teacher", help="the teacher whose labels to export (needed if several have class labels)")
     images(p)
     p.set_defaults(format="yolo")
@@ -386,6 +369,19 @@ def _add_export_parsers(sub) -> None:
     teachers_and_ids(p)
     images(p)
     p.set_defaults(format="fiftyone")
+
+    p = sub.add_parser(
+        "export-odvg", help="write ODVG JSONL (GroundingDINO-style trainers; mmdet's ODVGDataset)",
+        description="One JSON line per image with boxes: grounding (caption, phrases, tokens_positive) or "
+        "detection (class labels, with label_map.json), and the images under DEST/images.",
+        epilog=EXPORT_EXIT_CODES)
+    common(p, "mode", "teacher", "threshold", "images", "image_cache")
+    p.add_argument("--mode", choices=["grounding", "detection"],
+                   help="default: grounding when the teacher grounds caption phrases, else detection")
+    p.add_argument("--teacher", help="the teacher whose boxes to export (needed if several fit the mode)")
+    p.add_argument("--threshold", type=float, default=0.0, help="minimum box score (default 0)")
+    images(p)
+    p.set_defaults(format="odvg")
 
 
 def main(argv: list[str] | None = None) -> int:

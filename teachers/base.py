@@ -118,6 +118,19 @@ class TeacherConfig(BaseModel):
         """Working resolution the decoder must deliver; plug-ins override this."""
         return ImageRequest(short_side=800, max_long_side=1333)
 
+    def class_names(self) -> list[str] | None:
+        """The teacher's class names by class id, registered with the output when a run commits
+        (:mod:`labelmill.store.classes`: their ids never move); None for a teacher without classes.
+        The default reads a ``vocabulary`` field; plug-ins with classes of their own override this."""
+        spec = getattr(self, "vocabulary", None)
+        if spec is None:
+            return None
+        from labelmill.teachers.vocab import load_vocabulary
+
+        if hasattr(spec, "model_dump"):
+            spec = spec.model_dump()
+        return list(load_vocabulary(spec).names)
+
     def preflight(self, allow_random_init: bool) -> None:
         """Cheap checks on the driver before Ray starts (weights exist, ...).
 

@@ -364,6 +364,10 @@ class StudentTeacherConfig(TeacherConfig):
             raise ValueError(f"background {unknown} not in the student's vocabulary")
         return self
 
+    def class_names(self) -> list[str] | None:
+        meta = self._meta()
+        return list(meta["vocabulary"]) if meta is not None else None
+
     def preflight(self, allow_random_init: bool) -> None:
         if self._meta() is None or not os.path.exists(self.checkpoint):
             raise WeightsError(f"student checkpoint {self.checkpoint} not found (a folder with model.pt and "

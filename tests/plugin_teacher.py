@@ -22,6 +22,7 @@ class GroundTruthConfig(TeacherConfig):
     fail_on_key: str | None = None
     delay_s: float = 0.0  # per batch, to make runs slow enough to interrupt
     trace_dir: str | None = None  # each instance leaves a file naming its process and Ray node
+    vocabulary: list[str] | None = None  # registered with the output (stable class ids), when given
     min_score: float = 0.0  # a teacher threshold: annotations whose "score" (default ``score``) is below are not output
 
     def image_request(self) -> ImageRequest:

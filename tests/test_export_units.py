@@ -12,6 +12,7 @@ from skimage.draw import polygon2mask
 
 from labelmill.export.base import ExportOptionError
 from labelmill.export.categories import COCO_80, categories_for, load_category_ids
+from labelmill.store.classes import ClassRegistry
 from labelmill.export.polygons import mask_polygon
 
 
@@ -50,20 +51,43 @@ def test_polygon_reproduces_the_mask_at_pixel_centres(kind):
 
 def test_coco_80_table_and_id_maps(tmp_path):
     assert len(COCO_80) == 80 and COCO_80[0] == (1, "person", "person") and COCO_80[-1][0] == 90
-    assert categories_for({"dog": 0, "cat": 1}, ["dog", "cat"]) == [
+    reg = ClassRegistry()
+    reg.extend(["dog", "cat"])
+    assert categories_for(reg, ["dog", "cat"]) == [
         {"id": 17, "name": "cat", "supercategory": "animal"}, {"id": 18, "name": "dog", "supercategory": "animal"}]
-    # not all COCO names: the vocabulary index + 1, whichever classes have labels
-    assert [c["id"] for c in categories_for({"cat": 0, "grass": 2}, ["cat", "grass"])] == [1, 3]
+    # COCO-Stuff's stuff classes keep their ids; other names get 1001.., never a COCO id
+    reg.extend(["grass", "gizmo", "wood", "widget"])
+    assert [c["id"] for c in categories_for(reg, ["cat", "grass", "gizmo", "wood", "widget"])] == [
+        17, 124, 182, 1001, 1002]
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"grass": 5, "cat": {"id": 9, "supercategory": "pet"}}))
     ids = load_category_ids(str(plain))
-    assert categories_for({"cat": 0, "grass": 2}, ["cat", "grass"], ids) == [
+    assert categories_for(reg, ["cat", "grass"], ids) == [
         {"id": 5, "name": "grass", "supercategory": "none"}, {"id": 9, "name": "cat", "supercategory": "pet"}]
     with pytest.raises(ExportOptionError, match=r"no id for class\(es\) \['sky'\]"):
-        categories_for({"sky": 3}, ["sky"], ids)
+        categories_for(reg, ["sky"], ids)
     dupes = tmp_path / "dupes.json"
     dupes.write_text(json.dumps({"a": 1, "b": 1}))
     with pytest.raises(ExportOptionError, match="more than one class"):
         load_category_ids(str(dupes))
     with pytest.raises(ExportOptionError, match="does not exist"):
         load_category_ids(str(tmp_path / "missing.json"))
+
+
+def test_class_registry_grows_and_never_moves_an_id():
+    from labelmill.store.classes import FIRST_OWN_ID, standard_ids, vocabularies_added
+
+    std = standard_ids()
+    assert std["sky"] == (157, "stuff") and std["wood"] == (182, "stuff") and std["banner"] == (92, "stuff")
+    assert len({cid for cid, _ in std.values()}) == 171  # 80 things + 91 stuff, no id twice
+    records = [{"classes_added": vocabularies_added(ClassRegistry(), {"t": ["pizza", "gizmo", "teddy bear"]})}]
+    assert [(e["name"], e["id"], e["index"]) for e in records[0]["classes_added"]] == [
+        ("pizza", 59, 0), ("gizmo", FIRST_OWN_ID, 1), ("teddy bear", 88, 2)]
+    # a later vocabulary in another order, with new names: old entries untouched, new ones appended
+    later = vocabularies_added(ClassRegistry.from_records(records), {"t": ["widget", "teddy bear", "pizza", "sky"],
+                                                                     "u": ["gizmo", "car"]})
+    assert [(e["name"], e["id"], e["index"]) for e in later] == [
+        ("widget", FIRST_OWN_ID + 1, 3), ("sky", 157, 4), ("car", 3, 5)]
+    reg = ClassRegistry.from_records(records + [{"classes_added": later}, {"kind": "rollback"}])
+    assert reg.names() == ["pizza", "gizmo", "teddy bear", "widget", "sky", "car"]
+    assert vocabularies_added(reg, {"t": ["pizza", "car"]}) == []  # nothing new: the record gets no entry

@@ -63,16 +63,46 @@ def glip_labelled(tmp_path_factory, ray_session):
 def test_odvg_export(glip_labelled, tmp_path):
     from labelmill.export.odvg import export_odvg
 
-    info = export_odvg(str(glip_labelled / "out"), str(tmp_path / "g.jsonl"))
-    lines = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    dest = tmp_path / "odvg"
+    info = export_odvg(str(glip_labelled / "out"), str(dest))
+    assert info["mode"] == "grounding" and info["files"] == {"annotations": "grounding.jsonl"}
+    assert json.loads((dest / "manifest.json").read_text())["regions"] == info["regions"]
+    lines = [json.loads(x) for x in (dest / "grounding.jsonl").read_text().splitlines()]
     assert info["images"] == len(lines) == 10 and info["regions"] == sum(len(r["grounding"]["regions"]) for r in lines)
     for rec in lines:
+        assert (dest / "images" / rec["filename"]).is_file()  # the image's real name, shipped with the file
+        assert rec["filename"] == rec["key"] + ".jpg"
         cap = rec["grounding"]["caption"]
         for reg in rec["grounding"]["regions"]:
             x1, y1, x2, y2 = reg["bbox"]
             assert x2 >= x1 and y2 >= y1
             assert all(cap[s:e] for s, e in reg["tokens_positive"])
             assert reg["phrase"] == cap[reg["tokens_positive"][0][0]:reg["tokens_positive"][-1][1]]
+
+
+def test_glip_boxes_reach_fiftyone_and_yolo_says_why_not(glip_labelled, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    from labelmill.cli import main
+
+    out = str(glip_labelled / "out")
+    stored = labelmill.data.open(out).read("labels", columns=["key", "phrase", "bbox"]).to_pylist()
+    assert stored  # the fixture's GLIP keeps boxes
+    dest = tmp_path / "fo"
+    assert main(["export-fiftyone", out, str(dest)]) == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["labels"] == {"glip": "labels/glip.json"} and manifest["grounding_labels"] == ["glip"]
+    coco = COCO(str(dest / "labels" / "glip.json"))
+    got = sorted((coco.imgs[a["image_id"]]["key"], a["phrase"]) for a in coco.dataset["annotations"])
+    assert got == sorted((r["key"], r["phrase"]) for r in stored)
+    for img in coco.dataset["images"]:
+        assert (dest / "data" / img["file_name"]).is_file() and img["caption"]
+    # YOLO needs class ids: GLIP in caption mode has none, and the message names what takes its boxes
+    assert main(["export-yolo", out, str(tmp_path / "y"), "--teacher", "glip"]) == 2
+    err = capsys.readouterr().err
+    assert "phrase-only" in err and "export-odvg" in err and not (tmp_path / "y").exists()
+    assert main(["export-yolo", out, str(tmp_path / "y")]) == 2
+    assert "no class labels" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ def version_info(cfg: Any, run_id: str) -> tuple[dict, dict]:
     key = inputs_key(today)
     info = {"run_id": run_id, "config_hash": cfg.label_hash(),
             "teacher_hashes": {t.instance_name: config_hash(t.model_dump(mode="json")) for t in cfg.teachers},
-            "label_inputs": {key: today.to_dict()}}
+            "label_inputs": {key: today.to_dict()},
+            "vocabularies": {t.instance_name: names for t in cfg.teachers if (names := t.class_names())}}
     return info, {"inputs": key}
 
 

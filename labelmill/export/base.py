@@ -159,6 +159,7 @@ class ExportSource:
         self.samples_per_read = samples_per_read
         self.stats = SourceStats()
         self._catalog: dict[str, TeacherCatalog] | None = None
+        self._registry = None
         self._has_labels = "labels" in self.ds.table_names()
         self._shards = self._scan()
 
@@ -208,6 +209,21 @@ class ExportSource:
                         mine[name] = min(mine.get(name, row["class_id"]), row["class_id"])
         self._catalog = {t: TeacherCatalog(c, t in grounding) for t, c in sorted(classes.items())}
         return self._catalog
+
+    def registry(self):
+        """The output's class registry (:mod:`labelmill.store.classes`): ids fixed when a class was first seen.
+
+        Classes that labels name but no record registered (outputs written before the registry) are added
+        here, for this export only, after the registered ones, teacher by teacher in class-id order.
+        """
+        if self._registry is None:
+            from labelmill.store.classes import ClassRegistry
+
+            reg = ClassRegistry.from_records(self.ds.store.versions())
+            for cat in self.catalog().values():
+                reg.extend(cat.ordered())
+            self._registry = reg
+        return self._registry
 
     # -------------------------------------------------------------- stream
     def _chunks(self) -> Iterator[list[str]]:
@@ -316,21 +332,18 @@ def select_teachers(source: ExportSource, teachers: list[str] | None, *, need_cl
     return list(teachers)
 
 
-def select_classes(source: ExportSource, teachers: str | list[str], classes: list[str] | None) -> list[str]:
-    """Class names to export (in the order asked, else by class id); a name no teacher labelled is an error."""
-    cat = source.catalog()
-    names = [teachers] if isinstance(teachers, str) else list(teachers)
-    known: list[str] = []
-    for t in names:
-        known += [c for c in (cat[t].ordered() if t in cat else []) if c not in known]
+def select_classes(source: ExportSource, classes: list[str] | None) -> list[str]:
+    """Class names to export: those asked for (each must be a class of the output, labelled in this version
+    or not), else all the output's classes, in registry order."""
+    reg = source.registry()
+    known = reg.names()
     if not classes:
         return known
-    unknown = [c for c in classes if c not in known]
+    unknown = [c for c in classes if c not in reg]
     if unknown:
         shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
-        who = f"teacher {names[0]!r}" if len(names) == 1 else "the exported teachers"
-        raise ExportOptionError(f"unknown class(es) {unknown}: {who} labelled none of them in version "
-                                f"{source.version} of {source.output} (classes: {shown or 'none'})")
+        raise ExportOptionError(f"unknown class(es) {unknown}: no teacher of {source.output} has them "
+                                f"(classes: {shown or 'none'})")
     return list(dict.fromkeys(classes))
 
 
@@ -454,13 +467,13 @@ class ImageSink:
     def wants_bytes(self) -> bool:
         return self.mode != "none"
 
-    def put(self, sample: Sample) -> None:
+    def put(self, sample: Sample, subfolder: str = "") -> None:
         if self.mode == "none":
             return
         if sample.image is None:
             self.missing += 1
             return
-        rel = posixpath.join(self.folder, sample.file_name)
+        rel = posixpath.join(self.folder, subfolder, sample.file_name)
         if self.mode == "copy":
             self.dest.create(rel, sample.image, "image")
         else:

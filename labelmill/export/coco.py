@@ -9,8 +9,10 @@
 * for grounding teachers (GLIP in caption mode) ``grounding_00000.json, ...``
   in the MDETR style (see :mod:`labelmill.export.mdetr`).
 
-Category ids are the ones users already have (:mod:`labelmill.export.categories`):
-official COCO ids for COCO-80 classes, or a map passed with ``--category-ids``.
+Category ids are the ones users already have and never move between versions
+(:mod:`labelmill.export.categories`): official COCO / COCO-Stuff ids for their
+classes, 1001.. for others, or a map passed with ``--category-ids``; every file
+lists all the output's classes (or those of ``--classes``), labelled or not.
 ``file_name`` is the image's name as it appears in the shard (``KEY.ext``), so
 the export joins to a folder of the original images; ``shard`` and ``index``
 say where the image lives (a name an earlier shard already used becomes
@@ -30,7 +32,7 @@ import tempfile
 from typing import Any
 
 from labelmill.export.base import (
-    Destination, ExportOptionError, ExportSource, Sample, Writer, register, run_export, select_classes,
+    Destination, ExportSource, Sample, Writer, register, run_export, select_classes,
     select_teachers,
 )
 from labelmill.export.categories import categories_for, load_category_ids
@@ -128,15 +130,14 @@ class InstancesByTeacher:
                  file_for: dict[str, str] | None = None):
         id_map = load_category_ids(category_ids) if isinstance(category_ids, str) else category_ids
         catalog = source.catalog()
-        self.teachers = [t for t in select_teachers(source, teachers) if catalog[t].classes]
-        if classes:
-            select_classes(source, self.teachers, classes)
+        asked = [] if teachers is not None and not teachers else select_teachers(source, teachers)
+        self.teachers = [t for t in asked if catalog[t].classes]
+        names = select_classes(source, classes)
+        cats = categories_for(source.registry(), names, id_map)
         self.cat_ids: dict[str, dict[str, int]] = {}
         self.files: dict[str, ShardedCoco] = {}
         self.categories: dict[str, list[dict]] = {}
         for t in self.teachers:
-            names = [c for c in (classes or catalog[t].ordered()) if c in catalog[t].classes]
-            cats = categories_for(catalog[t].classes, names, id_map)
             self.categories[t] = cats
             self.cat_ids[t] = {c["name"]: c["id"] for c in cats}
             single = file_for.get(t) if file_for else None
@@ -155,6 +156,40 @@ class InstancesByTeacher:
         return {t: w.close() for t, w in self.files.items()}
 
 
+GROUNDING_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
+
+def grounding_annotation(row: dict, image_id: int) -> dict[str, Any]:
+    return {"image_id": image_id, "category_id": 1, **box_fields(row), "phrase": row["phrase"],
+            "tokens_positive": [[int(a), int(b)] for a, b in (row["tokens_positive"] or [])]}
+
+
+class GroundingByTeacher:
+    """Per grounding teacher: an MDETR-style file (``<teacher>/grounding_NNNNN.json``, or ``file_for[t]``)."""
+
+    def __init__(self, dest: Destination, source: ExportSource, teachers: list[str], images_per_file: int | None,
+                 file_for: dict[str, str] | None = None):
+        catalog = source.catalog()
+        self.files = {
+            t: ShardedCoco(dest, t, "grounding", [GROUNDING_CATEGORY], images_per_file,
+                           f"labelmill grounding ({t}, version {source.version})", (file_for or {}).get(t))
+            for t in teachers if catalog[t].grounding
+        }
+
+    def add(self, sample: Sample) -> None:
+        if sample.caption is None:
+            return
+        image = image_entry(sample)
+        for t, out in self.files.items():
+            anns = [grounding_annotation(r, sample.image_id) for r in sample.labels
+                    if r["teacher"] == t and r["phrase"] is not None and r["class_id"] is None]
+            out.add(dict(image), anns)
+
+    def close(self) -> dict[str, list[str]]:
+        return {t: w.close() for t, w in self.files.items()}
+
+
+
 @register("coco")
 class CocoWriter(Writer):
     """``instances`` files per teacher, plus MDETR grounding files for grounding teachers."""
@@ -162,8 +197,6 @@ class CocoWriter(Writer):
     def __init__(self, dest: Destination, source: ExportSource, *, teachers: list[str] | None = None,
                  classes: list[str] | None = None, category_ids: str | dict | None = None,
                  images_per_file: int = 50_000, grounding: bool = True):
-        from labelmill.export.mdetr import GroundingByTeacher
-
         super().__init__(dest, source)
         self.instances = InstancesByTeacher(dest, source, teachers, classes, category_ids, images_per_file)
         wanted = select_teachers(source, teachers)

@@ -1,4 +1,14 @@
-"""RLE mask -> one polygon (Ultralytics segmentation format), exact to the pixel edges.
+"""RLE mask -> one polygon (Ultralytics segmentation format), for the rasteriser that will fill it.
+
+``mask_polygon(rle, at="centres")`` (what ``export-yolo --task segment``
+writes) runs through the centres of the mask's boundary pixels: OpenCV's
+``fillPoly``, which Ultralytics and supervision use to turn polygons back
+into masks, fills the pixels inside the polygon *and* those its edges cross,
+so this outline gives the mask back exactly (holes filled), with pixel
+centres at integer coordinates as OpenCV has them.  ``at="edges"`` is the
+outline along pixel edges described below, exact under a point-in-polygon
+test at pixel centres (pycocotools' ``frPyObjects``, skimage's
+``polygon2mask``) but one pixel too wide under OpenCV.
 
 Each 4-connected component's outer boundary is traced along pixel edges (a
 mask pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``), so the polygon's
@@ -79,8 +89,29 @@ def _drop_collinear(pts: np.ndarray) -> np.ndarray:
     return pts[turns] if turns.sum() >= 3 else pts
 
 
-def mask_polygon(rle: dict) -> np.ndarray:
-    """One (N, 2) polygon (x, y pixel coordinates) covering the mask; empty array for an empty mask."""
+def _to_centres(loop: np.ndarray) -> np.ndarray:
+    """A clockwise (y down) loop along pixel edges -> the loop through its boundary pixels' centres.
+
+    Every edge moves half a pixel inwards (a vertex moves by half the sum of
+    its two edges' inward normals), then everything half a pixel up-left, so
+    pixel ``(r, c)``'s centre is ``(c, r)``.
+    """
+    d_in = loop - np.roll(loop, 1, axis=0)
+    d_out = np.roll(loop, -1, axis=0) - loop
+    d_in = np.sign(d_in)
+    d_out = np.sign(d_out)
+    n_in = np.stack([-d_in[:, 1], d_in[:, 0]], 1)
+    n_out = np.stack([-d_out[:, 1], d_out[:, 0]], 1)
+    return loop + 0.5 * (n_in + n_out) - 0.5
+
+
+def mask_polygon(rle: dict, at: str = "edges") -> np.ndarray:
+    """One (N, 2) polygon (x, y pixel coordinates) covering the mask; empty array for an empty mask.
+
+    ``at``: ``edges`` (pixel ``(r, c)`` covers ``[c, c+1) x [r, r+1)``) or ``centres`` (for OpenCV's fill;
+    pixel ``(r, c)``'s centre is ``(c, r)``), see the module doc."""
+    if at not in ("edges", "centres"):
+        raise ValueError(f"at must be 'edges' or 'centres', not {at!r}")
     from scipy import ndimage
 
     mask = decode(rle).astype(bool)
@@ -90,12 +121,25 @@ def mask_polygon(rle: dict) -> np.ndarray:
     y0, x0 = rows.min(), cols.min()
     crop = mask[y0 : rows.max() + 1, x0 : cols.max() + 1]
     labels, n = ndimage.label(crop)  # 4-connectivity
+    filled = [ndimage.binary_fill_holes(labels == i) for i in range(1, n + 1)]
+    order = sorted(range(n), key=lambda i: -int(filled[i].sum()))
+    covered = np.zeros_like(crop)
     parts = []
-    for i in range(1, n + 1):
-        comp = ndimage.binary_fill_holes(labels == i)
-        parts += [loop + [x0, y0] for loop in _boundary_loops(comp)]
+    for i in order:
+        comp = filled[i]
+        if not (comp & ~covered).any():  # inside another part's hole: that part's outline covers it already
+            continue                     # (a second outline there would cut it out again under even-odd fill)
+        covered |= comp
+        loops = [loop + [x0, y0] for loop in _boundary_loops(comp)]
+        parts += [_dedupe(_to_centres(loop)) for loop in loops] if at == "centres" else loops
     parts.sort(key=lambda p: (p[:, 1].min(), p[:, 0].min()))
-    return _bridge(parts)
+    return _bridge(parts, between_centres=at == "edges")
+
+
+def _dedupe(pts: np.ndarray) -> np.ndarray:
+    """Drop consecutive repeats (a one-pixel-wide part's outline collapses onto itself)."""
+    keep = np.any(pts != np.roll(pts, 1, axis=0), axis=1)
+    return pts[keep] if keep.any() else pts[:1]
 
 
 def _misses_pixel_centres(d: np.ndarray) -> np.ndarray:
@@ -111,15 +155,18 @@ def _misses_pixel_centres(d: np.ndarray) -> np.ndarray:
     return (dx == 0) | (dy == 0) | ((dx & -dx) != (dy & -dy))
 
 
-def _bridge(parts: list[np.ndarray]) -> np.ndarray:
+def _bridge(parts: list[np.ndarray], between_centres: bool = True) -> np.ndarray:
     """Join polygons into one: each part starts at the vertex nearest the previous part's start
-    among those whose bridge passes between pixel centres; the walk returns along the same bridges."""
+    (``between_centres``: among those whose bridge passes between pixel centres); the walk returns along
+    the same bridges."""
     if len(parts) == 1:
         return parts[0]
     starts, rotated = [], []
     prev = parts[0][0]
     for p in parts:
-        dist = ((p - prev) ** 2).sum(1) + np.where(_misses_pixel_centres(p - prev), 0, 1e12)
+        dist = ((p - prev) ** 2).sum(1)
+        if between_centres:
+            dist = dist + np.where(_misses_pixel_centres(p - prev), 0, 1e12)
         j = int(np.argmin(dist))
         r = np.concatenate([p[j:], p[:j], p[j : j + 1]])  # closed loop back to its start
         rotated.append(r)

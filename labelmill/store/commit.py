@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from labelmill.schemas.tables import COUNT_COLUMNS, STATS, TABLES, TableSpec, conform
+from labelmill.store.classes import ClassRegistry, vocabularies_added
 
 CONFIG_FILE = "_labelmill/config.json"
 INTENT_FILE = "_labelmill/intent.json"
@@ -460,6 +461,7 @@ class OutputStore:
         (:mod:`labelmill.store.yields`), kept in the record.
         """
         info = dict(info or {})
+        vocabularies = info.pop("vocabularies", None)
         records = self.versions()
         previous = records[-1] if records else None
         version = (previous["version"] + 1) if previous else 1
@@ -509,6 +511,9 @@ class OutputStore:
             "teacher_hashes": info.get("teacher_hashes", {}),
             "run_id": info.get("run_id"),
         }
+        classes_added = vocabularies_added(ClassRegistry.from_records(records), vocabularies)
+        if classes_added:
+            record["classes_added"] = classes_added
         if score_hist is not None:
             record["score_hist"] = score_hist[0]
             if score_hist[1]:
