@@ -53,6 +53,13 @@ def _add_dry_run_options(p: argparse.ArgumentParser) -> None:
                    "(default: ray.teacher_actors / ray.max_actors, else this machine)")
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from labelmill.io.pack import pack_folder
+
+    print(json.dumps(pack_folder(args.folder, args.out, per_shard=args.per_shard, prefix=args.prefix), indent=2))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from labelmill.pipelines.demo import run_demo
 
@@ -227,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(p)
 
     p = sub.add_parser(
+        "pack",
+        help="pack a plain folder of images (captions from .txt sidecars) into WebDataset shards",
+        description="Every image under FOLDER becomes a sample (key: its path without the extension); a .txt "
+        "file with the same stem is its caption, a .json file its metadata. Writes OUT/shard-NNNNN.tar and "
+        "OUT/manifest.json (key -> file). Exit 4 when FOLDER has no images, two images share a key, or OUT "
+        "already holds shards.",
+    )
+    p.add_argument("folder", help="folder of images (searched recursively)")
+    p.add_argument("out", help="folder for the shards")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser(
         "demo",
         help="build sample shards from scikit-image's photos and run the whole pipeline offline",
         description="Offline demo on local Ray: writes sample shards, labels them with randomly initialised "
@@ -344,8 +365,12 @@ def _add_export_parsers(sub) -> None:
         description="Stream one version of OUTPUT into sharded COCO JSON files under DEST: per teacher "
         "instances_NNNNN.json (RLE masks, scores; official COCO ids for COCO-80 classes) and, for caption-mode "
         "GLIP, MDETR-style grounding_NNNNN.json.", epilog=EXPORT_EXIT_CODES)
-    common(p, "teachers", "category_ids", "images_per_file")
+    common(p, "teachers", "category_ids", "images_per_file", "results", "gt")
     p.add_argument("--images-per-file", type=int, default=50_000, help="images per JSON file (default 50000)")
+    p.add_argument("--results", action="store_true", default=None,
+                   help="also write <teacher>/results.json: the COCO results format (COCO.loadRes, COCOeval)")
+    p.add_argument("--gt", help="a COCO ground-truth file: results.json takes its image ids (by file_name) and "
+                   "category ids (by name), for COCOeval against it (implies --results)")
     teachers_and_ids(p)
     p.set_defaults(format="coco")
 

@@ -161,7 +161,8 @@ class RunConfig(_Strict):
         default=False,
         description="only the demo sets this; labels then record weights_sha256=random-init",
     )
-    progress_interval_s: float = Field(default=2.0, gt=0)
+    progress_interval_s: float | None = Field(
+        default=None, gt=0, description="seconds between status lines; default 2 on a terminal, 30 into a log")
 
     @field_validator("teachers", mode="before")
     @classmethod

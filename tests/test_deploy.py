@@ -4,7 +4,9 @@ the RayJob against KubeRay's RayJob spec, the CronJob's exit-code wrapper run fo
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -151,7 +153,8 @@ def test_rayjob_matches_kuberays_spec():
     (job,) = _docs("refresh-rayjob.yaml")
     assert rayjob_errors(job) == []
     spec = job["spec"]
-    assert spec["entrypoint"].startswith("labelmill refresh ") and "--json" in spec["entrypoint"]
+    inner = shlex.split(spec["entrypoint"])
+    assert inner[:2] == ["bash", "-c"] and inner[2].startswith("labelmill refresh ") and "--json" in inner[2]
     assert spec["shutdownAfterJobFinishes"] is True
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
     gpu = [g for g in workers if any("nvidia.com/gpu" in c["resources"]["limits"]
@@ -163,7 +166,7 @@ def test_rayjob_matches_kuberays_spec():
     (volume,) = head["volumes"]
     (mount,) = head["containers"][0]["volumeMounts"]
     assert volume["configMap"]["name"] == config_map["metadata"]["name"] and mount["name"] == volume["name"]
-    config_path = spec["entrypoint"].split()[2]
+    config_path = inner[2].split()[2]
     assert os.path.dirname(config_path) == mount["mountPath"]
     assert os.path.basename(config_path) in config_map["data"]
 
@@ -187,6 +190,27 @@ def test_rayjob_checker_rejects_mistakes():
         mutate(broken)
         errors = rayjob_errors(broken)
         assert any(expect in e for e in errors), (expect, errors)
+
+
+def _stand_in_labelmill(bin_dir, code: int) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / "labelmill"
+    fake.write_text(f"#!/bin/bash\necho '{{\"command\": \"refresh\", \"exit_code\": {code}}}'\n"
+                    f"echo 'progress ...' >&2\nexit {code}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("code,expected", [(exitcodes.EXIT_PUBLISHED, 0), (exitcodes.EXIT_NOTHING_TO_DO, 0),
+                                           (exitcodes.EXIT_FAILED_SHARDS, exitcodes.EXIT_FAILED_SHARDS),
+                                           (exitcodes.EXIT_LOCK_HELD, exitcodes.EXIT_LOCK_HELD)])
+def test_rayjob_entrypoint_treats_nothing_to_do_as_success(tmp_path, code, expected):
+    """The RayJob succeeds or fails by its entrypoint's exit status: 7 must read as success."""
+    (job,) = _docs("refresh-rayjob.yaml")
+    _stand_in_labelmill(tmp_path / "bin", code)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    done = subprocess.run(job["spec"]["entrypoint"], shell=True, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == expected
 
 
 # --------------------------------------------------------------------------- CronJob wrapper
@@ -261,6 +285,26 @@ def test_cron_line():
     assert user == "labelmill"
     assert "labelmill refresh " in command and "--json" in command
     assert f"-eq {exitcodes.EXIT_NOTHING_TO_DO} ] && rc=0" in command
+
+
+@pytest.mark.parametrize("code,mails", [(exitcodes.EXIT_PUBLISHED, False), (exitcodes.EXIT_NOTHING_TO_DO, False),
+                                        (exitcodes.EXIT_FAILED_SHARDS, True), (exitcodes.EXIT_LOCK_HELD, True)])
+def test_cron_line_mails_only_failures_and_logs_the_summary(tmp_path, code, mails):
+    """cron mails a job's output: the line prints nothing on 0 and 7; the JSON summary lands in a log."""
+    line = [ln for ln in (ROOT / "deploy" / "cron" / "labelmill-refresh").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#") and "=" not in ln.split()[0]][0]
+    command = line.split(None, 6)[6]
+    home, logs = tmp_path / "srv", tmp_path / "log"
+    logs.mkdir()
+    _stand_in_labelmill(home / ".venv" / "bin", code)
+    command = command.replace("/srv/labelmill", str(home)).replace("/var/log/labelmill", str(logs))
+    done = subprocess.run(["/bin/bash", "-c", command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == (0 if code == exitcodes.EXIT_NOTHING_TO_DO else code)
+    assert bool(done.stdout.strip()) == mails and done.stderr == ""
+    if mails:
+        assert f"exit code {code}" in done.stdout
+    (summary,) = (logs / "refresh.jsonl").read_text().splitlines()
+    assert json.loads(summary)["exit_code"] == code and "progress" in (logs / "refresh.log").read_text()
 
 
 def test_readme_lists_every_exit_code():

@@ -18,7 +18,7 @@ import labelmill.data
 from helpers import encode, gt_teacher, photo, run_config
 from labelmill.cli import main
 from labelmill.config import load_config
-from labelmill.io.shards import iter_shard, write_shard
+from labelmill.io.shards import write_shard
 from labelmill.pipelines.label import run
 
 
@@ -306,3 +306,53 @@ def test_fiftyone_dataset_layout_masks_and_scores(labelled, tmp_path):
                 assert det.mask is not None and det.mask.any()
                 seen += 1
     assert seen == len(doc["annotations"]) == 10
+
+
+def test_coco_results_file_scores_against_the_users_ground_truth(labelled, tmp_path):
+    """--gt: results.json in the ground truth's own image and category ids; COCOeval of labels equal to the
+    ground truth gives AP 1.0 for boxes and masks (ids from the ground truth, not the export's)."""
+    from pycocotools.cocoeval import COCOeval
+
+    root, out, samples = labelled
+    gt = {"images": [], "annotations": [], "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    for i, (key, members) in enumerate(sorted(samples.items())):
+        (ext,) = [e for e in members if e in ("png", "JPG")]
+        gt["images"].append({"id": 500 + i, "file_name": f"val/{key}.{ext}", "width": 96, "height": 64})
+        for ann in json.loads(members["json"])["annotations"]:
+            rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+            gt["annotations"].append({
+                "id": len(gt["annotations"]) + 1, "image_id": 500 + i, "iscrowd": 0,
+                "category_id": {"cat": 3, "dog": 7}[ann["category"]], "segmentation": ann["segmentation"],
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "area": float(mask_utils.area(rle))})
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    dest = tmp_path / "res"
+    assert _cli("export-coco", out, dest, "--gt", gt_path) == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["results"]["gt"]["detections"] == len(gt["annotations"]) == 10
+    assert manifest["results"]["gt"]["images_not_in_gt"] == 0
+    coco_gt = COCO(str(gt_path))
+    dets = coco_gt.loadRes(str(dest / "gt" / "results.json"))
+    assert {a["image_id"] for a in dets.dataset["annotations"]} <= set(coco_gt.imgs)
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(coco_gt, dets, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        assert ev.stats[0] == pytest.approx(1.0), iou_type
+    # without --gt: the export's own ids, which its instances file holds
+    assert _cli("export-coco", out, tmp_path / "own", "--results") == 0
+    own = COCO(str(tmp_path / "own" / "gt" / "instances_00000.json"))
+    mine = own.loadRes(str(tmp_path / "own" / "gt" / "results.json"))
+    assert len(mine.dataset["annotations"]) == 10 and {c for c in mine.cats} == {17, 18}
+
+
+def test_export_paths_are_absolute_sources_and_relative_shards(labelled, tmp_path, monkeypatch):
+    root, out, samples = labelled
+    monkeypatch.chdir(root)
+    assert _cli("export-coco", "out", tmp_path / "c") == 0  # OUTPUT typed relative to where the command ran
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["source"] == str(root / "out") and manifest["shard_root"] == str(root / "shards")
+    doc = json.loads((tmp_path / "c" / "gt" / "instances_00000.json").read_text())
+    assert doc["info"]["shard_root"] == str(root / "shards") and doc["info"]["source"] == str(root / "out")
+    assert {img["shard"] for img in doc["images"]} == {"a.tar", "b.tar"}

@@ -94,3 +94,23 @@ def test_a_run_shows_the_eta_line_and_no_ray_warnings(tmp_path):
     assert re.search(r"read [\d.]+/s prepare [\d.]+/s infer [\d.]+/s finish [\d.]+/s write [\d.]+/s", err)
     noise = [line for line in err.splitlines() if RAY_NOISE.search(line)]
     assert not noise, noise
+
+
+def test_into_a_log_the_status_line_comes_every_30_s_and_stderr_is_plain_text():
+    import io
+
+    from labelmill.engine.runtime import filtered
+
+    assert Progress(None, 1, io.StringIO()).interval == 30.0  # not a terminal
+    assert Progress(5.0, 1, io.StringIO()).interval == 5.0    # asked for
+    lines = [b"\x1b[36m(MapWorker(MapBatches(InferActor)) pid=15425)\x1b[0m WARNING:root:No pretrained weights",
+             b"[2026-12-07 09:40:37,077 E 15056 15056] core_worker.cc:2465: Actor failed to start",
+             b"[2026-12-07 09:40:37,077 W 15056 15056] core_worker.cc:99: a warning",
+             b"\x1b[33m(raylet)\x1b[0m [2026-12-07 09:40:37,077 E 1 1] node_manager.cc:1: disk full",
+             b"[labelmill] plan: 1 infer actor(s)"]
+    plain = filtered(lines, tty=False).decode()
+    assert plain == ("(MapWorker(MapBatches(InferActor)) pid=15425) WARNING:root:No pretrained weights\n"
+                     "[labelmill] plan: 1 infer actor(s)\n")
+    on_terminal = filtered(lines, tty=True)
+    assert b"\x1b[36m" in on_terminal and b"Actor failed to start" in on_terminal and b"disk full" in on_terminal
+    assert b"a warning" not in on_terminal

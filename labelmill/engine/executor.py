@@ -392,7 +392,8 @@ class StallWatch:
 class Engine:
     """Runs pipelines on Ray; see the module docstring."""
 
-    def __init__(self, ray_config: RayConfig, *, batch_size: int, progress_interval_s: float = 2.0, stream=None):
+    def __init__(self, ray_config: RayConfig, *, batch_size: int, progress_interval_s: float | None = None,
+                 stream=None):
         self.cfg = ray_config
         self.batch_size = batch_size
         self.progress_interval_s = progress_interval_s
@@ -588,7 +589,7 @@ class Engine:
                 progress.update(loop.counters, loop.committed)
 
             # the line refreshes on its own clock, also while the stream waits (model load, a slow shard)
-            ticker = _Ticker(min(self.progress_interval_s, 1.0), refresh)
+            ticker = _Ticker(min(progress.interval, 1.0), refresh)
             # whether to wait for an autoscaler: known now, or (a cluster reached by address) asked at a stall
             waits = True if scaler or limits is not None else (None if remote else False)
             watch = StallWatch(self.cfg.stall_timeout_s, self._requests(pipeline), waits, self.stream, limits=limits)

@@ -181,11 +181,12 @@ class StageTotals:
 class Progress:
     """The streaming run's status line (see the module docstring), every ``interval`` seconds."""
 
-    def __init__(self, interval: float, total_shards: int, stream=None, *, stages: StageTotals | None = None,
+    def __init__(self, interval: float | None, total_shards: int, stream=None, *, stages: StageTotals | None = None,
                  gpu: Callable[[], float | None] | None = gpu_utilisation):
-        self.interval = interval
         self.total_shards = total_shards
         self.out = StatusLine(stream)
+        # None: refreshed in place every 2 s on a terminal; a line every 30 s into a log file or pipe
+        self.interval = interval if interval is not None else (2.0 if self.out.tty else 30.0)
         self.stream = self.out.stream
         self.start = time.monotonic()
         self.last = 0.0

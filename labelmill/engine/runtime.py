@@ -199,16 +199,30 @@ _HARMLESS_ERRORS = (b"has constructor arguments in the object store",)
 _filter_installed = False
 
 
-def native_line_hidden(line: bytes) -> bool:
-    """Whether a line on stderr is one of Ray's C++ info/warning logs (or a known harmless 'error')."""
+#: ANSI escape sequences (Ray's coloured "(MapWorker pid=...)" prefixes, a status line's clear-line code)
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def native_line_hidden(line: bytes, tty: bool = True) -> bool:
+    """Whether a line on stderr is one of Ray's C++ logs to keep off it: on a terminal the info and warning
+    ones (and known harmless 'errors'); into a file or pipe every one (Ray's session logs keep them)."""
     m = _NATIVE_LOG.match(line)
     if not m:
         return False
-    return m.group(1) in (b"I", b"W") or any(h in m.group(2) for h in _HARMLESS_ERRORS)
+    return not tty or m.group(1) in (b"I", b"W") or any(h in m.group(2) for h in _HARMLESS_ERRORS)
+
+
+def filtered(lines: list[bytes], tty: bool) -> bytes:
+    """What the stderr filter passes on of whole ``lines``: no hidden native lines; no ANSI codes off a TTY."""
+    kept = [line for line in lines if not native_line_hidden(line, tty)]
+    if not tty:
+        kept = [_ANSI.sub(b"", line) for line in kept]
+    return b"".join(line + b"\n" for line in kept)
 
 
 def filter_native_stderr() -> None:
-    """Route file descriptor 2 through a thread that drops Ray's C++ info/warning lines.
+    """Route file descriptor 2 through a thread that drops Ray's C++ info/warning lines (all of them, and
+    every ANSI colour code, when the real stderr is not a terminal: a log file gets plain text).
 
     Ray's core worker in this process writes its logs straight to fd 2 (the
     "constructor arguments in the object store" warning every actor pool
@@ -236,7 +250,8 @@ def filter_native_stderr() -> None:
         read_end, write_end = os.pipe()
     except (OSError, ValueError, AttributeError):
         return
-    progress.STDERR_TTY = os.isatty(real)  # fd 2 becomes a pipe; the status line should still know
+    tty = os.isatty(real)
+    progress.STDERR_TTY = tty  # fd 2 becomes a pipe; the status line should still know
     os.dup2(write_end, 2)
     os.close(write_end)
     _filter_installed = True
@@ -250,13 +265,13 @@ def filter_native_stderr() -> None:
                     break
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                out = b"".join(line + b"\n" for line in lines if not native_line_hidden(line))
+                out = filtered(lines, tty)
                 if pending and not pending.startswith((b"[", b"\x1b[3", b"(")):
                     out, pending = out + pending, b""  # not a Ray log line: e.g. "\r" + a status line
                 if out:
                     os.write(real, out)
-            if pending and not native_line_hidden(pending):
-                os.write(real, pending)
+            if pending and not native_line_hidden(pending, tty):
+                os.write(real, pending if tty else _ANSI.sub(b"", pending))
 
     thread = threading.Thread(target=pump, name="labelmill-stderr-filter", daemon=True)
     thread.start()

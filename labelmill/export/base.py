@@ -114,7 +114,7 @@ class Sample:
     """One image of the version with its labels (all teachers), ready for a writer."""
 
     image_id: int              # 1.. in (shard, index) order
-    shard: str
+    shard: str                 # the shard's URL as stored (absolute)
     key: str
     index: int
     width: int
@@ -123,6 +123,7 @@ class Sample:
     file_name: str             # the image's name as in the shard (``KEY.ext``); the key if it is unknown
     labels: list[dict]
     image: bytes | None = None  # encoded image, when the writer asked for it and the shard still has it
+    shard_name: str = ""       # the shard relative to ``ExportSource.shard_root`` (what exported files record)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class ExportSource:
 
         self.ds = labelmill.data.open(output, version, storage_options=storage_options)
         self.output = output
+        self.output_uri = absolute_uri(output)
         self.version = self.ds.version
         self.storage_options = storage_options or {}
         self.samples_per_read = samples_per_read
@@ -162,6 +164,7 @@ class ExportSource:
         self._registry = None
         self._has_labels = "labels" in self.ds.table_names()
         self._shards = self._scan()
+        self.shard_root = common_root(self.shard_urls)
 
     def _scan(self) -> list[tuple[str, int]]:
         """Shards of the version with their sample counts, and counts by status (one streamed pass)."""
@@ -281,6 +284,7 @@ class ExportSource:
                             width=row["image_width"], height=row["image_height"], caption=row["caption"],
                             file_name=name, labels=mine,
                             image=here.image if (image_bytes and here is not None) else None,
+                            shard_name=relative_to(shard, self.shard_root),
                         )
                 if hasattr(raws, "close"):
                     raws.close()
@@ -298,6 +302,31 @@ class ExportSource:
         extra = ["iscrowd"] if schema is not None and "iscrowd" in schema.names else []  # absent in older outputs
         labels = self.ds.read("labels", columns=LABEL_COLUMNS + extra, filter=where)
         return labels.sort_by([("shard", "ascending"), ("index", "ascending")])
+
+
+def absolute_uri(path: str) -> str:
+    """A local path made absolute (exports say where their source is, wherever they are read); URIs as given."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def common_root(urls: list[str]) -> str:
+    """The deepest folder holding every shard (``s3://bucket/prefix`` or an absolute local folder)."""
+    if not urls:
+        return ""
+    schemes = {u.split("://", 1)[0] if "://" in u else "" for u in urls}
+    if len(schemes) > 1:
+        return ""
+    scheme = schemes.pop()
+    paths = [u.split("://", 1)[1] if scheme else u for u in urls]
+    root = posixpath.commonpath([posixpath.dirname(p) or "." for p in paths])
+    return f"{scheme}://{root}" if scheme else root
+
+
+def relative_to(url: str, root: str) -> str:
+    """``url`` below ``root`` (``part-0001.tar``), or ``url`` itself when it is not below it."""
+    if root and url.startswith(root.rstrip("/") + "/"):
+        return url[len(root.rstrip("/")) + 1:]
+    return url
 
 
 def _grouped(labels: pa.Table) -> Iterator[tuple[tuple[str, int], list[dict]]]:
@@ -544,8 +573,9 @@ def run_export(fmt: str, output: str, dest: str, *, version: int | str | None = 
         raise
     manifest = {
         "format": fmt,
-        "source": output,
+        "source": source.output_uri,
         "version": source.version,
+        "shard_root": source.shard_root,
         "version_time": source.ds.record.get("time"),
         "images": source.stats.exported,
         "skipped_error_samples": source.stats.skipped_errors,

@@ -27,7 +27,8 @@ finds it.  ``label`` numbers come from the output's class registry
 (:mod:`labelmill.store.classes`, the same numbers as YOLO's): a class keeps
 its number in every version and with any ``--classes``; ``label_map.json``
 lists every class of the output.  Boxes are corner coordinates: ``x2 = x + w``
-of the stored COCO box.  ``key`` and ``shard`` say where each image came from.
+of the stored COCO box.  ``key`` and ``shard`` say where each image came from
+(``shard`` relative to the manifest's ``shard_root``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class OdvgWriter(Writer):
         if body is None:
             return None
         self.counts["regions"] += n
-        return {**head, **body, "key": sample.key, "shard": sample.shard}
+        return {**head, **body, "key": sample.key, "shard": sample.shard_name or sample.shard}
 
     def add(self, sample: Sample) -> None:
         record = self._record(sample)

@@ -58,18 +58,26 @@ def describe_versions(output: str, storage_options: dict | None = None) -> list[
     return out
 
 
+def _kind(r: dict) -> str:
+    return (r["kind"] or "") + (f"->{r['rolled_back_to']}" if r.get("rolled_back_to") is not None else "")
+
+
 def format_versions(rows: list[dict]) -> str:
-    head = f"{'version':>7}  {'time (UTC)':19}  {'kind':8}  {'new':>5} {'chg':>5} {'del':>5} {'stale':>5}  " \
+    width = max([8] + [len(_kind(r)) for r in rows])
+    head = f"{'version':>7}  {'time (UTC)':19}  {'kind':{width}}  {'new':>5} {'chg':>5} {'del':>5} {'stale':>5}  " \
            f"{'shards':>6}  {'labels+':>8}  {'samples+':>8}  {'secs':>7}  teachers"
     lines = [head]
     for r in rows:
         s, rows_added = r["shards"], r["rows_added"]
-        kind = (r["kind"] or "") + (f"->{r['rolled_back_to']}" if r.get("rolled_back_to") is not None else "")
+        kind = _kind(r)
         secs = f"{r['seconds']:.1f}" if isinstance(r.get("seconds"), (int, float)) else "-"
         teachers = ",".join(f"{k}:{v[:8]}" for k, v in sorted(r["teachers"].items()))
-        lines.append(f"{r['version']:>7}  {r['time'][:19]:19}  {kind:8}  {s['new']:>5} {s['changed']:>5} "
-                     f"{s['deleted']:>5} {s['stale']:>5}  {r['shards_total']:>6}  {rows_added.get('labels', 0):>8}  "
-                     f"{rows_added.get('samples', 0):>8}  {secs:>7}  {teachers}"
+        # a rollback writes no rows (it re-publishes an earlier version's files): no row counts to show
+        labels, samples = ("-", "-") if r.get("rolled_back_to") is not None else (
+            rows_added.get("labels", 0), rows_added.get("samples", 0))
+        lines.append(f"{r['version']:>7}  {r['time'][:19]:19}  {kind:{width}}  {s['new']:>5} {s['changed']:>5} "
+                     f"{s['deleted']:>5} {s['stale']:>5}  {r['shards_total']:>6}  {labels:>8}  "
+                     f"{samples:>8}  {secs:>7}  {teachers}"
                      + ("" if r["readable"] else "  (vacuumed)"))
     return "\n".join(lines)
 
