@@ -91,3 +91,16 @@ def test_class_registry_grows_and_never_moves_an_id():
     reg = ClassRegistry.from_records(records + [{"classes_added": later}, {"kind": "rollback"}])
     assert reg.names() == ["pizza", "gizmo", "teddy bear", "widget", "sky", "car"]
     assert vocabularies_added(reg, {"t": ["pizza", "car"]}) == []  # nothing new: the record gets no entry
+
+
+def test_export_modules_import_one_way():
+    """coco.py holds the COCO file writers; mdetr.py builds on it, never the other way round."""
+    import ast
+    from pathlib import Path
+
+    import labelmill.export.coco as coco
+
+    tree = ast.parse(Path(coco.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "labelmill.export.mdetr" not in imported

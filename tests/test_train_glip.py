@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,6 +79,13 @@ def test_odvg_export(glip_labelled, tmp_path):
             assert x2 >= x1 and y2 >= y1
             assert all(cap[s:e] for s, e in reg["tokens_positive"])
             assert reg["phrase"] == cap[reg["tokens_positive"][0][0]:reg["tokens_positive"][-1][1]]
+    # the export is gold data for `train glip` as it is: every record's image is found
+    from types import SimpleNamespace
+
+    from labelmill.training.glip import gold_records
+
+    rows = gold_records(SimpleNamespace(path=str(dest / "grounding.jsonl"), images=str(dest / "images"), format=None))
+    assert len(rows) == 10 and all(os.path.isfile(r["path"]) for r in rows)
 
 
 def test_glip_boxes_reach_fiftyone_and_yolo_says_why_not(glip_labelled, tmp_path, capsys):
