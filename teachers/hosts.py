@@ -99,6 +99,14 @@ class MaskCLIPHost(HostSide):
 
 
 # ---------------------------------------------------------------------- GLIP
+def glip_box_to_xywh(box, sx: float, sy: float, width: int, height: int) -> tuple[float, float, float, float]:
+    """A GLIP box (xyxy, inclusive pixel corners, at the working size) -> the stored COCO ``[x, y, w, h]`` in
+    original pixels, ``w = x2 - x1 + 1`` (GLIP's convention; training rebuilds ``x2 = x + w - 1``)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x, y = max(0.0, x1 * sx), max(0.0, y1 * sy)
+    return x, y, min(width, (x2 + 1) * sx) - x, min(height, (y2 + 1) * sy) - y
+
+
 class GLIPHost(HostSide):
     """GLIP's grounded boxes; in caption mode also the prompts (noun phrases and tokens).
 
@@ -205,11 +213,7 @@ class GLIPHost(HostSide):
         phrase_idx = dets[:, 5].astype(np.int64)
         labels = []
         for box, score, idx in zip(boxes, scores, phrase_idx):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            # GLIP boxes use the inclusive pixel convention: width = x2 - x1 + 1
-            x, y = max(0.0, x1 * sx), max(0.0, y1 * sy)
-            w = min(ow, (x2 + 1) * sx) - x
-            h = min(oh, (y2 + 1) * sy) - y
+            x, y, w, h = glip_box_to_xywh(box, sx, sy, ow, oh)
             if w <= 0 or h <= 0:
                 continue
             caption, text, spans = owners[int(idx)]

@@ -44,7 +44,10 @@ def token_map(offsets: list[tuple[int, int]], spans_per_box: list[list[list[int]
 
 
 def gold_records(gold) -> list[dict]:
-    """Gold grounding records -> rows shaped like pseudo-label rows (image bytes read lazily by path)."""
+    """Gold grounding records -> rows shaped like pseudo-label rows (image bytes read lazily by path).
+
+    MDETR/COCO ``bbox`` is ``[x, y, w, h]`` as stored; ODVG corners ``[x1, y1, x2, y2]`` are edges
+    (``x2 = x + w``, as labelmill's ``export-odvg`` writes them), so both give the same training target."""
     fmt = gold.format or ("odvg" if gold.path.endswith((".jsonl", ".odvg")) else "mdetr")
     rows = []
     if fmt == "odvg":

@@ -76,6 +76,8 @@ def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0) -> 
             caption += name + ". "
         spans = [[where[r.get("phrase") or r.get("class_name")]] for r in kept]
     boxes = np.asarray([r["bbox"] for r in kept], np.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]  # stored xywh -> xyxy
+    # stored xywh -> xyxy with GLIP's inclusive pixel corners: the teacher stores w = x2 - x1 + 1, so
+    # x2 = x + w - 1 gives its box back exactly (x + w would widen every box by 1 px per self-training round)
+    boxes[:, 2:] = np.maximum(boxes[:, :2] + boxes[:, 2:] - 1, boxes[:, :2])
     scores = np.asarray([r.get("score") or 0.0 for r in kept], np.float32)
     return GroundingTarget(caption, boxes, spans, scores)
