@@ -1,12 +1,16 @@
 """MaskCLIP+ student: a DeepLabv3 network whose classifier is CLIP text embeddings.
 
-The backbone (torchvision ResNet-50/101 at output stride 8, ``weights=None``
-unless a local state dict is given; or a tiny conv stack for tests) feeds a
-DeepLabv3 ASPP head that projects every pixel into CLIP's joint space
-(``embed_dim``).  Features are L2-normalised and scored against the
-vocabulary's prompt-ensemble text embeddings (a 1x1 convolution initialised
-from them, frozen by default) times ``logit_scale``, exactly like the
-teacher, so the student keeps the open vocabulary: new classes are new rows.
+The backbone (torchvision ResNet-50/101 at output stride 8, from a local
+ImageNet state dict loaded strictly, or randomly initialised only when asked;
+or a tiny conv stack for tests) feeds a DeepLabv3 ASPP head that projects
+every pixel into CLIP's joint space (``embed_dim``).  Pixels are scored
+against the vocabulary's prompt-ensemble text embeddings (L2-normalised; a
+1x1 convolution initialised from them, frozen by default), so the student
+keeps the open vocabulary: new classes are new rows.  ``logits``: ``dot``
+(MaskCLIP+'s head: the raw pixel features times the normalised embeddings,
+no scale) or ``cosine`` (features normalised too, times ``logit_scale``).
+Input normalisation follows the backbone's weights: ImageNet's for the
+ResNets, CLIP's for the tiny test backbone.
 
 Checkpoints are plain tensor files (``model.pt``, read by
 :mod:`labelmill.models.safe_load`, which never runs code from a file) plus ``student.json`` (architecture,
@@ -25,8 +29,10 @@ from torch import nn
 
 from labelmill.models.common import WeightsError
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, like the teacher
-STD = (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATION = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet weights
+}
 MODEL_FILE = "model.pt"
 META_FILE = "student.json"
 
@@ -43,6 +49,8 @@ class StudentSpec:
     logit_scale: float = 50.0
     freeze_classifier: bool = True
     extra: dict = field(default_factory=dict)  # provenance: dataset, step, teacher ...
+    logits: str = "cosine"        # "dot" (MaskCLIP+'s head) or "cosine" (x logit_scale); older checkpoints: cosine
+    normalization: str = "clip"   # input mean/std (NORMALIZATION); older checkpoints: clip
 
 
 def _tiny_backbone() -> tuple[nn.Module, int]:
@@ -60,13 +68,31 @@ class _ResNetBody(nn.Module):
 
         net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
         if weights_path:
-            state = load_tensors(weights_path)
-            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+            load_backbone(net, weights_path, name)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)
 
     def forward(self, x):
         return self.layers(self.stem(x))
+
+
+def load_backbone(net: nn.Module, path: str, name: str) -> None:
+    """Load a torchvision ResNet state dict strictly: every key but the classifier (``fc.*``) must match."""
+    state = {k.removeprefix("module."): v for k, v in load_tensors(path).items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shape:
+        def some(keys):
+            return f"{keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+
+        raise WeightsError(f"backbone_weights {path} does not fit torchvision's {name}: "
+                           + "; ".join(part for part in (missing and f"missing {some(missing)}",
+                                                         unexpected and f"unexpected {some(unexpected)}",
+                                                         shape and f"other shapes {some(shape)}") if part))
+    net.load_state_dict(state, strict=False)  # fc.* stays as built: the student never uses it
 
 
 class SegStudent(nn.Module):
@@ -98,17 +124,23 @@ class SegStudent(nn.Module):
             with torch.no_grad():
                 self.classifier.weight.copy_(F.normalize(text_embeddings.float(), dim=-1)[:, :, None, None])
         self.classifier.weight.requires_grad_(not spec.freeze_classifier)
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        if spec.logits not in ("dot", "cosine"):
+            raise ValueError(f"student logits must be 'dot' or 'cosine', not {spec.logits!r}")
+        mean, std = NORMALIZATION[spec.normalization]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> logits (B, C, H, W)."""
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2).float().div(255)
         x = (images - self.mean) / self.std
-        feats = F.normalize(self.head(self.backbone(x)), dim=1)
+        feats = self.head(self.backbone(x))
         weight = F.normalize(self.classifier.weight, dim=1)
-        logits = F.conv2d(feats, weight) * self.spec.logit_scale
+        if self.spec.logits == "dot":
+            logits = F.conv2d(feats, weight)
+        else:
+            logits = F.conv2d(F.normalize(feats, dim=1), weight) * self.spec.logit_scale
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 

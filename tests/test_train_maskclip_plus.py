@@ -91,7 +91,8 @@ def test_grounding_target_skips_images_without_a_box_at_threshold():
     rows = [{"bbox": [1, 2, 3, 4], "score": 0.3, "caption": "a dog", "tokens_positive": [[2, 5]], "phrase": "dog"}]
     assert grounding_target(rows, threshold=0.5) is None
     t = grounding_target(rows, threshold=0.2)
-    assert t.caption == "a dog" and t.boxes.tolist() == [[1, 2, 4, 6]] and t.tokens_positive == [[[2, 5]]]
+    # GLIP's inclusive corners: w = 3 pixels from x = 1 end at x2 = 3
+    assert t.caption == "a dog" and t.boxes.tolist() == [[1, 2, 3, 5]] and t.tokens_positive == [[[2, 5]]]
     v = grounding_target([{"bbox": [0, 0, 2, 2], "score": 0.9, "class_name": "cat"}])
     assert v.caption == "cat. " and v.tokens_positive == [[[0, 3]]]
 
@@ -101,6 +102,7 @@ def test_auto_repeat_covers_the_run_in_one_pass_of_the_stream():
 
     def cfg(**data):
         return load_train_config("maskclip-plus", {"data": {"output": "x", **data}, "checkpoint": {"path": "r"},
+                                                   "model": {"backbone": "tiny"},
                                                    "optim": {"max_steps": 120, "batch_size": 4, "grad_accum": 2},
                                                    "scaling": {"num_workers": 2}})
 
@@ -136,7 +138,8 @@ def test_untrusted_pickle_and_missing_checkpoint(tmp_path):
 
 def test_config_validated_before_work(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"data": {"output": "x", "imge_size": 3}, "checkpoint": {"path": "y"}}))
+    bad.write_text(yaml.safe_dump({"data": {"output": "x", "imge_size": 3}, "checkpoint": {"path": "y"},
+                                   "model": {"backbone": "tiny"}}))
     assert main(["train", "maskclip-plus", str(bad)]) == 2
     assert "data.imge_size: unknown key" in capsys.readouterr().err
 

@@ -86,13 +86,27 @@ class Transductive(_Strict):
 class SegModel(_Strict):
     backbone: Literal["resnet50", "resnet101", "tiny"] = "resnet101"
     embed_dim: int | None = Field(default=None, gt=0, description="default: the text embeddings' width")
-    logit_scale: float = Field(default=50.0, gt=0)
+    logits: Literal["dot", "cosine"] = Field(
+        default="dot", description="dot: MaskCLIP+'s head (raw features x normalised text embeddings); "
+        "cosine: features normalised too, x logit_scale")
+    logit_scale: float = Field(default=50.0, gt=0, description="cosine logits only")
     freeze_classifier: bool = Field(default=True, description="keep the text-embedding classifier fixed (open vocabulary)")
     text_embeddings: str | None = Field(
         default=None, description="Parquet file from `labelmill text-embeddings`; default: computed with the "
         "teacher's own CLIP, vocabulary and prompt templates (from the output's run config)")
     init_from: str | None = Field(default=None, description="a student checkpoint (directory or model.pt) to start from")
-    backbone_weights: str | None = Field(default=None, description="local torchvision backbone state dict")
+    backbone_weights: str | None = Field(
+        default=None, description="local torchvision ImageNet state dict for the ResNet, loaded strictly (fc.* "
+        "aside); required for resnet50/101 unless random_init")
+    random_init: bool = Field(default=False, description="allow a randomly initialised ResNet (tests, demo)")
+
+    @model_validator(mode="after")
+    def _backbone_has_weights(self) -> "SegModel":
+        if self.backbone != "tiny" and not self.backbone_weights and not self.random_init and not self.init_from:
+            raise ValueError(f"model.backbone_weights is required for {self.backbone} (a local torchvision "
+                             "ImageNet state dict, as MaskCLIP+ starts from); set model.random_init: true to "
+                             "train from random weights on purpose")
+        return self
 
 
 class TrainCommon(_Strict):

@@ -92,7 +92,8 @@ class SegTask:
         m = self.cfg.model
         spec = StudentSpec(backbone=m.backbone, vocabulary=list(self.vocabulary),
                            embed_dim=m.embed_dim or self.embeddings.shape[1], logit_scale=m.logit_scale,
-                           freeze_classifier=m.freeze_classifier, extra=dict(self.provenance))
+                           freeze_classifier=m.freeze_classifier, extra=dict(self.provenance), logits=m.logits,
+                           normalization="clip" if m.backbone == "tiny" else "imagenet")
         emb = self.embeddings
         if spec.embed_dim != emb.shape[1]:
             raise ValueError(f"model.embed_dim {spec.embed_dim} differs from the text embeddings' {emb.shape[1]}")

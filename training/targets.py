@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-IGNORE = 255
+#: pixels without a target; -1 can never be a class id, so a vocabulary of any size trains every class
+IGNORE = -1
 
 
 def class_map(masks: Sequence[dict[str, Any]], height: int, width: int, threshold: float = 0.0,
