@@ -91,3 +91,100 @@ def test_a_vocabulary_of_300_classes_trains_every_class_including_255():
     F.cross_entropy(logits, target[None], ignore_index=IGNORE).backward()
     # class 255's pixels are trained (pushed up), the unlabelled ones are not
     assert (logits.grad[0, 255, :4, :4] < 0).all() and (logits.grad[0, :, :, 4:] == 0).all()
+
+
+# ------------------------------------------------------------ self-training and transductive labels
+def _rle(m: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode()}
+
+
+def test_gold_marks_survive_one_integer_map():
+    from labelmill.training.targets import IGNORE, mark_gold, split_gold
+
+    t = np.array([[IGNORE, 0, 5], [int(mark_gold(0)), int(mark_gold(3)), 299]])
+    cls, gold = split_gold(t)
+    assert cls.tolist() == [[IGNORE, 0, 5], [0, 3, 299]] and gold.tolist() == [[False] * 3, [True, True, False]]
+    cls_t, gold_t = split_gold(torch.as_tensor(t))
+    assert cls_t.tolist() == cls.tolist() and gold_t.tolist() == gold.tolist()
+
+
+def test_self_training_relabels_only_non_gold_pixels_by_argmax_over_unseen_classes():
+    """Hand-made logits, 4 classes (0, 1 seen; 2, 3 unseen), a 2 x 3 image; the published rule."""
+    from labelmill.training.maskclip_plus import self_training_target
+    from labelmill.training.targets import IGNORE
+
+    logits = torch.tensor([[[[9.0, 0, 0], [0, 0, 9]],     # class 0 (seen) strongest at (0,0) and (1,2)
+                            [[0, 9, 0], [0, 0, 0]],       # class 1 (seen)
+                            [[1, 2, 3], [4, 0, 1]],       # class 2 (unseen)
+                            [[2, 1, 5], [1, 3, 2]]]])     # class 3 (unseen)
+    target = torch.tensor([[[0, IGNORE, 2], [3, 1, IGNORE]]])
+    gold = torch.tensor([[[True, False, False], [False, True, False]]])
+    got = self_training_target(logits, target, gold, unseen=[2, 3])
+    # gold kept (0 at (0,0), 1 at (1,1)); every other pixel, the teacher's label or none: argmax over {2, 3}
+    assert got.tolist() == [[[0, 2, 3], [2, 1, 3]]]
+    # no seen/unseen split: argmax over all classes everywhere (no gold)
+    assert self_training_target(logits, target, torch.zeros_like(gold), None).tolist() == [[[0, 1, 3], [2, 3, 0]]]
+    # a threshold (not in the paper; default 0) leaves unconfident pixels unlabelled
+    thr = self_training_target(logits, target, gold, unseen=[2, 3], threshold=0.9)
+    assert thr[0, 0, 2].item() == IGNORE and thr[0, 0, 0].item() == 0
+
+
+def test_transductive_labels_keep_unseen_teacher_labels_and_paint_gold_on_top():
+    import json
+
+    from labelmill.training.prepare import PrepareSegmentation
+    from labelmill.training.targets import IGNORE, split_gold
+
+    vocab = ["cat", "dog", "sky", "tree"]           # seen: cat, dog; unseen: sky, tree
+    h, w = 4, 6
+    sky = np.zeros((h, w), bool)
+    sky[:2, :] = True                              # teacher: sky over the top half
+    cat_t = np.zeros((h, w), bool)
+    cat_t[2:, :2] = True                           # teacher: a seen class, bottom-left
+    tree = np.zeros((h, w), bool)
+    tree[2:, 4:] = True                            # teacher: tree, bottom-right
+    rows = [{"class_id": 2, "score": 0.8, "segmentation": _rle(sky)},
+            {"class_id": 0, "score": 0.8, "segmentation": _rle(cat_t)},
+            {"class_id": 3, "score": 0.8, "segmentation": _rle(tree)}]
+    dog = np.zeros((h, w), bool)
+    dog[1:3, 2:4] = True                           # gold dog, partly over the teacher's sky
+    meta = json.dumps({"annotations": [{"category": "dog", "segmentation": _rle(dog)},
+                                       {"category": "sky", "segmentation": _rle(sky)}]})  # unseen gold: not used
+    data = {"image_size": 8, "scale": [1.0, 1.0], "hflip": False, "augment": False, "threshold": 0.0,
+            "max_image_pixels": 10**6}
+    prep = PrepareSegmentation(data, {i: i for i in range(4)}, vocab, ["cat", "dog"])
+    cls, gold = split_gold(prep.target(rows, meta, h, w))
+    want = np.full((h, w), IGNORE)
+    want[sky] = 2
+    want[tree] = 3
+    want[dog] = 1                                  # gold on top, nothing else blanked
+    assert cls.tolist() == want.tolist() and gold.tolist() == dog.tolist()
+
+
+def test_seg_task_self_trains_from_the_same_forward_pass():
+    from labelmill.training.maskclip_plus import SegTask, self_training_target
+    from labelmill.training.targets import IGNORE, mark_gold
+
+    vocab = ["cat", "dog", "sky", "tree"]
+    cfg = {"data": {"output": "x"}, "checkpoint": {"path": "r"}, "model": {"backbone": "tiny"},
+           "self_training": {"start_step": 10}, "transductive": {"seen_classes": ["cat", "dog"]}}
+    torch.manual_seed(0)
+    task = SegTask(cfg, {"vocabulary": vocab, "embeddings": torch.randn(4, 16).tolist()})
+    model = task.build_model()
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
+    target = torch.full((2, 32, 32), IGNORE)  # two images: BatchNorm in training mode needs more than one value
+    target[:, :16, :16] = mark_gold(torch.tensor(1))
+    target[:, 16:, 16:] = 2
+    inputs = {"image": torch.rand(2, 3, 32, 32), "target": target}
+    before, _ = task.loss(model, inputs, step=9)   # before start_step: gold and pseudo-labels as given
+    assert len(calls) == 1
+    want = F.cross_entropy(calls[0], torch.where(target < -1, -2 - target, target), ignore_index=IGNORE)
+    assert float(before.detach()) == pytest.approx(float(want), rel=1e-6)
+    after, terms = task.loss(model, inputs, step=10)  # self-training: one forward, its own detached logits
+    assert len(calls) == 2 and terms["self_training"] == 1.0
+    gold = target < -1
+    st = self_training_target(calls[1], torch.where(gold, -2 - target, target), gold, task.unseen)
+    assert set(st[~gold].unique().tolist()) <= {2, 3} and (st[gold] == 1).all()
+    assert float(after.detach()) == pytest.approx(float(F.cross_entropy(calls[1], st, ignore_index=IGNORE)), rel=1e-6)

@@ -75,8 +75,11 @@ class RaySection(_Strict):
 
 
 class SelfTraining(_Strict):
-    start_step: int | None = Field(default=None, ge=0, description="from this step the student's predictions are the targets")
-    threshold: float = Field(default=0.0, ge=0, le=1, description="pixels less confident than this are ignored")
+    start_step: int | None = Field(
+        default=None, ge=0, description="from this step, pixels without gold take the argmax of the pass's own "
+        "logits over the unseen classes (all classes without transductive)")
+    threshold: float = Field(default=0.0, ge=0, le=1, description="pixels less confident than this stay "
+                             "unlabelled (0: none, as in MaskCLIP+)")
 
 
 class Transductive(_Strict):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from labelmill.models.deeplab import SegStudent, StudentCheckpointError, StudentSpec, load_tensors, read_spec, save_student
 from labelmill.training.config import MaskCLIPPlusConfig
 from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch, readable_or_raise
-from labelmill.training.targets import IGNORE
+from labelmill.training.targets import IGNORE, split_gold
 
 KIND = "mask"
 
@@ -87,6 +87,9 @@ class SegTask:
         self.vocabulary = extra["vocabulary"]
         self.embeddings = torch.tensor(extra["embeddings"], dtype=torch.float32)
         self.provenance = extra.get("provenance", {})
+        seen = set(self.cfg.transductive.seen_classes) if self.cfg.transductive is not None else set()
+        # the classes self-training may assign: the unseen ones in transductive training, else all (None)
+        self.unseen = [i for i, n in enumerate(self.vocabulary) if n not in seen] if seen else None
 
     def build_model(self) -> SegStudent:
         m = self.cfg.model
@@ -116,20 +119,13 @@ class SegTask:
         return int(inputs["image"].shape[0])
 
     def loss(self, model, inputs: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        target = inputs["target"]
-        st = self.cfg.self_training
-        terms: dict[str, float] = {}
-        if st.start_step is not None and step >= st.start_step:
-            # self-training: the student's own confident predictions become the targets
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                probs = model(inputs["image"]).float().softmax(1)
-            model.train(was_training)
-            conf, pred = probs.max(1)
-            target = torch.where(conf >= st.threshold, pred, torch.full_like(pred, IGNORE))
-            terms["self_training"] = 1.0
+        target, gold = split_gold(inputs["target"])
         logits = model(inputs["image"])
+        terms: dict[str, float] = {}
+        st = self.cfg.self_training
+        if st.start_step is not None and step >= st.start_step:
+            target = self_training_target(logits.detach(), target, gold, self.unseen, st.threshold)
+            terms["self_training"] = 1.0
         valid = target != IGNORE
         if not bool(valid.any()):
             loss = logits.sum() * 0.0
@@ -149,6 +145,23 @@ class SegTask:
         from labelmill.models.deeplab import MODEL_FILE
 
         model.load_state_dict(load_tensors(os.path.join(folder, MODEL_FILE)))
+
+
+def self_training_target(logits: torch.Tensor, target: torch.Tensor, gold: torch.Tensor,
+                         unseen: list[int] | None, threshold: float = 0.0) -> torch.Tensor:
+    """MaskCLIP+'s self-training targets: every pixel without ground truth takes the argmax of this training
+    pass's (detached) logits over the unseen classes (all classes without a seen/unseen split); gold pixels
+    keep their class.  ``threshold`` > 0 (not in the paper) leaves pixels whose softmax over those classes
+    is less confident unlabelled."""
+    scores = logits.float()
+    if unseen is not None:
+        index = torch.as_tensor(unseen, device=scores.device)
+        scores = scores.index_select(1, index)
+    conf, arg = scores.softmax(1).max(1)
+    pred = index[arg] if unseen is not None else arg
+    if threshold > 0:
+        pred = torch.where(conf >= threshold, pred, torch.full_like(pred, IGNORE))
+    return torch.where(gold, target, pred)
 
 
 def predict_labels(model: SegStudent, image: np.ndarray, device="cpu") -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from labelmill.training.augment import Augment
-from labelmill.training.targets import IGNORE, class_map, grounding_target
+from labelmill.training.targets import IGNORE, class_map, grounding_target, mark_gold
 
 
 class _Data:
@@ -49,13 +49,16 @@ class PrepareSegmentation:
         tgt = class_map(rows, h, w, self.data.threshold, self.mapping)
         if self.seen is None:
             return tgt
-        # transductive zero-shot: teacher labels only for unseen classes, gold masks for seen ones
+        # transductive zero-shot (MaskCLIP+): the teacher labels the unseen classes; a pixel the teacher gave a
+        # seen class has no unseen label it could take (its argmax over the unseen classes is not stored), so it
+        # stays unlabelled; seen-class gold is painted on top, marked as gold (self-training keeps it)
         tgt[np.isin(tgt, list(self.seen))] = IGNORE
         anns = (json.loads(meta_json) if meta_json else {}).get("annotations", [])
         gold = [{"class_id": self.index[a["category"]], "score": 1.0, "segmentation": a["segmentation"]}
                 for a in anns if self.index.get(a.get("category")) in self.seen and a.get("segmentation")]
         gold_map = class_map(gold, h, w)
-        tgt[gold_map != IGNORE] = gold_map[gold_map != IGNORE]
+        painted = gold_map != IGNORE
+        tgt[painted] = mark_gold(gold_map[painted])
         return tgt
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

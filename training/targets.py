@@ -20,6 +20,19 @@ from pycocotools import mask as mask_utils
 IGNORE = -1
 
 
+def mark_gold(class_ids):
+    """Ground-truth pixels travel as ``-2 - class`` (pseudo-labels as ``class``, none as ``IGNORE``), so one
+    integer map carries both through augmentation; :func:`split_gold` reads it back.  Works on numpy
+    arrays and torch tensors alike."""
+    return -2 - class_ids
+
+
+def split_gold(target):
+    """(class ids, is_gold) of a target map made with :func:`mark_gold` (IGNORE stays IGNORE, not gold)."""
+    gold = target <= -2
+    return (gold * (-2 - target) + ~gold * target), gold
+
+
 def class_map(masks: Sequence[dict[str, Any]], height: int, width: int, threshold: float = 0.0,
               classes: dict[int, int] | None = None) -> np.ndarray:
     """(H, W) int64 class ids; ``IGNORE`` where no mask at the threshold covers a pixel.
