@@ -147,7 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from labelmill.pipelines.train import train
     from labelmill.training.config import load_train_config
 
-    cfg = load_train_config(args.task, args.config, args.overrides)
+    cfg = load_train_config(args.task, args.config, args.overrides, preset=args.preset)
     if args.dry_run:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="training config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    p.add_argument("--preset", choices=["coco-stuff", "context", "zero-shot-voc"],
+                   help="maskclip-plus: MaskCLIP+'s published settings (crop, resize rule, photometric distortion, "
+                   "mean-colour padding, SGD, poly to min lr, iterations); the config's own keys win")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

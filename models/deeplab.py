@@ -37,6 +37,11 @@ MODEL_FILE = "model.pt"
 META_FILE = "student.json"
 
 
+def normalization_for(backbone: str) -> str:
+    """The input normalisation a backbone's weights expect: ImageNet's for the ResNets, CLIP's for ``tiny``."""
+    return "clip" if backbone == "tiny" else "imagenet"
+
+
 class StudentCheckpointError(WeightsError):
     """A student checkpoint is missing, incomplete or not a plain tensor file."""
 

@@ -188,3 +188,75 @@ def test_seg_task_self_trains_from_the_same_forward_pass():
     st = self_training_target(calls[1], torch.where(gold, -2 - target, target), gold, task.unseen)
     assert set(st[~gold].unique().tolist()) <= {2, 3} and (st[gold] == 1).all()
     assert float(after.detach()) == pytest.approx(float(F.cross_entropy(calls[1], st, ignore_index=IGNORE)), rel=1e-6)
+
+
+# ------------------------------------------------------------ presets
+def test_presets_carry_maskclip_plus_published_settings_and_own_keys_win(capsys):
+    from labelmill.cli import main
+    from labelmill.config import ConfigError
+    from labelmill.training.config import load_train_config
+
+    base = {"data": {"output": "x"}, "checkpoint": {"path": "r"}, "model": {"backbone": "tiny"}}
+    cs = load_train_config("maskclip-plus", base, preset="coco-stuff")
+    assert (cs.data.image_size, cs.data.img_scale, cs.data.scale) == (512, (2048, 512), (0.5, 2.0))
+    assert cs.data.photometric and cs.data.pad == "mean" and cs.data.cat_max_ratio == 0.75
+    assert (cs.optim.optimizer, cs.optim.lr, cs.optim.momentum, cs.optim.weight_decay) == ("sgd", 0.01, 0.9, 0.0005)
+    assert (cs.optim.schedule, cs.optim.min_lr, cs.optim.max_steps, cs.optim.batch_size) == ("poly", 1e-4, 8000, 4)
+    assert cs.model.logits == "dot" and cs.self_training.start_step is None  # annotation-free: no self-training
+    ctx = load_train_config("maskclip-plus", base, preset="context")
+    assert (ctx.data.image_size, ctx.data.img_scale, ctx.optim.max_steps) == (480, (520, 520), 4000)
+    voc = load_train_config("maskclip-plus", base, ["optim.batch_size=2"], preset="zero-shot-voc")
+    assert voc.self_training.start_step == voc.optim.max_steps // 10 == 2000 and voc.optim.batch_size == 2
+    mine = load_train_config("maskclip-plus", {**base, "optim": {"max_steps": 50}}, preset="coco-stuff")
+    assert mine.optim.max_steps == 50 and mine.optim.lr == 0.01  # a key the config gives wins; the rest stay
+    with pytest.raises(ConfigError, match="unknown --preset 'coco-stuff' for glip"):
+        load_train_config("glip", {"data": {"output": "x"}, "checkpoint": {"path": "r"},
+                                   "model": {"tokenizer": "t"}}, preset="coco-stuff")
+
+
+def test_poly_schedule_decays_to_min_lr():
+    from types import SimpleNamespace
+
+    from labelmill.training.loop import lr_factor
+
+    optim = SimpleNamespace(lr=0.01, min_lr=1e-4, schedule="poly", warmup_steps=0, max_steps=100)
+    assert lr_factor(0, optim) == pytest.approx(1.0)
+    assert lr_factor(100, optim) == pytest.approx(0.01)
+    assert 0.01 * lr_factor(50, optim) == pytest.approx((0.01 - 1e-4) * 0.5 ** 0.9 + 1e-4)
+
+
+def test_augment_resize_rule_mean_padding_photometric_and_class_ratio():
+    from labelmill.training.augment import Augment, photometric_distortion
+    from labelmill.training.maskclip_plus import data_section
+    from labelmill.training.config import load_train_config
+    from labelmill.training.targets import IGNORE
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (100, 400, 3), dtype=np.uint8)
+    aug = Augment(512, scale=(1.0, 1.0), hflip=False, img_scale=(2048, 512))
+    assert aug._scale(rng, 100, 400) == pytest.approx(5.12)  # short side to 512 (long side 2048 <= 2048)
+    assert Augment(480, scale=(0.5, 0.5), img_scale=(520, 520))._scale(rng, 100, 400) == pytest.approx(0.65)
+    # mean-colour padding (crop larger than the resized image), targets padded with IGNORE
+    small = Augment(64, scale=(1.0, 1.0), hflip=False, img_scale=(32, 32), pad_value=(124, 116, 104))
+    out, tgt = small.segmentation(img[:10, :40], np.zeros((10, 40), np.int64), rng)
+    assert (out[-1, -1] == [124, 116, 104]).all() and tgt[-1, -1] == IGNORE and (tgt[:8, :32] == 0).all()
+    cfg = load_train_config("maskclip-plus", {"data": {"output": "x", "pad": "mean"}, "checkpoint": {"path": "r"},
+                                              "model": {"random_init": True}})
+    assert data_section(cfg)["pad_value"] == [124, 116, 104]  # ImageNet's mean for the ResNet
+    # photometric distortion: same shape and type, another image, reproducible from the generator
+    a = photometric_distortion(img, np.random.default_rng(3))
+    assert a.shape == img.shape and a.dtype == np.uint8 and not np.array_equal(a, img)
+    assert np.array_equal(a, photometric_distortion(img, np.random.default_rng(3)))
+    # cat_max_ratio: a crop where one class is all of the labelled pixels is retried
+    tgt = np.zeros((64, 256), np.int64)
+    tgt[:, 192:] = 1  # class 1 only in the right quarter
+    picky = Augment(64, scale=(1.0, 1.0), hflip=False, img_scale=(256, 64), cat_max_ratio=0.75)
+    shares = []
+    for seed in range(20):
+        _, t = picky.segmentation(np.zeros((64, 256, 3), np.uint8), tgt, np.random.default_rng(seed))
+        shares.append(np.bincount(t.ravel()).max() / t.size)
+    plain = Augment(64, scale=(1.0, 1.0), hflip=False, img_scale=(256, 64))
+    plain_shares = [np.bincount(plain.segmentation(np.zeros((64, 256, 3), np.uint8), tgt,
+                                                   np.random.default_rng(seed))[1].ravel()).max() / (64 * 64)
+                    for seed in range(20)]
+    assert np.mean(shares) < np.mean(plain_shares) and min(shares) < 0.75

@@ -30,6 +30,15 @@ class DataSection(_Strict):
     scale: tuple[float, float] = Field(default=(0.5, 2.0), description="random rescale range")
     hflip: bool = True
     augment: bool = True
+    img_scale: tuple[int, int] | None = Field(
+        default=None, description="(long, short): mmseg's resize rule, the image scaled by r x min(long / its "
+        "long side, short / its short side), r drawn from scale; default: r x fit the long side into the crop")
+    photometric: bool = Field(default=False, description="mmseg's PhotoMetricDistortion (brightness, contrast, "
+                              "saturation, hue)")
+    pad: Literal["black", "mean"] = Field(default="black", description="pad crops with black or with the "
+                                          "normalisation's mean colour (0 after normalising, like inference)")
+    cat_max_ratio: float | None = Field(default=None, gt=0, le=1, description="retry crops (up to 10 times) in "
+                                        "which one class covers more than this share of the labelled pixels")
     repeat: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         default="auto", description="passes over the version per Ray Data iteration; auto: enough for the whole "
         "run from the count of labelled images, so Ray Data starts once (each restart costs its start-up)")
@@ -45,6 +54,7 @@ class OptimSection(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
+    min_lr: float = Field(default=0.0, ge=0, description="the schedule decays to this lr, not to 0 (mmcv's min_lr)")
     warmup_steps: int = Field(default=0, ge=0)
     max_steps: int = Field(default=1000, gt=0, description="optimizer steps in total (resumes continue the count)")
     batch_size: int = Field(default=8, gt=0, description="images per worker per micro-batch")
@@ -189,11 +199,46 @@ def _format(exc: ValidationError) -> str:
     return "; ".join(out)
 
 
-def load_train_config(task: str, source: str | Path | dict, overrides: list[str] | None = None):
-    """Read, override and validate a training config.  Raises ConfigError."""
+#: MaskCLIP+'s published training settings (chongzhou96/MaskCLIP, configs/maskclip_plus/ and its mmseg
+#: bases), as config sections a user's own config overrides key by key; see the README's table
+_MMSEG_SGD = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "schedule": "poly",
+              "min_lr": 0.0001, "warmup_steps": 0, "batch_size": 4}
+_MMSEG_PIPELINE = {"scale": [0.5, 2.0], "hflip": True, "augment": True, "photometric": True, "pad": "mean",
+                   "cat_max_ratio": 0.75}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "maskclip-plus": {
+        # annotation-free COCO-Stuff 164k (..._512x512_8k_coco-stuff164k): never self-trains
+        "coco-stuff": {"data": {**_MMSEG_PIPELINE, "image_size": 512, "img_scale": [2048, 512]},
+                       "optim": {**_MMSEG_SGD, "max_steps": 8000}, "model": {"logits": "dot"}},
+        # annotation-free PASCAL Context 59 (..._480x480_4k_pascal_context_59)
+        "context": {"data": {**_MMSEG_PIPELINE, "image_size": 480, "img_scale": [520, 520]},
+                    "optim": {**_MMSEG_SGD, "max_steps": 4000}, "model": {"logits": "dot"}},
+        # zero-shot PASCAL VOC (..._512x512_20k_voc12aug): self-training from 1/10 of the schedule
+        "zero-shot-voc": {"data": {**_MMSEG_PIPELINE, "image_size": 512, "img_scale": [2048, 512]},
+                          "optim": {**_MMSEG_SGD, "max_steps": 20000}, "model": {"logits": "dot"},
+                          "self_training": {"start_step": 2000, "threshold": 0.0}},
+    },
+}
+
+
+def _merged(base: dict, mine: dict) -> dict:
+    out = dict(base)
+    for key, value in mine.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_train_config(task: str, source: str | Path | dict, overrides: list[str] | None = None,
+                      preset: str | None = None):
+    """Read, override and validate a training config (on top of ``preset``'s settings).  Raises ConfigError."""
     if task not in TASKS:
         raise ConfigError(f"unknown training task {task!r}: {sorted(TASKS)}")
     data = read_config_data(source, overrides)
+    if preset is not None:
+        known = PRESETS.get(task, {})
+        if preset not in known:
+            raise ConfigError(f"unknown --preset {preset!r} for {task}: {sorted(known) or 'none'}")
+        data = _merged(known[preset], data)
     data.setdefault("task", task)
     try:
         return TASKS[task].model_validate(data)

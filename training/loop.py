@@ -49,9 +49,9 @@ def lr_factor(step: int, optim) -> float:
         return 1.0
     span = max(1, optim.max_steps - optim.warmup_steps)
     t = min(1.0, (step - optim.warmup_steps) / span)
-    if optim.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * t))
-    return (1 - t) ** 0.9
+    decay = 0.5 * (1 + math.cos(math.pi * t)) if optim.schedule == "cosine" else (1 - t) ** 0.9
+    floor = min(getattr(optim, "min_lr", 0.0) / optim.lr, 1.0)  # mmcv: (lr - min_lr) * decay + min_lr
+    return floor + (1 - floor) * decay
 
 
 def storage(checkpoint) -> tuple[str, Any]:

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from labelmill.models.deeplab import SegStudent, StudentCheckpointError, StudentSpec, load_tensors, read_spec, save_student
+from labelmill.models.deeplab import (
+    SegStudent, StudentCheckpointError, StudentSpec, load_tensors, normalization_for, read_spec, save_student,
+)
 from labelmill.training.config import MaskCLIPPlusConfig
 from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch, readable_or_raise
 from labelmill.training.targets import IGNORE, split_gold
@@ -96,7 +98,7 @@ class SegTask:
         spec = StudentSpec(backbone=m.backbone, vocabulary=list(self.vocabulary),
                            embed_dim=m.embed_dim or self.embeddings.shape[1], logit_scale=m.logit_scale,
                            freeze_classifier=m.freeze_classifier, extra=dict(self.provenance), logits=m.logits,
-                           normalization="clip" if m.backbone == "tiny" else "imagenet")
+                           normalization=normalization_for(m.backbone))
         emb = self.embeddings
         if spec.embed_dim != emb.shape[1]:
             raise ValueError(f"model.embed_dim {spec.embed_dim} differs from the text embeddings' {emb.shape[1]}")
@@ -173,6 +175,17 @@ def predict_labels(model: SegStudent, image: np.ndarray, device="cpu") -> tuple[
     return pred.cpu().numpy(), conf.cpu().numpy()
 
 
+def data_section(cfg: MaskCLIPPlusConfig) -> dict:
+    """The data section for the prepare actors, with the padding colour: the mean of the student's input
+    normalisation (0 after normalising, as at inference) for ``pad: mean``, else black."""
+    from labelmill.models.deeplab import NORMALIZATION
+
+    data = cfg.data.model_dump(mode="json")
+    mean = NORMALIZATION[normalization_for(cfg.model.backbone)][0]
+    data["pad_value"] = [round(255 * m) for m in mean] if cfg.data.pad == "mean" else [0, 0, 0]
+    return data
+
+
 def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels and vocabulary, build the streamed dataset."""
     import ray.data
@@ -199,7 +212,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     samples = sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat)
     seen = cfg.transductive.seen_classes if cfg.transductive is not None else None
     train = samples.map_batches(PrepareSegmentation,
-                                fn_constructor_args=(cfg.data.model_dump(mode="json"), mapping, vocabulary, seen),
+                                fn_constructor_args=(data_section(cfg), mapping, vocabulary, seen),
                                 batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
                                 num_cpus=cfg.data.prepare_cpus)
     extra = {"vocabulary": vocabulary, "embeddings": emb.tolist(),

@@ -26,9 +26,14 @@ class _Data:
         self.hflip, self.augment = bool(data["hflip"]), bool(data["augment"])
         self.threshold = float(data["threshold"])
         self.max_image_pixels = int(data["max_image_pixels"])
+        self.img_scale = tuple(data["img_scale"]) if data.get("img_scale") else None
+        self.photometric = bool(data.get("photometric", False))
+        self.pad_value = tuple(int(v) for v in data.get("pad_value", (0, 0, 0)))
+        self.cat_max_ratio = data.get("cat_max_ratio")
 
     def augmenter(self) -> Augment:
-        return Augment(self.image_size, self.scale, self.hflip, self.augment)
+        return Augment(self.image_size, self.scale, self.hflip, self.augment, img_scale=self.img_scale,
+                       photometric=self.photometric, pad_value=self.pad_value, cat_max_ratio=self.cat_max_ratio)
 
 
 class PrepareSegmentation:
