@@ -191,7 +191,7 @@ def test_seg_task_self_trains_from_the_same_forward_pass():
 
 
 # ------------------------------------------------------------ presets
-def test_presets_carry_maskclip_plus_published_settings_and_own_keys_win(capsys):
+def test_presets_carry_maskclip_plus_published_settings_and_own_keys_win(capsys, tmp_path):
     from labelmill.cli import main
     from labelmill.config import ConfigError
     from labelmill.training.config import load_train_config
@@ -209,6 +209,15 @@ def test_presets_carry_maskclip_plus_published_settings_and_own_keys_win(capsys)
     assert voc.self_training.start_step == voc.optim.max_steps // 10 == 2000 and voc.optim.batch_size == 2
     mine = load_train_config("maskclip-plus", {**base, "optim": {"max_steps": 50}}, preset="coco-stuff")
     assert mine.optim.max_steps == 50 and mine.optim.lr == 0.01  # a key the config gives wins; the rest stay
+    import json
+
+    import yaml
+
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert main(["train", "maskclip-plus", str(path), "--preset", "context", "--dry-run"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["data"]["image_size"] == 480 and shown["optim"]["max_steps"] == 4000
     with pytest.raises(ConfigError, match="unknown --preset 'coco-stuff' for glip"):
         load_train_config("glip", {"data": {"output": "x"}, "checkpoint": {"path": "r"},
                                    "model": {"tokenizer": "t"}}, preset="coco-stuff")
@@ -260,3 +269,30 @@ def test_augment_resize_rule_mean_padding_photometric_and_class_ratio():
                                                    np.random.default_rng(seed))[1].ravel()).max() / (64 * 64)
                     for seed in range(20)]
     assert np.mean(shares) < np.mean(plain_shares) and min(shares) < 0.75
+
+
+def test_transductive_labels_from_a_teacher_of_the_unseen_classes_are_the_papers():
+    """Labelled with the unseen classes as its vocabulary, the teacher's masks are its argmax over the unseen
+    classes everywhere; the student's classes (all four, from model.text_embeddings) map them by name."""
+    import json
+
+    from labelmill.training.maskclip_plus import class_mapping
+    from labelmill.training.prepare import PrepareSegmentation
+    from labelmill.training.targets import split_gold
+
+    vocab = ["cat", "dog", "sky", "tree"]
+    h, w = 4, 6
+    sky = np.zeros((h, w), bool)
+    sky[:2] = True
+    rows = [{"class_id": 0, "score": 0.8, "segmentation": _rle(sky)},      # teacher vocabulary: [sky, tree]
+            {"class_id": 1, "score": 0.8, "segmentation": _rle(~sky)}]
+    mapping = class_mapping({0: "sky", 1: "tree"}, vocab)
+    dog = np.zeros((h, w), bool)
+    dog[1:3, 2:4] = True
+    meta = json.dumps({"annotations": [{"category": "dog", "segmentation": _rle(dog)}]})
+    data = {"image_size": 8, "scale": [1.0, 1.0], "hflip": False, "augment": False, "threshold": 0.0,
+            "max_image_pixels": 10**6}
+    cls, gold = split_gold(PrepareSegmentation(data, mapping, vocab, ["cat", "dog"]).target(rows, meta, h, w))
+    want = np.where(sky, 2, 3)
+    want[dog] = 1
+    assert cls.tolist() == want.tolist() and gold.tolist() == dog.tolist()  # every pixel labelled, none blanked

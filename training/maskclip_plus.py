@@ -203,6 +203,14 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
         unknown = [c for c in cfg.transductive.seen_classes if c not in vocabulary]
         if unknown:
             raise VocabularyMismatch(f"transductive.seen_classes {unknown} are not in the vocabulary")
+        taught = sorted(set(summary.classes.values()) & set(cfg.transductive.seen_classes))
+        if taught:
+            import sys
+
+            print(f"[labelmill] transductive: the teacher labelled seen classes {taught[:5]}"
+                  f"{' ...' if len(taught) > 5 else ''}; those pixels stay unlabelled (their best unseen class is "
+                  "not stored). MaskCLIP+'s labels there: label the shards with the unseen classes as the "
+                  "teacher's vocabulary and give model.text_embeddings for all classes", file=sys.stderr)
     if cfg.model.init_from:
         names, _, _ = checkpoint_classifier(cfg.model.init_from)
         if names != vocabulary:
