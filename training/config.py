@@ -149,6 +149,14 @@ class GoldSection(_Strict):
 class GLIPModel(_Strict):
     preset: Literal["glip_l", "glip_t", "tiny"] = "glip_l"
     overrides: dict[str, Any] = Field(default_factory=dict, description="GLIPConfig fields to replace")
+    # training-only regularisers (identity in eval), defaults as GLIP's configs: see training/glip.py
+    drop_path_rate: float | None = Field(default=None, ge=0, lt=1, description="Swin stochastic depth; default "
+                                         "0.4 for glip_l (GLIP-L's config), 0.2 otherwise (GLIP's default)")
+    fpn_drop_block: float = Field(default=0.3, ge=0, lt=1, description="FPN DropBlock probability (GLIP: 0.3)")
+    fpn_drop_block_size: int = Field(default=3, gt=0, description="FPN DropBlock size (GLIP: 3)")
+    fusion_dropout: float = Field(default=0.1, ge=0, lt=1, description="fusion attention dropout (GLIP: 0.1)")
+    head_text_dropout: float = Field(default=0.1, ge=0, lt=1, description="dropout in the head's BERT layers "
+                                     "(BERT's 0.1)")
     init_from: str | None = Field(default=None, description="official GLIP weights or an earlier round's checkpoint")
     tokenizer: str = Field(description="local BERT tokenizer folder")
     freeze_language: bool = False

@@ -26,10 +26,23 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "glip.json"
 
 
-def glip_config(model_cfg):
+#: Swin stochastic depth of GLIP's configs: configs/pretrain/glip_Swin_L.yaml sets 0.4, the default is 0.2
+DROP_PATH = {"glip_l": 0.4, "glip_t": 0.2, "tiny": 0.2}
+
+
+def glip_config(model_cfg, training: bool = True):
+    """The student's GLIPConfig: the preset, its overrides and (``training``) GLIP's training regularisers."""
+    from dataclasses import replace
+
     from labelmill.models.glip import GLIPConfig
 
-    return getattr(GLIPConfig, model_cfg.preset)().with_overrides(**model_cfg.overrides)
+    cfg = getattr(GLIPConfig, model_cfg.preset)().with_overrides(**model_cfg.overrides)
+    if not training:
+        return cfg
+    rate = model_cfg.drop_path_rate if model_cfg.drop_path_rate is not None else DROP_PATH[model_cfg.preset]
+    return cfg.with_overrides(swin=replace(cfg.swin, drop_path_rate=rate), fpn_drop_block_prob=model_cfg.fpn_drop_block,
+                              fpn_drop_block_size=model_cfg.fpn_drop_block_size, fusion_dropout=model_cfg.fusion_dropout,
+                              head_text_dropout=model_cfg.head_text_dropout)
 
 
 def token_map(offsets: list[tuple[int, int]], spans_per_box: list[list[list[int]]], length: int) -> torch.Tensor:

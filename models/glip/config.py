@@ -35,6 +35,7 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     patch_size: int = 4
     layer_norm_eps: float = 1e-5
+    drop_path_rate: float = 0.0  # stochastic depth, training only (GLIP's recipe: 0.2 Swin-T, 0.4 Swin-L)
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -87,6 +88,12 @@ class GLIPConfig:
     # Image-text fusion (bidirectional multi-head attention, "MHA-B").
     fusion_embed_dim: int = 2048
     fusion_heads: int = 8
+    # Training-only regularisers (identity in eval; 0 here, GLIP's recipe values come from training/glip.py):
+    # dropout of the fusion attention weights, of the head's BERT layers, DropBlock on the FPN's top-down path.
+    fusion_dropout: float = 0.0
+    head_text_dropout: float = 0.0
+    fpn_drop_block_prob: float = 0.0
+    fpn_drop_block_size: int = 3
     # Clamp used against fp16 overflow/underflow in the fusion attention,
     # the DyHead BERT layers and the token logits.
     clamp_value: float = 50000.0

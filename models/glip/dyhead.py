@@ -180,8 +180,9 @@ class DyConv(nn.Module):
 class BiMultiHeadAttention(nn.Module):
     """Image->text and text->image attention sharing one set of attention logits."""
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, clamp: float):
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, clamp: float, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout  # on both directions' attention weights, training only (GLIP: 0.1)
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
@@ -228,6 +229,8 @@ class BiMultiHeadAttention(nn.Module):
         valid = text_mask.bool()[:, None, None, :]
         attn_v = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(dim=-1)
 
+        attn_v = F.dropout(attn_v, self.dropout, self.training)
+        attn_l = F.dropout(attn_l, self.dropout, self.training)
         delta_v = self.out_v_proj(self._merge(attn_v @ values_l))
         delta_l = self.out_l_proj(self._merge(attn_l @ values_v))
         return delta_v, delta_l
@@ -242,7 +245,8 @@ class BiAttentionBlock(nn.Module):
         init = 1.0 / cfg.dyhead_layers
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
-        self.attn = BiMultiHeadAttention(v_dim, l_dim, cfg.fusion_embed_dim, cfg.fusion_heads, cfg.clamp_value)
+        self.attn = BiMultiHeadAttention(v_dim, l_dim, cfg.fusion_embed_dim, cfg.fusion_heads, cfg.clamp_value,
+                                         cfg.fusion_dropout)
         self.gamma_v = nn.Parameter(torch.full((v_dim,), init))
         self.gamma_l = nn.Parameter(torch.full((l_dim,), init))
 
@@ -273,8 +277,9 @@ class VLFuse(nn.Module):
 
 
 class _SelfAttention(nn.Module):
-    def __init__(self, cfg: TextConfig, clamp: float):
+    def __init__(self, cfg: TextConfig, clamp: float, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.clamp = clamp
@@ -295,25 +300,26 @@ class _SelfAttention(nn.Module):
             return ctx.transpose(1, 2).reshape(b, n, d)
         scores = _clamp((q @ k.transpose(-1, -2)) / math.sqrt(hd), self.clamp)
         scores = scores.masked_fill(~text_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
-        ctx = scores.softmax(dim=-1) @ v
+        ctx = F.dropout(scores.softmax(dim=-1), self.dropout, self.training) @ v
         return ctx.transpose(1, 2).reshape(b, n, d)
 
 
 class _SelfOutput(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(F.dropout(self.dense(x), self.dropout, self.training) + residual)
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, clamp: float):
+    def __init__(self, cfg: TextConfig, clamp: float, dropout: float = 0.0):
         super().__init__()
-        self.self = _SelfAttention(cfg, clamp)
-        self.output = _SelfOutput(cfg)
+        self.self = _SelfAttention(cfg, clamp, dropout)
+        self.output = _SelfOutput(cfg, dropout)
 
     def forward(self, x: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return self.output(self.self(x, text_mask), x)
@@ -332,25 +338,26 @@ class _Intermediate(nn.Module):
 
 
 class _Output(nn.Module):
-    def __init__(self, cfg: TextConfig, clamp: float):
+    def __init__(self, cfg: TextConfig, clamp: float, dropout: float = 0.0):
         super().__init__()
         self.clamp = clamp
+        self.dropout = dropout
         self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        x = _clamp(self.dense(x), self.clamp)
+        x = F.dropout(_clamp(self.dense(x), self.clamp), self.dropout, self.training)
         return _clamp(self.LayerNorm(x + residual), self.clamp)
 
 
 class BertFusionLayer(nn.Module):
     """A BERT encoder layer (post-norm) with GLIP's overflow clamps (text path)."""
 
-    def __init__(self, cfg: TextConfig, clamp: float):
+    def __init__(self, cfg: TextConfig, clamp: float, dropout: float = 0.0):
         super().__init__()
-        self.attention = _Attention(cfg, clamp)
+        self.attention = _Attention(cfg, clamp, dropout)
         self.intermediate = _Intermediate(cfg, clamp)
-        self.output = _Output(cfg, clamp)
+        self.output = _Output(cfg, clamp, dropout)
 
     def forward(self, x: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         x = self.attention(x, text_mask)
@@ -376,7 +383,7 @@ class VLDyHead(nn.Module):
         c = cfg.channels
         tower: list[nn.Module] = []
         for _ in range(cfg.dyhead_layers):
-            tower += [VLFuse(cfg), BertFusionLayer(cfg.text, cfg.clamp_value), DyConv(cfg)]
+            tower += [VLFuse(cfg), BertFusionLayer(cfg.text, cfg.clamp_value, cfg.head_text_dropout), DyConv(cfg)]
         self.dyhead_tower = nn.ModuleList(tower)
         self.clamp = cfg.clamp_value
 

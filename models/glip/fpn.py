@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .regularise import DropBlock2D
+
 
 class LastLevelP6P7(nn.Module):
     def __init__(self, channels: int):
@@ -32,8 +34,10 @@ class LastLevelP6P7(nn.Module):
 class FPN(nn.Module):
     """Top-down pyramid; returns [P3, P4, P5, P6, P7]."""
 
-    def __init__(self, in_channels: tuple[int, ...], channels: int):
+    def __init__(self, in_channels: tuple[int, ...], channels: int, drop_block: float = 0.0, drop_block_size: int = 3):
         super().__init__()
+        # GLIP's FPN.DROP_BLOCK: on each merged top-down map before its 3x3 conv, training only
+        self.drop_block = DropBlock2D(drop_block, drop_block_size)
         # Slot numbering as in the checkpoint: inputs are slots 2, 3, 4.
         self._slots = list(range(2, 2 + len(in_channels)))
         for slot, c_in in zip(self._slots, in_channels):
@@ -55,5 +59,5 @@ class FPN(nn.Module):
             if lateral.shape[-2:] != top.shape[-2:]:
                 top = F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
             top = lateral + top
-            outs.insert(0, getattr(self, f"fpn_layer{slot}")(top))
+            outs.insert(0, getattr(self, f"fpn_layer{slot}")(self.drop_block(top)))
         return outs + self.top_blocks(outs[-1])

@@ -28,7 +28,7 @@ class VisionBackbone(nn.Module):
     def __init__(self, cfg: GLIPConfig):
         super().__init__()
         self.body = SwinTransformer(cfg.swin)
-        self.fpn = FPN(self.body.out_channels, cfg.channels)
+        self.fpn = FPN(self.body.out_channels, cfg.channels, cfg.fpn_drop_block_prob, cfg.fpn_drop_block_size)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.fpn(self.body(images))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SwinConfig
+from .regularise import DropPath
 
 # Additive attention bias between tokens of different regions after the
 # cyclic shift.  The reference uses -100 (not -inf); we keep the same value.
@@ -106,8 +107,10 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, eps: float):
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, eps: float,
+                 drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = DropPath(drop_path)
         self.window = window
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -128,8 +131,8 @@ class SwinBlock(nn.Module):
         y = _from_windows(y, win, hp, wp)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y[:, :h, :w, :]
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(y[:, :h, :w, :])
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -149,12 +152,15 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig, downsample: bool):
+    def __init__(self, dim: int, depth: int, num_heads: int, cfg: SwinConfig, downsample: bool,
+                 drop_paths: list[float] | None = None):
         super().__init__()
         self.window = cfg.window_size
         self.shift = cfg.window_size // 2
+        rates = drop_paths or [0.0] * depth
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, cfg.window_size, 0 if i % 2 == 0 else self.shift, cfg.mlp_ratio, cfg.layer_norm_eps)
+            SwinBlock(dim, num_heads, cfg.window_size, 0 if i % 2 == 0 else self.shift, cfg.mlp_ratio, cfg.layer_norm_eps,
+                      rates[i])
             for i in range(depth)
         )
         self.downsample = PatchMerging(dim, cfg.layer_norm_eps) if downsample else None
@@ -195,8 +201,12 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.embed_dim, cfg.layer_norm_eps)
         n = len(cfg.depths)
         dims = cfg.stage_channels
+        # stochastic depth grows linearly from 0 to drop_path_rate over all blocks (Swin's rule)
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        starts = [sum(cfg.depths[:i]) for i in range(n)]
         self.layers = nn.ModuleList(
-            SwinStage(dims[i], cfg.depths[i], cfg.num_heads[i], cfg, downsample=i < n - 1) for i in range(n)
+            SwinStage(dims[i], cfg.depths[i], cfg.num_heads[i], cfg, downsample=i < n - 1,
+                      drop_paths=rates[starts[i] : starts[i] + cfg.depths[i]]) for i in range(n)
         )
         for i in range(1, n):
             self.add_module(f"norm{i}", nn.LayerNorm(dims[i], eps=cfg.layer_norm_eps))
