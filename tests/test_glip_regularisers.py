@@ -82,3 +82,67 @@ def test_drop_path_and_drop_block():
     assert torch.equal(dropped[:, 0], dropped[:, 3])  # the same blocks in every channel
     assert z.mean().item() == pytest.approx(1.0, abs=1e-4)  # rescaled to keep the mean
     assert torch.equal(DropBlock2D(0.3, 3).eval()(torch.ones(1, 1, 5, 5)), torch.ones(1, 1, 5, 5))
+
+
+# ------------------------------------------------------------ recipe
+def test_glip_recipe_defaults_are_glips_and_a_configs_keys_win():
+    from labelmill.training.config import load_train_config
+
+    base = {"data": {"output": "x"}, "checkpoint": {"path": "r"}, "model": {"tokenizer": "t"}}
+    cfg = load_train_config("glip", base)  # glip_l
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.weight_decay, o.schedule, o.warmup_steps, o.grad_clip, o.ema) == (
+        "adamw", 1e-4, 0.01, "multistep", 2000, 1.0, 0.999)
+    assert cfg.data.threshold == 0.5 and cfg.model.language_lr_scale == 0.1
+    t = load_train_config("glip", {**base, "model": {"tokenizer": "t", "preset": "glip_t"}})
+    assert t.optim.weight_decay == 1e-4  # GLIP-T's config
+    mine = load_train_config("glip", base, ["optim.ema=null", "data.threshold=0.3", "optim.lr=0.001"])
+    assert mine.optim.ema is None and mine.data.threshold == 0.3 and mine.optim.lr == 0.001
+    assert mine.optim.warmup_steps == 2000
+    seg = load_train_config("maskclip-plus", {**base, "model": {"backbone": "tiny"}})
+    assert seg.optim.optimizer == "sgd" and seg.optim.ema is None  # the recipe is GLIP's only
+
+
+def test_multistep_schedule_after_warmup():
+    from types import SimpleNamespace
+
+    from labelmill.training.loop import lr_factor
+
+    o = SimpleNamespace(lr=1e-4, min_lr=0.0, schedule="multistep", warmup_steps=10, max_steps=100)
+    assert lr_factor(0, o) == pytest.approx(0.1) and lr_factor(9, o) == pytest.approx(1.0)
+    assert [lr_factor(s, o) for s in (50, 66, 67, 88, 89, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_weight_average_serves_the_average_and_resumes_from_the_live_weights(tmp_path):
+    import os
+
+    from labelmill.training.loop import LIVE_FILE, WeightAverage, restore_weights
+
+    class Task:  # what the loop asks of a task: save and load a model in a folder
+        def save(self, model, folder):
+            torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+
+        def load(self, model, folder):
+            model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    avg = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 5
+    avg.update(model)
+    assert torch.allclose(avg.state["0.weight"], start["0.weight"] + 0.1)  # 0.9 * old + 0.1 * new
+    assert avg.state["1.num_batches_tracked"].item() == 5  # integer buffers are copied
+    live = avg.save_served(Task(), model, str(tmp_path))
+    torch.save(live, tmp_path / LIVE_FILE)
+    assert torch.allclose(model[0].weight, start["0.weight"] + 1.0)  # training goes on with the live weights
+    served = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.allclose(served["0.weight"], start["0.weight"] + 0.1)  # a teacher loads the average
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = restore_weights(Task(), fresh, str(tmp_path))
+    assert torch.allclose(fresh[0].weight, start["0.weight"] + 1.0)
+    assert torch.allclose(average["0.weight"], start["0.weight"] + 0.1)
+    again = WeightAverage(fresh, 0.9, average)
+    assert torch.equal(again.state["0.weight"], average["0.weight"])

@@ -53,7 +53,8 @@ class OptimSection(_Strict):
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    schedule: Literal["poly", "cosine", "constant", "multistep"] = Field(
+        default="poly", description="multistep: x 0.1 at 67 % and 89 % of max_steps (GLIP's STEPS)")
     min_lr: float = Field(default=0.0, ge=0, description="the schedule decays to this lr, not to 0 (mmcv's min_lr)")
     warmup_steps: int = Field(default=0, ge=0)
     max_steps: int = Field(default=1000, gt=0, description="optimizer steps in total (resumes continue the count)")
@@ -61,6 +62,9 @@ class OptimSection(_Strict):
     grad_accum: int = Field(default=1, gt=0, description="micro-batches per optimizer step")
     bf16: bool = Field(default=True, description="bf16 autocast on GPU (ignored on CPU)")
     grad_clip: float | None = Field(default=None, gt=0)
+    ema: float | None = Field(default=None, gt=0, lt=1, description="decay of an exponential moving average of "
+                              "the weights; checkpoints then serve the averaged weights (the live ones are kept to "
+                              "resume)")
     seed: int = 0
 
 
@@ -161,7 +165,7 @@ class GLIPModel(_Strict):
     tokenizer: str = Field(description="local BERT tokenizer folder")
     freeze_language: bool = False
     freeze_backbone: bool = False
-    language_lr_scale: float = Field(default=1.0, ge=0)
+    language_lr_scale: float = Field(default=0.1, ge=0, description="GLIP's LANG_LR / BASE_LR")
     backbone_lr_scale: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="before")
@@ -182,12 +186,31 @@ class GLIPLoss(_Strict):
     centerness_weight: float = 1.0
 
 
+#: GLIP's training recipe (configs/pretrain/glip_Swin_T_O365_GoldG.yaml, glip_Swin_L.yaml), under a config's keys
+GLIP_RECIPE = {
+    "data": {"threshold": 0.5},  # self-training keeps teacher boxes above 0.5
+    "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "multistep", "warmup_steps": 2000,
+              "grad_clip": 1.0, "ema": 0.999},
+}
+
+
 class GLIPTrainConfig(TrainCommon):
     task: Literal["glip"] = "glip"
     model: GLIPModel
     gold: list[GoldSection] = Field(default_factory=list)
     gold_ratio: float = Field(default=0.0, ge=0, le=1, description="share of each batch drawn from gold data")
     loss: GLIPLoss = Field(default_factory=GLIPLoss)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        """Keys the config leaves out take GLIP's recipe (weight decay 0.01 for glip_l, as GLIP-L's config)."""
+        if not isinstance(data, dict):
+            return data
+        recipe = {k: dict(v) for k, v in GLIP_RECIPE.items()}
+        if (data.get("model") or {}).get("preset", "glip_l") == "glip_l":
+            recipe["optim"]["weight_decay"] = 0.01
+        return _merged(recipe, data)
 
     @model_validator(mode="after")
     def _gold(self) -> "GLIPTrainConfig":

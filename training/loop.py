@@ -26,6 +26,7 @@ import torch
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
+LIVE_FILE = "live_weights.pt"  # with optim.ema: the trained (not averaged) weights, to resume from
 METRICS_DIR = "metrics"
 
 
@@ -49,6 +50,8 @@ def lr_factor(step: int, optim) -> float:
         return 1.0
     span = max(1, optim.max_steps - optim.warmup_steps)
     t = min(1.0, (step - optim.warmup_steps) / span)
+    if optim.schedule == "multistep":  # GLIP's WarmupMultiStepLR: x 0.1 at each milestone
+        return 0.1 ** sum(step >= m * optim.max_steps for m in (0.67, 0.89))
     decay = 0.5 * (1 + math.cos(math.pi * t)) if optim.schedule == "cosine" else (1 - t) ** 0.9
     floor = min(getattr(optim, "min_lr", 0.0) / optim.lr, 1.0)  # mmcv: (lr - min_lr) * decay + min_lr
     return floor + (1 - floor) * decay
@@ -168,10 +171,11 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "samples": 0}
     ckpt = ray.train.get_checkpoint()
     optim_state = None
+    ema_state: dict | None = None
 
     def restore(folder: str) -> None:
-        nonlocal state, optim_state
-        task.load(model, folder)
+        nonlocal state, optim_state, ema_state
+        ema_state = restore_weights(task, model, folder)
         with open(os.path.join(folder, STATE_FILE)) as fh:
             state = json.load(fh)
         optim_state = torch.load(os.path.join(folder, OPTIM_FILE), map_location="cpu", weights_only=True)
@@ -194,9 +198,10 @@ def train_loop(config: dict) -> None:
             except Exception as exc:  # noqa: BLE001 - a damaged checkpoint: fall back to the one before
                 print(f"[labelmill] checkpoint {saved} could not be loaded ({exc}); trying the one before")
                 model = task.build_model()
-                state, optim_state = {"step": 0, "samples": 0}, None
+                state, optim_state, ema_state = {"step": 0, "samples": 0}, None, None
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = getattr(model, "module", model)
+    ema = WeightAverage(core, optim.ema, ema_state) if optim.ema else None
     groups = task.param_groups(core)
     for g in groups:
         g["lr"] = optim.lr * g.get("lr_scale", 1.0)
@@ -223,7 +228,10 @@ def train_loop(config: dict) -> None:
             # (a re-run step's row replaces its earlier one), never leaves checkpointed steps without rows
             write_metrics(cfg.checkpoint, pending)
             with tempfile.TemporaryDirectory() as tmp:
-                task.save(core, tmp)
+                if ema is not None:
+                    torch.save(ema.save_served(task, core, tmp), os.path.join(tmp, LIVE_FILE))
+                else:
+                    task.save(core, tmp)
                 torch.save(opt.state_dict(), os.path.join(tmp, OPTIM_FILE))
                 with open(os.path.join(tmp, STATE_FILE), "w") as fh:
                     json.dump({"step": step, "samples": state["samples"], "task": config["task"],
@@ -272,6 +280,8 @@ def train_loop(config: dict) -> None:
                 torch.nn.utils.clip_grad_norm_(core.parameters(), optim.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(core)
             step += 1
             steps_this_epoch += 1
             state["samples"] += n_samples * world
@@ -292,6 +302,51 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(
                 f"a pass over the data gave no full batch: fewer than batch_size*grad_accum*workers = "
                 f"{optim.batch_size * optim.grad_accum * world} usable samples per pass (raise data.repeat)")
+
+
+def restore_weights(task, model, folder: str) -> dict | None:
+    """Load a checkpoint's weights into ``model`` to train on; returns the weight average it kept, if any.
+
+    With ``optim.ema`` the checkpoint's model file holds the average (what a teacher serves) and
+    ``LIVE_FILE`` the trained weights: training resumes from those, and the average goes on from its own."""
+    task.load(model, folder)
+    live = os.path.join(folder, LIVE_FILE)
+    if not os.path.exists(live):
+        return None
+    average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(torch.load(live, map_location="cpu", weights_only=True))
+    return average
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (GLIP's MODEL_EMA): after every optimizer step
+    ``avg = decay * avg + (1 - decay) * weights`` for floating-point tensors; other buffers are copied."""
+
+    def __init__(self, model, decay: float, state: dict | None = None):
+        self.decay = float(decay)
+        source = state if state is not None else model.state_dict()
+        device = next(model.parameters()).device
+        self.state = {k: v.detach().clone().to(device) for k, v in source.items()}
+
+    def update(self, model) -> None:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                avg = self.state[k]
+                if avg.dtype.is_floating_point:
+                    avg.mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+                else:
+                    avg.copy_(v)
+
+    def save_served(self, task, model, folder: str) -> dict:
+        """Write the averaged weights as the checkpoint's model (what a teacher loads); returns the live
+        weights (CPU), which stay in ``model`` for training to go on."""
+        live = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.state)
+        try:
+            task.save(model, folder)
+        finally:
+            model.load_state_dict(live)
+        return live
 
 
 class _null:
