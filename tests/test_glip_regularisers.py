@@ -146,3 +146,23 @@ def test_weight_average_serves_the_average_and_resumes_from_the_live_weights(tmp
     assert torch.allclose(average["0.weight"], start["0.weight"] + 0.1)
     again = WeightAverage(fresh, 0.9, average)
     assert torch.equal(again.state["0.weight"], average["0.weight"])
+
+
+def test_vocabulary_prompts_name_absent_classes_as_negatives():
+    import numpy as np
+
+    from labelmill.training.targets import grounding_target
+
+    rows = [{"bbox": [0, 0, 4, 4], "score": 0.9, "class_name": "dog"},
+            {"bbox": [5, 5, 4, 4], "score": 0.9, "class_name": "cat"}]
+    vocab = [f"class{i}" for i in range(200)] + ["cat", "dog"]
+    t = grounding_target(rows, negatives=vocab, max_classes=85, rng=np.random.default_rng(0))
+    names = [n for n in t.caption.split(". ") if n]
+    assert len(names) == 85 and {"cat", "dog"} <= set(names) and len(set(names)) == 85
+    assert names[:2] != ["cat", "dog"]  # shuffled
+    for (s, e), row in zip((sp[0] for sp in t.tokens_positive), rows):
+        assert t.caption[s:e] == row["class_name"]  # every box still points at its own class
+    plain = grounding_target(rows)  # no vocabulary (caption mode, or none recorded): positives only
+    assert plain.caption == "cat. dog. "
+    few = grounding_target(rows, negatives=["bird", "cat"], max_classes=85)
+    assert few.caption == "cat. dog. bird. "

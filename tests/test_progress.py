@@ -114,3 +114,17 @@ def test_into_a_log_the_status_line_comes_every_30_s_and_stderr_is_plain_text():
     on_terminal = filtered(lines, tty=True)
     assert b"\x1b[36m" in on_terminal and b"Actor failed to start" in on_terminal and b"disk full" in on_terminal
     assert b"a warning" not in on_terminal
+
+
+def test_a_last_line_before_os_exit_reaches_stderr_past_the_filter():
+    """The stall watch's last resort prints one line and calls os._exit, which does not wait for the stderr
+    filter's thread: the line goes to the real stderr directly."""
+    code = ("import os, sys\n"
+            "from labelmill.engine.runtime import filter_native_stderr, write_stderr_now\n"
+            "filter_native_stderr()\n"
+            "write_stderr_now('labelmill: pipeline stalled (test)\\n')\n"
+            "os._exit(1)\n")
+    env = dict(os.environ, LABELMILL_QUIET_STDERR="1")
+    env.pop("LABELMILL_VERBOSE", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "labelmill: pipeline stalled (test)"

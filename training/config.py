@@ -200,6 +200,8 @@ class GLIPTrainConfig(TrainCommon):
     gold: list[GoldSection] = Field(default_factory=list)
     gold_ratio: float = Field(default=0.0, ge=0, le=1, description="share of each batch drawn from gold data")
     loss: GLIPLoss = Field(default_factory=GLIPLoss)
+    max_prompt_classes: int = Field(default=85, gt=0, description="vocabulary-mode prompts: the image's classes "
+                                    "plus absent ones (negatives) up to this many names, shuffled (GLIP's 85)")
 
     @model_validator(mode="before")
     @classmethod

@@ -166,3 +166,15 @@ def quiet_ray_data(object_store_mb: int = 256) -> None:
     ctx.execution_options.preserve_order = False
     if hasattr(ctx, "print_on_execution_start"):
         ctx.print_on_execution_start = False
+
+
+def teacher_section(output: str, storage_options: dict, teacher: str) -> tuple[dict, bool]:
+    """The run-config section of ``teacher`` in an output, and its allow_random_init."""
+    from labelmill.store.commit import OutputStore
+
+    stored = OutputStore(output, storage_options).read_config() or {}
+    run = stored.get("config", {})
+    for section in run.get("teachers", []):
+        if (section.get("name") or section.get("type", "").rsplit(":", 1)[-1].lower()) == teacher:
+            return section, bool(run.get("allow_random_init"))
+    raise NoUsableLabels(f"{output} records no config for teacher {teacher!r}; cannot rebuild its text classifier")

@@ -87,6 +87,21 @@ def gold_records(gold) -> list[dict]:
     return rows
 
 
+def prompt_vocabulary(cfg: GLIPTrainConfig, teacher: str) -> list[str]:
+    """The vocabulary-mode teacher's class names (the negatives its prompts may name); [] in caption mode."""
+    from labelmill.teachers.vocab import load_vocabulary
+    from labelmill.training.data import teacher_section as output_teacher_section
+    from labelmill.training.errors import NoUsableLabels
+
+    try:
+        section, _ = output_teacher_section(cfg.data.output, cfg.data.storage_options, teacher)
+    except NoUsableLabels:  # an output that records no config for the teacher: prompts name positives only
+        return []
+    if section.get("mode", "caption") != "vocabulary" or section.get("vocabulary") is None:
+        return []
+    return list(load_vocabulary(section["vocabulary"]).names)
+
+
 def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels, build the pseudo-label (and gold) streams."""
     import ray.data
@@ -102,7 +117,8 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
         readable_or_raise(cfg.model.init_from)
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
-    kwargs = dict(fn_constructor_args=(cfg.data.model_dump(mode="json"),), batch_size=8,
+    negatives = prompt_vocabulary(cfg, summary.teacher)
+    kwargs = dict(fn_constructor_args=(cfg.data.model_dump(mode="json"), negatives, cfg.max_prompt_classes), batch_size=8,
                   compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
     repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
     datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat).map_batches(

@@ -13,24 +13,13 @@ from labelmill.models.deeplab import (
 )
 from labelmill.training.config import MaskCLIPPlusConfig
 from labelmill.training.errors import CheckpointError, NoUsableLabels, VocabularyMismatch, readable_or_raise
+from labelmill.training.data import teacher_section
 from labelmill.training.targets import IGNORE, split_gold
 
 KIND = "mask"
 
 
 # ------------------------------------------------------------------ driver side
-def teacher_section(output: str, storage_options: dict, teacher: str) -> tuple[dict, bool]:
-    """The run-config section of ``teacher`` in an output, and its allow_random_init."""
-    from labelmill.store.commit import OutputStore
-
-    stored = OutputStore(output, storage_options).read_config() or {}
-    run = stored.get("config", {})
-    for section in run.get("teachers", []):
-        if (section.get("name") or section.get("type", "").rsplit(":", 1)[-1].lower()) == teacher:
-            return section, bool(run.get("allow_random_init"))
-    raise NoUsableLabels(f"{output} records no config for teacher {teacher!r}; cannot rebuild its text classifier")
-
-
 def checkpoint_classifier(path: str) -> tuple[list[str], torch.Tensor, StudentSpec]:
     try:
         spec, model_file = read_spec(path)

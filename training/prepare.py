@@ -84,10 +84,12 @@ class PrepareSegmentation:
 class PrepareGrounding:
     """map_batches: image bytes + box rows (or gold records) -> augmented crop, caption, boxes, spans."""
 
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, negatives: list[str] | None = None, max_classes: int = 85):
         self.data = _Data(data)
         self.aug = self.data.augmenter()
         self.rng = np.random.default_rng()
+        self.negatives = list(negatives or [])  # vocabulary-mode prompts: absent classes to name (GLIP)
+        self.max_classes = max_classes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from labelmill.io.images import decode_image
@@ -96,7 +98,8 @@ class PrepareGrounding:
         big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
         out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": []}
         for data, labels in zip(batch["image_bytes"], batch["labels_json"]):
-            target = grounding_target(json.loads(labels), self.data.threshold)
+            target = grounding_target(json.loads(labels), self.data.threshold, self.negatives, self.max_classes,
+                                      self.rng)
             if target is None:
                 continue  # no box at the threshold: the image teaches nothing
             img = decode_image(bytes(data), big, self.data.max_image_pixels).pixels

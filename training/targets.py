@@ -68,13 +68,17 @@ class GroundingTarget:
         return len(self.boxes)
 
 
-def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0) -> GroundingTarget | None:
+def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0, negatives: Sequence[str] = (),
+                     max_classes: int = 85, rng: np.random.Generator | None = None) -> GroundingTarget | None:
     """Caption + boxes + spans from GLIP label rows; ``None`` when no box reaches ``threshold``.
 
     Rows of a ``caption``-mode teacher carry ``caption`` and
     ``tokens_positive``; rows of a ``vocabulary``-mode teacher carry only a
     class name, so their caption is rebuilt as ``"a. b. "`` with one span
-    per class.
+    per class, plus classes from ``negatives`` (the teacher's vocabulary)
+    that have no box in the image, up to ``max_classes`` names in all (GLIP's
+    detection prompts: the student learns to find no box for a name), in an
+    order ``rng`` shuffles.
     """
     kept = [r for r in rows if r.get("bbox") is not None and (r.get("score") or 0.0) >= threshold]
     if not kept:
@@ -84,6 +88,13 @@ def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0) -> 
         spans = [[[int(a), int(b)] for a, b in r["tokens_positive"]] for r in kept]
     else:
         names = sorted({r.get("phrase") or r.get("class_name") for r in kept})
+        absent = [n for n in dict.fromkeys(negatives) if n not in names]
+        room = max(0, max_classes - len(names))
+        if rng is not None and len(absent) > room:
+            absent = [absent[i] for i in sorted(rng.choice(len(absent), room, replace=False))]
+        names = names + absent[:room]
+        if rng is not None:
+            names = [names[i] for i in rng.permutation(len(names))]
         caption, where = "", {}
         for name in names:
             where[name] = [len(caption), len(caption) + len(name)]

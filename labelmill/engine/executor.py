@@ -345,7 +345,13 @@ class StallWatch:
         os.kill(os.getpid(), signal.SIGINT)
         if done.wait(grace_s):
             return
-        print(f"labelmill: {self.error}", file=sys.stderr, flush=True)
+        from labelmill.engine.runtime import write_stderr_now
+
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        write_stderr_now(f"\nlabelmill: {self.error}\n")  # past the stderr filter's thread: os._exit will not wait
         os._exit(1)
 
     def progressed(self) -> None:

@@ -197,6 +197,16 @@ _NATIVE_LOG = re.compile(rb"^(?:\x1b\[\d+m)?(?:\(\w+(?: pid=\d+)?\)(?:\x1b\[0m)?
 #: error-level native lines that are warnings in all but name
 _HARMLESS_ERRORS = (b"has constructor arguments in the object store",)
 _filter_installed = False
+_real_stderr: int | None = None  # the terminal's (or log's) fd 2 while the filter owns fd 2
+
+
+def write_stderr_now(text: str) -> None:
+    """Write ``text`` to the real stderr at once, past the filter's thread: for a last line before
+    ``os._exit``, which would not wait for that thread to pass it on."""
+    try:
+        os.write(_real_stderr if _real_stderr is not None else 2, text.encode())
+    except OSError:
+        pass
 
 
 #: ANSI escape sequences (Ray's coloured "(MapWorker pid=...)" prefixes, a status line's clear-line code)
@@ -234,7 +244,7 @@ def filter_native_stderr() -> None:
     processes started by ``ray.init`` keep the real stderr and die with the
     driver as before.  At exit fd 2 is restored and the filter drained.
     """
-    global _filter_installed
+    global _filter_installed, _real_stderr
     if verbose() or _filter_installed or os.name != "posix":
         return
     import atexit
@@ -252,6 +262,7 @@ def filter_native_stderr() -> None:
         return
     tty = os.isatty(real)
     progress.STDERR_TTY = tty  # fd 2 becomes a pipe; the status line should still know
+    _real_stderr = real
     os.dup2(write_end, 2)
     os.close(write_end)
     _filter_installed = True
