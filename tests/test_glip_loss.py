@@ -108,7 +108,7 @@ def test_two_gloo_workers_train_on_the_loss_of_the_concatenated_batch(tmp_path):
 
     torch.multiprocessing.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
                                 join=True)
-    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     model, images, ids, mask, targets = _batch()
     loss, _ = glip_loss(model(images, ids, mask), targets, mask)
     loss.backward()

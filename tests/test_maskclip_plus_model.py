@@ -296,3 +296,20 @@ def test_transductive_labels_from_a_teacher_of_the_unseen_classes_are_the_papers
     want = np.where(sky, 2, 3)
     want[dog] = 1
     assert cls.tolist() == want.tolist() and gold.tolist() == dog.tolist()  # every pixel labelled, none blanked
+
+
+def test_paths_a_user_types_are_resolved_on_the_driver(tmp_path, monkeypatch):
+    """Ray Train's workers do not run where the command ran: every local path becomes absolute there."""
+    from labelmill.training.config import load_train_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config("maskclip-plus", {"data": {"output": "labels"}, "checkpoint": {"path": "runs"},
+                                              "model": {"backbone_weights": "w/resnet101.pt",
+                                                        "text_embeddings": "emb.parquet"}})
+    assert cfg.data.output == str(tmp_path / "labels") and cfg.checkpoint.path == str(tmp_path / "runs")
+    assert cfg.model.backbone_weights == str(tmp_path / "w" / "resnet101.pt")
+    assert cfg.model.text_embeddings == str(tmp_path / "emb.parquet")
+    glip = load_train_config("glip", {"data": {"output": "s3://bucket/labels"}, "checkpoint": {"path": "r"},
+                                      "model": {"tokenizer": "bert"}, "gold": [{"path": "g.jsonl", "images": "img"}]})
+    assert glip.data.output == "s3://bucket/labels" and glip.model.tokenizer == str(tmp_path / "bert")
+    assert (glip.gold[0].path, glip.gold[0].images) == (str(tmp_path / "g.jsonl"), str(tmp_path / "img"))

@@ -6,6 +6,8 @@ key path before any work starts (exit code 2).
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -186,7 +188,8 @@ class GLIPLoss(_Strict):
     centerness_weight: float = 1.0
 
 
-#: GLIP's training recipe (configs/pretrain/glip_Swin_T_O365_GoldG.yaml, glip_Swin_L.yaml), under a config's keys
+#: GLIP's training recipe (configs/pretrain/glip_Swin_T_O365_GoldG.yaml, glip_Swin_L.yaml): what a GLIP config's
+#: missing keys take (load_train_config); weight decay 0.01 for glip_l, as GLIP-L's config
 GLIP_RECIPE = {
     "data": {"threshold": 0.5},  # self-training keeps teacher boxes above 0.5
     "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "multistep", "warmup_steps": 2000,
@@ -202,23 +205,6 @@ class GLIPTrainConfig(TrainCommon):
     loss: GLIPLoss = Field(default_factory=GLIPLoss)
     max_prompt_classes: int = Field(default=85, gt=0, description="vocabulary-mode prompts: the image's classes "
                                     "plus absent ones (negatives) up to this many names, shuffled (GLIP's 85)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _recipe(cls, data: Any) -> Any:
-        """Keys the config leaves out take GLIP's recipe (weight decay 0.01 for glip_l, as GLIP-L's config)."""
-        if not isinstance(data, dict):
-            return data
-        recipe = {k: dict(v) for k, v in GLIP_RECIPE.items()}
-        if (data.get("model") or {}).get("preset", "glip_l") == "glip_l":
-            recipe["optim"]["weight_decay"] = 0.01
-        return _merged(recipe, data)
-
-    @model_validator(mode="after")
-    def _gold(self) -> "GLIPTrainConfig":
-        if self.gold_ratio > 0 and not self.gold:
-            raise ValueError("gold_ratio > 0 needs at least one gold source")
-        return self
 
 
 TASKS = {"maskclip-plus": MaskCLIPPlusConfig, "glip": GLIPTrainConfig}
@@ -267,13 +253,47 @@ def load_train_config(task: str, source: str | Path | dict, overrides: list[str]
     if task not in TASKS:
         raise ConfigError(f"unknown training task {task!r}: {sorted(TASKS)}")
     data = read_config_data(source, overrides)
+    # one rule for defaults under the config's own keys: the task's published recipe, then a preset's
+    base = task_recipe(task, data)
     if preset is not None:
         known = PRESETS.get(task, {})
         if preset not in known:
             raise ConfigError(f"unknown --preset {preset!r} for {task}: {sorted(known) or 'none'}")
-        data = _merged(known[preset], data)
+        base = _merged(base, known[preset])
+    data = _merged(base, data)
     data.setdefault("task", task)
     try:
-        return TASKS[task].model_validate(data)
+        cfg = TASKS[task].model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format(exc)) from None
+    return resolve_local_paths(cfg)
+
+
+def task_recipe(task: str, data: dict) -> dict:
+    """The defaults a task's config takes where it is silent: GLIP's training recipe; none for MaskCLIP+."""
+    if task != "glip":
+        return {}
+    recipe = {k: dict(v) for k, v in GLIP_RECIPE.items()}
+    if (data.get("model") or {}).get("preset", "glip_l") == "glip_l":
+        recipe["optim"]["weight_decay"] = 0.01
+    return recipe
+
+
+def _local(path: str | None) -> str | None:
+    return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_local_paths(cfg):
+    """Every local path the config names, made absolute on the driver: Ray Train's workers and the data
+    actors do not run in the directory the command ran in."""
+    cfg.data.output = _local(cfg.data.output)
+    cfg.checkpoint.path = _local(cfg.checkpoint.path)
+    m = cfg.model
+    for name in ("backbone_weights", "init_from", "text_embeddings"):
+        if hasattr(m, name):
+            setattr(m, name, _local(getattr(m, name)))
+    if hasattr(m, "tokenizer") and m.tokenizer != "builtin-test":
+        m.tokenizer = _local(m.tokenizer)
+    for gold in getattr(cfg, "gold", []):
+        gold.path, gold.images = _local(gold.path), _local(gold.images)
+    return cfg

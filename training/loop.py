@@ -327,13 +327,16 @@ class WeightAverage:
         source = state if state is not None else model.state_dict()
         device = next(model.parameters()).device
         self.state = {k: v.detach().clone().to(device) for k, v in source.items()}
+        self._pairs: list | None = None  # (average, live tensor): the live ones share the model's storage
 
     def update(self, model) -> None:
+        if self._pairs is None:  # once: state_dict() builds a fresh dict of views, which every step need not pay
+            live = model.state_dict()
+            self._pairs = [(self.state[k], live[k]) for k in self.state]
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                avg = self.state[k]
+            for avg, v in self._pairs:
                 if avg.dtype.is_floating_point:
-                    avg.mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+                    avg.mul_(self.decay).add_(v, alpha=1.0 - self.decay)
                 else:
                     avg.copy_(v)
 
