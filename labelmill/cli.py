@@ -151,7 +151,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    print(json.dumps(train(cfg), indent=2, default=str))
+    _quiet_terminal()
+    print(json.dumps(train(cfg, status=True), indent=2, default=str))
     return 0
 
 
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["coco-stuff", "context", "zero-shot-voc"],
                    help="maskclip-plus: MaskCLIP+'s published settings (crop, resize rule, photometric distortion, "
                    "mean-colour padding, SGD, poly to min lr, iterations); the config's own keys win")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(

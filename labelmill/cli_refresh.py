@@ -26,7 +26,12 @@ def _cmd_refresh(args: argparse.Namespace) -> int:
     from labelmill.pipelines.refresh import refresh
 
     cfg = load_config(args.config, args.overrides)
-    summary = refresh(cfg, content_hash=args.content_hash)
+    if args.dry_run:
+        from labelmill.pipelines.refresh import plan_only
+
+        summary = plan_only(cfg, content_hash=args.content_hash)
+    else:
+        summary = refresh(cfg, content_hash=args.content_hash)
     _print_summary(summary, args.json)
     return summary["exit_code"]
 
@@ -85,6 +90,9 @@ def add_parsers(sub) -> None:
     p.add_argument("config", help="run config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary (exit_code last)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print tonight's plan, each shard with its reason (new, changed, deleted, which config "
+                   "key; re-filter or relabel), and exit (7 when there is nothing to do); no lock, no writes")
     p.add_argument("--content-hash", action="store_true",
                    help="fingerprint shards by sha256 of their bytes (reads every shard) as well as size/etag/mtime")
     p.set_defaults(func=_cmd_refresh)

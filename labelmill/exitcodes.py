@@ -96,8 +96,8 @@ def classify(exc: BaseException) -> tuple[int, str] | None:
     """
     import errno
 
-    if isinstance(exc, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(exc, KeyboardInterrupt):  # a command may say where it stopped and how to go on
+        return EXIT_INTERRUPTED, f"interrupted: {exc}" if str(exc) else "interrupted"
     if isinstance(exc, BrokenPipeError):
         return EXIT_PIPE_CLOSED, ""
     for e in _causes(exc):

@@ -31,6 +31,13 @@ DEMO_PHOTOS = {
     "grass.png": "A field of green grass seen from above.",
 }
 
+#: the demo's random-init GLIP: no score cut (its scores sit at the 0.01 prior; see demo_config), said in a banner
+DEMO_GLIP_CUTS = {"score_floor": 0.0, "pre_nms_thresh": 0.0}
+GLIP_BANNER = ("[labelmill] demo GLIP: random weights score every box about 0.01 (the prior of its classifier "
+               "bias), so the demo keeps its 10 best boxes per image with no score cut (score_floor 0, "
+               "pre_nms_thresh 0); real weights use 0.05")
+
+
 def build_demo_shards(folder: str | os.PathLike) -> list[str]:
     """Write the demo shards; returns their paths."""
     from labelmill.io.shards import write_shard
@@ -73,8 +80,11 @@ def demo_config(out: str, teachers: list[str]) -> dict:
         elif name == "glip":
             # the real GLIP-T architecture, random weights, a small input size for CPU speed;
             # the offline demo cannot download bert-base-uncased, so it builds a small WordPiece vocab
+            # GLIP's classification bias starts at its focal-loss prior (0.01), so random weights score every box
+            # about 0.01: under the default cuts (0.05) nothing would be kept; the demo keeps the 10 best boxes
             sections.append({"type": "glip", "architecture": "glip_t", "weights": None, "tokenizer": "builtin-test",
-                             "min_size": 320, "max_size": 512, "max_detections_per_image": 10})
+                             "min_size": 320, "max_size": 512, "max_detections_per_image": 10,
+                             **DEMO_GLIP_CUTS})
         elif name == "vild":
             earlier = [t for t in teachers[: teachers.index("vild")] if t in ("maskclip", "glip")]
             section = {"type": "vild", "pretrained": None, "whole_image": True,
@@ -109,6 +119,10 @@ def run_demo(out: str, teachers: list[str] | None = None, overrides: list[str] |
     out = os.path.abspath(out)
     shards = build_demo_shards(os.path.join(out, "shards"))
     cfg = load_config(demo_config(out, teachers or ["maskclip"]), overrides)
+    if any(t.type == "glip" for t in cfg.teachers):
+        import sys
+
+        print(GLIP_BANNER, file=sys.stderr)
     summary = run(cfg)
     with step("export coco"):
         coco = export_coco(cfg.output.path, os.path.join(out, "coco"), overwrite=True)  # a re-run refreshes it

@@ -8,6 +8,7 @@ import sys, time  # noqa: E401
 from labelmill import __version__
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine, Pipeline, RunSummary
+from labelmill.engine.summary import kept_nothing
 from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.io.shards import list_shard_fingerprints
 from labelmill.stages.filter import FilterLabels
@@ -60,6 +61,10 @@ def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, engine: Engine
                       info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
     counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
-                         time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
+                         time.monotonic() - started, engine.describe(), repair, loop.bytes_received,
+                         kept_nothing(cfg, loop.score_hist, counters.samples - counters.error,
+                                      counters.labels_kept))
+    for note in summary.notes:
+        print(f"[labelmill] {note}", file=stream)
     store.record_run(run_id, {**summary.as_dict(), "score_hist": loop.score_hist.to_json()})
     return summary

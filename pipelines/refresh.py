@@ -27,11 +27,12 @@ import pyarrow as pa
 
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine
-from labelmill.exitcodes import EXIT_NOTHING_TO_DO, EXIT_PUBLISHED
+from labelmill.exitcodes import EXIT_LOCK_HELD, EXIT_NOTHING_TO_DO, EXIT_PUBLISHED
 from labelmill.io.shards import list_shard_fingerprints
 from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.pipelines.label import build_pipeline
 from labelmill.store.commit import OutputStore
+from labelmill.store.lock import LockHeld
 from labelmill.store.read import DatasetVersion
 from labelmill.store.refilter import refilter_shard
 from labelmill.store.refresh_plan import LabelInputs, committed_from_records, plan_refresh
@@ -39,11 +40,57 @@ from labelmill.store.refresh_plan import LabelInputs, committed_from_records, pl
 REFRESH_DIR = "_labelmill/refreshes"
 
 
+#: plan lines printed in text (every shard is in the JSON summary and the refresh record)
+PLAN_LINES = 20
+
+
+def print_plan(plan, stream) -> None:
+    details = plan.details()
+    for d in details[:PLAN_LINES]:
+        print(f"[labelmill]   {d['shard']}: {d['status']} -> {d['action']}"
+              + (f" ({d['reason']})" if d["reason"] else ""), file=stream)
+    if len(details) > PLAN_LINES:
+        print(f"[labelmill]   ... and {len(details) - PLAN_LINES} more (all of them in --json)", file=stream)
+
+
+def plan_only(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
+    """``refresh --dry-run``: tonight's plan, shard by shard with its reason; takes no lock, writes nothing."""
+    stream = stream or sys.stderr
+    listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
+    store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
+    records = store.versions() if store.read_config() is not None else []
+    committed = committed_from_records(store.shard_items(records), store.label_inputs(records)) if records else {}
+    plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
+    summary = {"command": "refresh", "dry_run": True, "output": cfg.output.path,
+               "previous_version": records[-1]["version"] if records else None, **plan.summary()}
+    print(f"[labelmill] refresh plan (dry run): {len(listing)} listed; "
+          + ", ".join(f"{v} {k}" for k, v in summary["shards"].items())
+          + f"; {len(plan.to_label)} to label, {len(plan.to_refilter)} to re-filter, {len(plan.to_remove)} to remove",
+          file=stream)
+    print_plan(plan, stream)
+    summary["exit_code"] = EXIT_NOTHING_TO_DO if plan.nothing_to_do else EXIT_PUBLISHED
+    return summary
+
+
 def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
-    """Run one refresh; returns its summary (``exit_code`` included), also kept in the output."""
+    """Run one refresh; returns its summary (``exit_code`` included), also kept in the output.  Every night
+    leaves a record under ``_labelmill/refreshes/``: a published version, nothing to do, or a lock another
+    writer held."""
     stream = stream or sys.stderr
     listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
     OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression).check_writable()
+    try:
+        return _refresh(cfg, listing, stream)
+    except LockHeld as exc:
+        store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
+        if store.fs.exists(store.root):  # the night is on record (its own file: no lock needed)
+            _finish(store, {"command": "refresh", "output": cfg.output.path, "run_id": new_run_id(),
+                            "started_at": datetime.now(timezone.utc).isoformat(), "lock_held": str(exc)},
+                    time.monotonic(), version=None, exit_code=EXIT_LOCK_HELD)
+        raise
+
+
+def _refresh(cfg: RunConfig, listing: dict, stream) -> dict:
     with writer_lock(cfg, "refresh") as lock:  # the input and the output were checked: nothing written before
         started, run_id = time.monotonic(), new_run_id()
         store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
@@ -64,6 +111,7 @@ def refresh(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dict:
         print(f"[labelmill] refresh plan: {len(listing)} listed; " + ", ".join(f"{v} {k}" for k, v in counts.items())
               + f"; {len(to_label)} to label, {len(to_refilter)} to re-filter, {len(plan.to_remove)} to remove",
               file=stream)
+        print_plan(plan, stream)
         if plan.nothing_to_do:
             store.claim(cfg.model_dump(mode="json"), cfg.label_hash(), replace=True)
             print("[labelmill] nothing to do: no version published", file=stream)

@@ -90,6 +90,8 @@ class TeacherConfig(BaseModel):
 
     #: ``module:Class`` of the teacher's :class:`HostSide` (None: not split; ``predict`` runs whole in ``infer``)
     host_side_path: ClassVar[str | None] = None
+    #: whether the teacher writes label rows (masks, boxes); False for one that writes regions only (ViLD)
+    emits_labels: ClassVar[bool] = True
 
     type: str
     name: str | None = Field(

@@ -262,6 +262,7 @@ class ViLDConfig(CLIPModelFields):
     host_side_path: ClassVar[str | None] = "labelmill.teachers.hosts:ViLDHost"
 
     type: Literal["vild"] = "vild"
+    emits_labels: ClassVar[bool] = False  # region rows (boxes + embeddings), not labels
     proposals: list[ProposalSource] = Field(
         default_factory=lambda: [ProposalSource(meta_field="proposals")], min_length=1
     )

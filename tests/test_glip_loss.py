@@ -36,9 +36,10 @@ def _batch(seed: int = 0):
     return model, images, ids, mask, targets
 
 
-def pooled_reference(out, targets, mask, weights) -> torch.Tensor:
+def pooled_reference(out, targets, mask, weights, final_token: bool = False) -> torch.Tensor:
     """The pooled rule written out: every term summed over the batch, then divided once by the batch's
-    positive count (alignment, centerness) or centerness-target sum (box)."""
+    positive count (alignment, centerness) or centerness-target sum (box).  ``final_token``: background
+    anchors want the last token on (GLIP's rule for prompts that fill max_query_len)."""
     from labelmill.models.glip.anchors import decode_boxes
     from labelmill.models.glip.loss import atss_assign, centerness_target
 
@@ -54,6 +55,8 @@ def pooled_reference(out, targets, mask, weights) -> torch.Tensor:
         pos = match >= 0
         want = torch.zeros_like(logits[i])
         want[pos] = t.token_map[match[pos], : want.shape[1]]
+        if final_token:
+            want[~pos, -1] = 1.0
         valid = mask[i].bool()[None].expand_as(want)
         focal = focal + sigmoid_focal_loss(logits[i][valid], want[valid], alpha=weights.alpha, gamma=weights.gamma,
                                            reduction="sum")
@@ -79,6 +82,26 @@ def test_loss_pools_every_term_over_the_batch():
     single = [glip_loss(model(images[i : i + 1], ids[i : i + 1], mask[i : i + 1]), [targets[i]], mask[i : i + 1])[0]
               for i in range(2)]
     assert abs(float(sum(single)) / 2 - float(loss)) > 1e-3 * float(loss)
+
+
+def test_background_anchors_want_the_final_token_when_prompts_fill_max_query_len():
+    """GLIP's rule: a background anchor's target is the final token of the 256 (padding, masked, unless the
+    prompt fills all of them).  The batch's second prompt reaches the last of its 8 positions; the first is
+    padded there, so only the second image's background changes."""
+    from labelmill.models.glip.loss import LossWeights, glip_loss
+
+    model, images, ids, mask, targets = _batch()
+    out = model(images, ids, mask)
+    full, _ = glip_loss(out, targets, mask, max_query_len=8)
+    want = pooled_reference(out, targets, mask, LossWeights(), final_token=True)
+    assert float(full.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    shorter, _ = glip_loss(out, targets, mask, max_query_len=256)  # prompts shorter than the limit: no such target
+    assert float(shorter.detach()) == pytest.approx(float(glip_loss(out, targets, mask)[0].detach()), rel=1e-6)
+    assert abs(float(full) - float(shorter)) > 1e-3 * float(shorter)
+    # the first prompt alone (padded at the final position) is unchanged by the rule
+    one = model(images[:1], ids[:1], mask[:1])
+    assert float(glip_loss(one, targets[:1], mask[:1], max_query_len=8)[0]) == pytest.approx(
+        float(glip_loss(one, targets[:1], mask[:1])[0]), rel=1e-6)
 
 
 def _worker(rank: int, world: int, init: str, result_dir: str) -> None:

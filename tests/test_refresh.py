@@ -113,8 +113,23 @@ def test_a_stricter_filter_is_reapplied_to_stored_labels_without_teachers(tmp_pa
         cfg["filter"] = {"min_score": 0.5}
         return cfg
 
+    from labelmill.pipelines.refresh import plan_only
+
+    dry = plan_only(load_config(strict(out)))  # what tonight would do, shard by shard, and why; writes nothing
+    assert dry["actions"]["refilter"] == 2 and len(data.versions(str(out))) == 1
+    assert {p["action"] for p in dry["plan"]} == {"refilter"} and all("filter changed" in p["reason"]
+                                                                         for p in dry["plan"])
     s2 = refresh(load_config(strict(out)))
     assert s2["actions"]["refilter"] == 2 and s2["actions"]["relabel"] == 0 and s2["version"] == 2
+    assert s2["plan"] == dry["plan"]
+    # a looser threshold cannot be re-applied to stored labels: it is said to need a relabel
+    loose = plan_only(load_config(config(shards, out)))
+    assert {p["action"] for p in loose["plan"]} == {"relabel"}
+    # a night with nothing to do is on record too
+    again = refresh(load_config(strict(out)))
+    assert again["exit_code"] == EXIT_NOTHING_TO_DO and again["plan"] == []
+    nights = [json.loads(p.read_text()) for p in (out / "_labelmill" / "refreshes").glob("*.json")]
+    assert sorted(n["exit_code"] for n in nights) == sorted([0, 0, EXIT_NOTHING_TO_DO])
     assert "rows" in s2 and s2["rows"]["samples"] == 6
     got = rows(out)
     run(load_config(strict(tmp_path / "scratch")))

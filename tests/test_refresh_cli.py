@@ -75,6 +75,10 @@ def test_two_refreshes_at_once(tmp_path):
     assert "lock held" in loser[1] and json.loads(loser[0].splitlines()[-1])["exit_code"] == EXIT_LOCK_HELD
     assert [v["version"] for v in data.versions(str(out))] == [1]
     assert len(data.open(str(out)).read("samples")) == 9  # not doubled
+    # both nights are on record, the one that found the lock held too
+    nights = [json.loads(p.read_text()) for p in (out / "_labelmill" / "refreshes").glob("*.json")]
+    assert sorted(n["exit_code"] for n in nights) == [EXIT_PUBLISHED, EXIT_LOCK_HELD]
+    assert [n for n in nights if n["exit_code"] == EXIT_LOCK_HELD][0]["lock_held"]
 
 
 @pytest.mark.slow

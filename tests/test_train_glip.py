@@ -127,12 +127,21 @@ def test_glip_student_recalls_teacher_boxes_and_loads_as_glip_teacher(glip_label
     cfg = {
         # GLIP's recipe (threshold 0.5, 2,000 warm-up steps, EMA 0.999, multistep) is for long runs of a trained
         # teacher: this 120-step run of a random one keeps every box, skips the warm-up and averages over ~10 steps
-        "data": {"output": str(glip_labelled / "out"), "image_size": 96, "augment": False, "threshold": 0.0},
+        "data": {"output": str(glip_labelled / "out"), "min_size": [64], "max_size": 128, "augment": False,
+                 "threshold": 0.0},
         "model": {"preset": "tiny", "tokenizer": "builtin-test"},
         "optim": {"optimizer": "adamw", "lr": 2e-3, "max_steps": 120, "batch_size": 5, "schedule": "constant",
                   "weight_decay": 0.0, "warmup_steps": 0, "ema": 0.9},
         "checkpoint": {"path": str(glip_labelled / "runs"), "name": "glip", "every_steps": 120},
     }
+    # gold data in the mix at GLIP's rule (auto: 10 gold images x 4 copies against 10 pseudo-labelled): the
+    # ODVG export of the same labels, so the mix is exercised end to end without changing what is learnt
+    from labelmill.export.odvg import export_odvg
+
+    gold = glip_labelled / "gold"
+    if not gold.exists():
+        export_odvg(str(glip_labelled / "out"), str(gold))
+    cfg["gold"] = [{"path": str(gold / "grounding.jsonl"), "images": str(gold / "images")}]
     result = train(load_train_config("glip", cfg))
     assert result["step"] == 120  # recall was 1.0 at 120 and at 150 steps (2026-12-01)
     student = build_teacher(validate_teacher_config(teacher_section(result["checkpoint"], min_size=64, max_size=128,

@@ -246,26 +246,59 @@ def test_trained_student_relabels_and_a_second_round_trains_on_it(labelled, trai
     assert metrics["self_training"].fillna(0).tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def _wait_for(pred, proc, seconds: float = 900) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pred():
+            return
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    raise AssertionError("training reached no checkpoint in time")
+
+
 @pytest.mark.slow
-def test_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path):
+def test_ctrl_c_then_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path):
+    """A run a user can watch and stop: Ctrl-C prints where to resume and exits 130; a later kill -9
+    loses nothing either; the last run says "resuming from step N", shows the status line and none of
+    Ray Train's own output, and run.json, progress.json and the metrics are all in the run folder."""
+    import json
+
+    from labelmill.training import read_metrics as read_run_metrics
+
     cfg = train_cfg(labelled, "killed", 40)  # one pass of the stream: checkpoints every 5 steps leave time to kill
-    cfg["checkpoint"].update({"path": str(tmp_path / "runs"), "every_steps": 5})
+    cfg["checkpoint"].update({"path": "runs", "every_steps": 5})  # relative: to where the command runs
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "labelmill", "train", "maskclip-plus", str(path), "ray.num_cpus=2"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
     run_dir = tmp_path / "runs" / "killed"
+
+    def complete() -> list:
+        return [d for d in run_dir.glob("checkpoint_*")
+                if (d / "trainer_state.json").exists() and (d / "optimizer.pt").exists()]
+
+    # 1. Ctrl-C (SIGINT to the process group, as a terminal sends it) after the first checkpoint
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and proc.poll() is None:
-            complete = [d for d in run_dir.glob("checkpoint_*")
-                        if (d / "trainer_state.json").exists() and (d / "optimizer.pt").exists()]
-            if complete and list((run_dir / "metrics").glob("*.parquet")):
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "training finished before it could be killed"
+        _wait_for(lambda: bool(complete()), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("labelmill: interrupted: training stopped") and "run the same command again" in last
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["checkpoint"]
+
+    # 2. kill -9 after a later checkpoint
+    first = int(read_metrics(str(tmp_path / "runs"), "killed")["step"].max())
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: int(read_metrics(str(run_dir))["step"].max()) > first, proc)
         os.killpg(proc.pid, signal.SIGKILL)  # driver and every Ray process it started
         proc.wait(timeout=30)
     finally:
@@ -273,15 +306,26 @@ def test_kill_dash_nine_then_resume_continues_the_step_count(labelled, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    before = read_metrics(str(tmp_path / "runs"), "killed")
+    before = read_run_metrics(str(run_dir))
     done = int(before["step"].max())
-    assert 0 < done < 40, before["step"].tolist()
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first < done < 40, before["step"].tolist()
+
+    # 3. the same command finishes the run
+    rerun = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    after = read_metrics(str(tmp_path / "runs"), "killed")
+    after = read_run_metrics(str(run_dir))
     assert after["step"].tolist() == list(range(1, 41)), (done, after["step"].tolist())
     resumed = set(after.loc[after.step > done, "start_step"])
     assert len(resumed) == 1 and 0 < min(resumed) <= done, (done, resumed)  # from a checkpoint, not from 0
+    assert f"resuming from step {min(resumed)}" in rerun.stderr
+    assert "train maskclip-plus: step 40/40" in rerun.stderr and "checkpoint at step 40" in rerun.stderr
+    for ray_train_output in ("TrainController", "RayTrainWorker", "Traceback", "multiple active Ray"):
+        assert ray_train_output not in rerun.stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 40
+    assert record["dataset"]["version"] == labelmill.data.open(str(labelled / "out")).version
+    assert [a["status"] for a in record["attempts"]] == ["interrupted", "running", "finished"]  # kill -9: no end
+    assert json.loads((run_dir / "progress.json").read_text())["step"] == 40
 
 
 def test_resume_finds_checkpoints_the_snapshot_missed(tmp_path):

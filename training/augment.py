@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from labelmill.io.images import short_side_size
 from labelmill.training.targets import IGNORE
 
 
@@ -70,7 +71,8 @@ class Augment:
         return out_img, out_tgt
 
     def boxes(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, min_side: float = 2.0):
-        """(H, W, 3) + (N, 4) xyxy -> (crop, crop, 3) + (M, 4) + kept indices (boxes cut to < min_side drop)."""
+        """(H, W, 3) + (N, 4) xyxy -> (crop, crop, 3) + (M, 4) + kept indices (boxes cut to < min_side drop);
+        the crop is padded with ``pad_value``."""
         h, w = image.shape[:2]
         s = self._scale(rng, h, w)
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
@@ -80,15 +82,35 @@ class Augment:
         img = img[y0 : y0 + self.crop, x0 : x0 + self.crop]
         b = b - np.array([x0, y0, x0, y0], np.float32)
         ch, cw = img.shape[:2]
-        b[:, [0, 2]] = b[:, [0, 2]].clip(0, cw)
-        b[:, [1, 3]] = b[:, [1, 3]].clip(0, ch)
+        # inclusive pixel corners (GLIP's convention): the last column is cw - 1, a flip maps x to cw - 1 - x
+        b[:, [0, 2]] = b[:, [0, 2]].clip(0, cw - 1)
+        b[:, [1, 3]] = b[:, [1, 3]].clip(0, ch - 1)
         if self.enabled and self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
-            b = np.stack([cw - b[:, 2], b[:, 1], cw - b[:, 0], b[:, 3]], 1)
+            b = np.stack([cw - 1 - b[:, 2], b[:, 1], cw - 1 - b[:, 0], b[:, 3]], 1)
         keep = np.nonzero(((b[:, 2] - b[:, 0]) >= min_side) & ((b[:, 3] - b[:, 1]) >= min_side))[0]
-        out = np.zeros((self.crop, self.crop, 3), np.uint8)
+        out = np.empty((self.crop, self.crop, 3), np.uint8)
+        out[:] = np.asarray(self.pad_value, np.uint8)
         out[:ch, :cw] = img
         return out, b[keep], keep
+
+    def boxes_resized(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
+                      min_sizes: tuple[int, ...], max_size: int):
+        """GLIP's training transform: the short side resized to one of ``min_sizes`` (drawn; the largest
+        without augmentation) with the long side at most ``max_size``, a horizontal flip, no crop.  Boxes are
+        xyxy with inclusive pixel corners (GLIP's convention), so the flip maps x to ``width - 1 - x``.
+        Returns the (h, w, 3) image (unpadded: the trainer pads a batch with the mean colour, as inference
+        does) and the boxes; none is dropped."""
+        h, w = image.shape[:2]
+        short = int(rng.choice(min_sizes)) if self.enabled else int(max(min_sizes))
+        nh, nw = short_side_size(h, w, short, max_size)
+        img = image if (nh, nw) == (h, w) else np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        b = boxes.astype(np.float32) * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+        if self.enabled and self.hflip and rng.random() < 0.5:
+            img = img[:, ::-1]
+            b = np.stack([nw - 1 - b[:, 2], b[:, 1], nw - 1 - b[:, 0], b[:, 3]], 1)
+        return np.ascontiguousarray(img), b
+
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -41,6 +41,12 @@ class DataSection(_Strict):
                                           "normalisation's mean colour (0 after normalising, like inference)")
     cat_max_ratio: float | None = Field(default=None, gt=0, le=1, description="retry crops (up to 10 times) in "
                                         "which one class covers more than this share of the labelled pixels")
+    min_size: list[Annotated[int, Field(ge=16)]] | None = Field(
+        default=None, min_length=1, description="box training (GLIP): the short side is resized to one of these "
+        "(drawn per image), the long side capped at max_size, nothing cropped, the batch padded with the mean "
+        "colour as inference pads; null: square crops of image_size")
+    max_size: int | None = Field(default=None, ge=16, description="box training: cap of the long side "
+                                 "(GLIP's MAX_SIZE_TRAIN); default: no cap")
     repeat: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         default="auto", description="passes over the version per Ray Data iteration; auto: enough for the whole "
         "run from the count of labelled images, so Ray Data starts once (each restart costs its start-up)")
@@ -150,6 +156,8 @@ class GoldSection(_Strict):
     path: str = Field(description="ODVG JSONL or MDETR/COCO grounding JSON")
     images: str = Field(description="folder of the gold images (file_name is relative to it)")
     format: Literal["odvg", "mdetr"] | None = Field(default=None, description="default: from the file suffix")
+    copies: int = Field(default=4, gt=0, description="how many times this set counts against the pseudo-labels "
+                        "when gold_ratio is auto (GLIP-L's MIXED_COPY 4 for GoldG's mixed set; FLICKR_COPY is 8)")
 
 
 class GLIPModel(_Strict):
@@ -191,7 +199,8 @@ class GLIPLoss(_Strict):
 #: GLIP's training recipe (configs/pretrain/glip_Swin_T_O365_GoldG.yaml, glip_Swin_L.yaml): what a GLIP config's
 #: missing keys take (load_train_config); weight decay 0.01 for glip_l, as GLIP-L's config
 GLIP_RECIPE = {
-    "data": {"threshold": 0.5},  # self-training keeps teacher boxes above 0.5
+    # self-training keeps teacher boxes above 0.5; multi-scale resize, no crop, mean-colour padding
+    "data": {"threshold": 0.5, "min_size": [480, 560, 640, 720, 800], "max_size": 1333, "pad": "mean"},
     "optim": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 1e-4, "schedule": "multistep", "warmup_steps": 2000,
               "grad_clip": 1.0, "ema": 0.999},
 }
@@ -201,7 +210,15 @@ class GLIPTrainConfig(TrainCommon):
     task: Literal["glip"] = "glip"
     model: GLIPModel
     gold: list[GoldSection] = Field(default_factory=list)
-    gold_ratio: float = Field(default=0.0, ge=0, le=1, description="share of each batch drawn from gold data")
+    gold_ratio: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        default="auto", description="share of each batch drawn from gold data; auto: GLIP's rule, the sets "
+        "sampled in proportion to their sizes x copies (each gold slot drawn per batch)")
+    negative_captions: int = Field(default=20, ge=0, description="caption data: up to this many other "
+                                   "captions packed into a prompt as negatives (GLIP's PACK_RANDOM_CAPTION_NUMBER)")
+    negative_captions_none: float = Field(default=0.4, ge=0, le=1, description="chance of a prompt with no "
+                                          "packed caption (NO_RANDOM_PACK_PROBABILITY)")
+    negative_captions_all: float = Field(default=0.5, ge=0, le=1, description="otherwise, chance of packing all "
+                                         "negative_captions, else a number drawn below it (RANDOM_PACK_PROB)")
     loss: GLIPLoss = Field(default_factory=GLIPLoss)
     max_prompt_classes: int = Field(default=85, gt=0, description="vocabulary-mode prompts: the image's classes "
                                     "plus absent ones (negatives) up to this many names, shuffled (GLIP's 85)")

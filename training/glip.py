@@ -20,6 +20,7 @@ import torch
 
 from labelmill.training.config import GLIPTrainConfig
 from labelmill.training.errors import CheckpointError, readable_or_raise
+from labelmill.training.prepare import ragged
 
 KIND = "box"
 WEIGHTS_FILE = "model.safetensors"
@@ -118,18 +119,68 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     ds = open_version(cfg.data)
     summary = summarise_labels(ds, KIND, cfg.data.teacher, cfg.data.threshold)
     negatives = prompt_vocabulary(cfg, summary.teacher)
-    kwargs = dict(fn_constructor_args=(cfg.data.model_dump(mode="json"), negatives, cfg.max_prompt_classes), batch_size=8,
-                  compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers), num_cpus=cfg.data.prepare_cpus)
+    data = cfg.data.model_dump(mode="json")
+    # crops are padded with GLIP's mean colour (RGB of its BGR PIXEL_MEAN), multi-scale batches by the trainer
+    data["pad_value"] = [round(v) for v in PIXEL_MEAN_BGR[::-1]] if cfg.data.pad == "mean" else [0, 0, 0]
+    kwargs = dict(batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
+                  num_cpus=cfg.data.prepare_cpus)
     repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
     datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat).map_batches(
-        PrepareGrounding, **kwargs)}
-    if cfg.gold_ratio > 0:
-        rows = [r for g in cfg.gold for r in gold_records(g)]
-        datasets["gold"] = ray.data.from_items(rows).map(read_image, num_cpus=cfg.data.read_cpus).map_batches(
-            PrepareGrounding, **kwargs)
+        PrepareGrounding, fn_constructor_args=(data, negatives, cfg.max_prompt_classes, True), **kwargs)}
+    gold_sets = [(g, gold_records(g)) for g in cfg.gold]
+    ratio = gold_share(cfg.gold_ratio, [(len(rows), g.copies) for g, rows in gold_sets], summary.images)
+    if ratio > 0:
+        rows = [r for _, recs in gold_sets for r in recs]
+        datasets["gold"] = gold_dataset(rows, ratio, cfg).map(read_image, num_cpus=cfg.data.read_cpus).map_batches(
+            PrepareGrounding, fn_constructor_args=(data, [], cfg.max_prompt_classes, False), **kwargs)
     extra = {"provenance": {"output": ds.output, "version": ds.version, "teacher": summary.teacher,
-                            "labels": summary.rows}}
+                            "labels": summary.rows}, "gold_ratio": ratio, "gold_drawn": cfg.gold_ratio == "auto"}
     return datasets, extra
+
+
+GOLD_CHUNK = 512  # gold records per object-store block of the gold stream
+
+
+def gold_dataset(rows: list[dict], ratio: float, cfg: GLIPTrainConfig):
+    """The gold stream: the records put in the object store once, in chunks, listed for enough shuffled
+    passes to feed the whole run, so Ray Data starts it once (a restart per pass costs seconds each)."""
+    import math
+
+    import ray
+    import ray.data
+
+    from labelmill.training.data import MAX_AUTO_ITEMS
+
+    o = cfg.optim
+    needed = ratio * o.max_steps * o.batch_size * o.grad_accum * cfg.scaling.num_workers
+    chunks = [ray.put(rows[i : i + GOLD_CHUNK]) for i in range(0, len(rows), GOLD_CHUNK)]
+    repeat = max(1, min(math.ceil(needed / max(1, len(rows))) + 1, MAX_AUTO_ITEMS // len(chunks)))
+    rng = np.random.default_rng(o.seed)
+    items = [{"chunk": int(i)} for _ in range(repeat) for i in rng.permutation(len(chunks))]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200))).flat_map(
+        _gold_rows, fn_kwargs={"chunks": chunks}, num_cpus=cfg.data.read_cpus)
+
+
+def _gold_rows(item: dict, chunks: list) -> list[dict]:
+    import ray
+
+    return ray.get(chunks[item["chunk"]])
+
+
+#: GLIP's INPUT.PIXEL_MEAN (BGR, 0-255), the colour every training image is padded with under the recipe
+PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+
+
+def gold_share(gold_ratio, sets: list[tuple[int, int]], pseudo_images: int) -> float:
+    """The share of training samples drawn from gold data.  ``auto`` is GLIP's rule (its datasets are
+    concatenated, each ``copies`` times): gold sets weigh their size x copies against the pseudo-labelled
+    images; a number is taken as it is; no gold set gives 0."""
+    if not sets or not any(n for n, _ in sets):
+        return 0.0
+    if gold_ratio != "auto":
+        return float(gold_ratio)
+    gold = sum(n * copies for n, copies in sets)
+    return gold / (gold + max(0, pseudo_images))
 
 
 # ------------------------------------------------------------- worker side
@@ -141,7 +192,19 @@ class GroundingTask:
         self.arch = glip_config(self.cfg.model)
         self.tokenizer = load_glip_tokenizer(self.cfg.model.tokenizer)
         self.provenance = extra.get("provenance", {})
-        self.n_gold = round(self.cfg.gold_ratio * self.cfg.optim.batch_size)
+        self.gold_ratio = float(extra.get("gold_ratio", 0.0))
+        self.gold_drawn = bool(extra.get("gold_drawn", False))
+        self.n_gold = round(self.gold_ratio * self.cfg.optim.batch_size)
+        self.rng = np.random.default_rng([self.cfg.optim.seed, _rank()])
+        self.recent: list[str] = []  # other captions seen on this worker: the pool packed prompts draw from
+        self.gold_left: dict | None = None
+
+    def gold_count(self, batch_len: int) -> int:
+        """Gold samples in the next batch: drawn slot by slot under ``auto`` (the share holds on average at
+        any batch size), else ``round(gold_ratio x batch_size)``."""
+        if self.gold_drawn:
+            return int(self.rng.binomial(batch_len, self.gold_ratio))
+        return self.n_gold
 
     def build_model(self):
         from labelmill.models.glip import GLIP, load_glip_weights
@@ -168,38 +231,83 @@ class GroundingTask:
                 {"params": lang, "lr_scale": m.language_lr_scale}]
 
     def mix_gold(self, batch: dict, gold_shard, gold_iter):
-        """Replace the last ``n_gold`` samples of a batch with gold samples (restarting the gold stream)."""
-        if self.n_gold <= 0:
+        """Replace the last :meth:`gold_count` samples of a batch with gold samples (restarting the gold
+        stream)."""
+        n_gold = min(self.gold_count(len(batch["caption"])), len(batch["caption"]))
+        if n_gold <= 0:
             return batch, gold_iter
-        need, parts = self.n_gold, []
+        need, parts = n_gold, []
         while need > 0:
-            if gold_iter is None:
-                gold_iter = iter(gold_shard.iter_batches(batch_size=self.n_gold, batch_format="numpy"))
-            g = next(gold_iter, None)
+            g, self.gold_left = self.gold_left, None  # what the last gold batch had left over comes first
             if g is None:
-                gold_iter = None
-                continue
+                if gold_iter is None:
+                    gold_iter = iter(gold_shard.iter_batches(batch_size=max(1, self.n_gold, round(
+                        self.gold_ratio * len(batch["caption"]))), batch_format="numpy"))
+                g = next(gold_iter, None)
+                if g is None:
+                    gold_iter = None
+                    continue
             take = min(need, len(g["caption"]))
             parts.append({k: v[:take] for k, v in g.items()})
+            if take < len(g["caption"]):
+                self.gold_left = {k: v[take:] for k, v in g.items()}
             need -= take
-        keep = max(0, len(batch["caption"]) - self.n_gold)
-        mixed = {k: np.concatenate([batch[k][:keep]] + [p[k] for p in parts]) for k in batch}
+        keep = len(batch["caption"]) - n_gold
+        mixed = {k: _concat([batch[k][:keep]] + [p[k] for p in parts]) for k in batch}
         return mixed, gold_iter
+
+    def prompts(self, batch: dict) -> tuple[list[str], list]:
+        """Captions and box spans of a batch; caption-mode pseudo-labels get other captions packed in as
+        negatives (GLIP's caption data: none with ``negative_captions_none``, else all
+        ``negative_captions`` with ``negative_captions_all``, else a number drawn below it), drawn from
+        this worker's recent captions, never truncating the positive caption."""
+        from labelmill.training.targets import pack_caption
+
+        cfg = self.cfg
+        captions = [str(c) for c in batch["caption"]]
+        spans = [json.loads(s) for s in batch["spans_json"]]
+        packable = batch.get("packable", np.zeros(len(captions), bool))
+        pool = list(dict.fromkeys(self.recent + [c for c, p in zip(captions, packable) if p]))
+        length = self._token_count
+        for i, (caption, ok) in enumerate(zip(captions, packable)):
+            if not ok or cfg.negative_captions == 0:
+                continue
+            others = [c for c in pool if c != caption]
+            if self.rng.random() < cfg.negative_captions_none or not others:
+                continue
+            want = cfg.negative_captions if self.rng.random() < cfg.negative_captions_all else \
+                int(self.rng.integers(cfg.negative_captions))
+            picks = [others[j] for j in self.rng.integers(len(others), size=want)]
+            captions[i], spans[i] = pack_caption(caption, spans[i], picks, self.arch.max_query_len, length, self.rng)
+        self.recent = (self.recent + [c for c, p in zip(batch["caption"], packable) if p])[-256:]
+        return captions, spans
+
+    def _token_count(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
 
     def inputs(self, batch: dict, device) -> dict[str, Any]:
         from labelmill.models.glip.loss import GroundingTargets
 
-        mean = torch.tensor(self.arch.pixel_mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.arch.pixel_std, device=device).view(1, 3, 1, 1)
-        rgb = torch.as_tensor(np.ascontiguousarray(batch["image"])).to(device).permute(0, 3, 1, 2).float()
-        images = (rgb.flip(1) - mean) / std  # BGR, 0-255, GLIP's normalisation
-        enc = self.tokenizer(list(batch["caption"]), padding="longest", truncation=True,
+        mean = torch.tensor(self.arch.pixel_mean, device=device).view(3, 1, 1)
+        std = torch.tensor(self.arch.pixel_std, device=device).view(3, 1, 1)
+        # BGR, 0-255, GLIP's normalisation; each image at the top left of a canvas that fits the batch, rounded
+        # up to size_divisibility, padded with 0 after normalising (the mean colour), as inference pads
+        shapes = [np.shape(im)[:2] for im in batch["image"]]
+        div = max(1, self.arch.size_divisibility)
+        h = -(-max(s[0] for s in shapes) // div) * div
+        w = -(-max(s[1] for s in shapes) // div) * div
+        images = torch.zeros(len(shapes), 3, h, w, device=device)
+        for i, im in enumerate(batch["image"]):
+            rgb = torch.as_tensor(np.ascontiguousarray(im)).to(device).permute(2, 0, 1).float()
+            images[i, :, : rgb.shape[1], : rgb.shape[2]] = (rgb.flip(0) - mean) / std
+        captions, spans_per_image = self.prompts(batch)
+        enc = self.tokenizer(captions, padding="longest", truncation=True,
                              max_length=self.arch.max_query_len, return_offsets_mapping=True, return_tensors="pt")
         length = enc["input_ids"].shape[1]
         targets = []
-        for offsets, boxes, spans in zip(enc["offset_mapping"].tolist(), batch["boxes_json"], batch["spans_json"]):
+        for offsets, boxes, spans in zip(enc["offset_mapping"].tolist(), batch["boxes_json"], spans_per_image):
             b = torch.tensor(json.loads(boxes), dtype=torch.float32).view(-1, 4)
-            targets.append(GroundingTargets(b.to(device), token_map([tuple(o) for o in offsets], json.loads(spans), length)))
+            targets.append(GroundingTargets(b.to(device), token_map([tuple(o) for o in offsets], spans, length)))
         return {"images": images, "input_ids": enc["input_ids"].to(device),
                 "attention_mask": enc["attention_mask"].to(device), "targets": targets}
 
@@ -212,7 +320,8 @@ class GroundingTask:
         out = model(inputs["images"], inputs["input_ids"], inputs["attention_mask"])
         lw = self.cfg.loss
         return glip_loss(out, inputs["targets"], inputs["attention_mask"],
-                         LossWeights(lw.atss_topk, lw.focal_alpha, lw.focal_gamma, lw.box_weight, lw.centerness_weight))
+                         LossWeights(lw.atss_topk, lw.focal_alpha, lw.focal_gamma, lw.box_weight, lw.centerness_weight),
+                         max_query_len=self.arch.max_query_len)
 
     def save(self, model, folder: str) -> None:
         from labelmill.models.glip import save_glip_weights
@@ -226,6 +335,19 @@ class GroundingTask:
         from labelmill.models.glip import load_glip_weights
 
         load_glip_weights(model, os.path.join(folder, WEIGHTS_FILE))
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate that keeps a ragged column (an object array of images) ragged."""
+    if any(p.dtype == object for p in parts):
+        return ragged([x for p in parts for x in p])
+    return np.concatenate(parts)
 
 
 def teacher_section(checkpoint: str, **kw) -> dict:

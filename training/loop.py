@@ -98,14 +98,18 @@ def write_metrics(checkpoint, rows: list[dict]) -> None:
     fs.mv(tmp, posixpath.join(folder, name))
 
 
-def read_metrics(path: str, name: str = "student", storage_options: dict | None = None):
-    """The metrics table of a run as pandas, one row per step (a re-run step keeps its latest row)."""
+def read_metrics(run: str, name: str | None = None, storage_options: dict | None = None):
+    """The metrics table of a run as pandas, one row per step (a re-run step keeps its latest row).
+
+    ``run``: the run folder (``checkpoint.path/checkpoint.name``), or ``checkpoint.path`` with ``name``."""
     import fsspec
     import pandas as pd
     import pyarrow.parquet as pq
 
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    folder = posixpath.join(root, name, METRICS_DIR)
+    fs, root = fsspec.core.url_to_fs(run, **(storage_options or {}))
+    if "://" not in run:
+        root = os.path.abspath(root)
+    folder = posixpath.join(root, name, METRICS_DIR) if name else posixpath.join(root, METRICS_DIR)
     files = sorted(fs.glob(posixpath.join(folder, "part-*.parquet"))) if fs.exists(folder) else []
     frames = []
     for f in files:
@@ -241,6 +245,32 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
         pending = []
 
+    last_ckpt = [int(state["step"]) or None]  # a restored step is a checkpoint's
+    rate_from: list = [None, 0, 0]  # (time, step, samples) of a recent progress write: rates over recent steps
+
+    def progress(metrics: dict, checkpointed: bool = False) -> None:
+        """rank 0: the latest step for the driver's status line (progress.json in the run folder)."""
+        if rank != 0 or config.get("attempt") is None:
+            return
+        from labelmill.training.watch import write_progress
+
+        if checkpointed:
+            last_ckpt[0] = step
+        now = time.perf_counter()
+        rate = samples_rate = None
+        if rate_from[0] is not None and step > rate_from[1]:
+            rate = (step - rate_from[1]) / max(now - rate_from[0], 1e-9)
+            samples_rate = (state["samples"] - rate_from[2]) / max(now - rate_from[0], 1e-9)
+        if rate_from[0] is None or now - rate_from[0] >= 10.0:  # over at least 10 s once warm
+            rate_from[:] = [now, step, state["samples"]]
+        try:
+            write_progress(cfg.checkpoint, {
+                "attempt": config["attempt"], "step": step, "max_steps": optim.max_steps, "start_step": start_step,
+                "loss": metrics.get("loss"), "samples_per_s": samples_rate, "steps_per_s": rate,
+                "checkpoint_step": last_ckpt[0]})
+        except OSError:
+            pass  # the status line only: never fail a training step over it
+
     gold_iter = None
     last_report = t_prev = time.perf_counter()
     while step < optim.max_steps:
@@ -292,11 +322,13 @@ def train_loop(config: dict) -> None:
             pending.append(metrics)
             if step % cfg.checkpoint.every_steps == 0 or step == optim.max_steps:
                 save_checkpoint(metrics)
+                progress(metrics, checkpointed=True)
             elif time.perf_counter() - last_report >= cfg.report_interval_s:
                 # Ray Train takes one report per worker per poll (about 2 s): reporting
                 # every step would throttle training, so every step goes to the metrics
                 # table and the latest step to Ray Train at this interval
                 ray.train.report(metrics)
+                progress(metrics)
                 last_report = time.perf_counter()
         if steps_this_epoch == 0 and step < optim.max_steps:
             raise RuntimeError(
@@ -384,10 +416,58 @@ def check_cluster_fits(cfg) -> None:
         )
 
 
-def fit(cfg, datasets: dict, extra: dict) -> dict:
-    """Train with Ray Train; returns {checkpoint, step, metrics_path}."""
+#: set when Ctrl-C (SIGINT) reached the driver during fit: whatever Ray raises next is the interruption
+INTERRUPTED = {"flag": False}
+
+
+def _trainer_class(private: bool):
+    """TorchTrainer with labelmill's Ctrl-C, and on the embedded private Ray without Ray Train's
+    placement-group cleaner.
+
+    Ctrl-C asks the controller to abort (as Ray Train does) and then raises KeyboardInterrupt in the
+    driver, so the command prints where to resume and exits 130 (Ray Train's own handler exits 0 or 1).
+    The cleaner is a detached actor that asks the state API whether the controller lives; with no address
+    the state API picks "the latest cluster" on the host, so beside another Ray it printed "Found multiple
+    active Ray instances" on the training terminal and could query the wrong cluster.  A private Ray ends
+    with its driver, placement groups included, so there is nothing for the cleaner to do."""
+    import signal
+
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray layout: keep Ray Train's callbacks
+        PlacementGroupCleanerCallback = None
+
+    class LabelmillTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            found = super()._create_default_callbacks()
+            if not private or PlacementGroupCleanerCallback is None:
+                return found
+            return [c for c in found if not isinstance(c, PlacementGroupCleanerCallback)]
+
+        def _register_sigint_handler(self, controller):
+            def on_sigint(signum, frame):
+                if INTERRUPTED["flag"]:
+                    raise KeyboardInterrupt
+                INTERRUPTED["flag"] = True
+                try:
+                    ray.get(controller.abort.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - the controller (or the whole private Ray) is already gone
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return LabelmillTorchTrainer
+
+
+def fit(cfg, datasets: dict, extra: dict, attempt: float | None = None, private: bool = False) -> dict:
+    """Train with Ray Train; returns {checkpoint, step, metrics_path}.  ``attempt``: an id rank 0 writes
+    into ``progress.json`` for the driver's status line; ``private``: the embedded Ray of this process."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -403,13 +483,19 @@ def fit(cfg, datasets: dict, extra: dict) -> dict:
     )
     loop_config = {"task": cfg.task, "cfg": cfg.model_dump(mode="json"), "extra": extra,
                    "has_gold": "gold" in datasets, "torch_threads": max(1, int(sc.cpus_per_worker)),
-                   "saved": saved_checkpoints(cfg.checkpoint)}
-    trainer = TorchTrainer(
+                   "saved": saved_checkpoints(cfg.checkpoint), "attempt": attempt}
+    trainer = _trainer_class(private)(
         train_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
         datasets=datasets, torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
-    result = trainer.fit()
+    INTERRUPTED["flag"] = False
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        if INTERRUPTED["flag"] and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc  # Ray's own reaction to the same Ctrl-C (a lost actor, an exit)
+        raise
     ckpt = result.checkpoint
     return {"checkpoint": ckpt.path if ckpt is not None else None,
             "run_dir": run_dir(cfg.checkpoint)[1],

@@ -30,6 +30,8 @@ class _Data:
         self.photometric = bool(data.get("photometric", False))
         self.pad_value = tuple(int(v) for v in data.get("pad_value", (0, 0, 0)))
         self.cat_max_ratio = data.get("cat_max_ratio")
+        self.min_size = tuple(int(v) for v in data["min_size"]) if data.get("min_size") else None
+        self.max_size = int(data["max_size"]) if data.get("max_size") else 1 << 30
 
     def augmenter(self) -> Augment:
         return Augment(self.image_size, self.scale, self.hflip, self.augment, img_scale=self.img_scale,
@@ -82,40 +84,56 @@ class PrepareSegmentation:
 
 
 class PrepareGrounding:
-    """map_batches: image bytes + box rows (or gold records) -> augmented crop, caption, boxes, spans."""
+    """map_batches: image bytes + box rows (or gold records) -> augmented image, caption, boxes, spans.
 
-    def __init__(self, data: dict, negatives: list[str] | None = None, max_classes: int = 85):
+    With ``data.min_size`` (GLIP's recipe) images keep their own resized shapes (the trainer pads each batch
+    with the mean colour); otherwise they are square crops.  ``packable`` marks caption-mode pseudo-labels,
+    whose prompts the trainer packs with other captions as negatives (GLIP's caption data; gold is not)."""
+
+    def __init__(self, data: dict, negatives: list[str] | None = None, max_classes: int = 85, pack: bool = True):
         self.data = _Data(data)
         self.aug = self.data.augmenter()
         self.rng = np.random.default_rng()
         self.negatives = list(negatives or [])  # vocabulary-mode prompts: absent classes to name (GLIP)
         self.max_classes = max_classes
+        self.pack = pack
+
+    def augment(self, img: np.ndarray, boxes: np.ndarray):
+        if self.data.min_size is not None:
+            out, b = self.aug.boxes_resized(img, boxes, self.rng, self.data.min_size, self.data.max_size)
+            return out, b, np.arange(len(b))
+        return self.aug.boxes(img, boxes, self.rng)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from labelmill.io.images import decode_image
         from labelmill.schemas.records import ImageRequest
 
         big = ImageRequest(short_side=1 << 30, max_long_side=1 << 30)
-        out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": []}
+        out: dict[str, list] = {"image": [], "caption": [], "boxes_json": [], "spans_json": [], "packable": []}
         for data, labels in zip(batch["image_bytes"], batch["labels_json"]):
             target = grounding_target(json.loads(labels), self.data.threshold, self.negatives, self.max_classes,
                                       self.rng)
             if target is None:
                 continue  # no box at the threshold: the image teaches nothing
             img = decode_image(bytes(data), big, self.data.max_image_pixels).pixels
-            crop, boxes, keep = self.aug.boxes(img, target.boxes, self.rng)
+            image, boxes, keep = self.augment(img, target.boxes)
             if len(keep) == 0:
                 continue
-            out["image"].append(crop)
+            out["image"].append(image)
             out["caption"].append(target.caption)
             out["boxes_json"].append(json.dumps(boxes.tolist()))
             out["spans_json"].append(json.dumps([target.tokens_positive[i] for i in keep]))
-        if not out["image"]:
-            s = self.data.image_size
-            return {"image": np.zeros((0, s, s, 3), np.uint8), "caption": np.array([], object),
-                    "boxes_json": np.array([], object), "spans_json": np.array([], object)}
-        return {"image": np.stack(out["image"]), "caption": np.array(out["caption"], object),
-                "boxes_json": np.array(out["boxes_json"], object), "spans_json": np.array(out["spans_json"], object)}
+            out["packable"].append(self.pack and target.from_caption)
+        return {"image": ragged(out["image"]), **{k: np.array(v, bool if k == "packable" else object)
+                                    for k, v in out.items() if k != "image"}}
+
+
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of images whose shapes may differ (multi-scale): numpy would stack equal shapes."""
+    out = np.empty(len(arrays), object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
 
 
 def read_image(row: dict) -> dict:

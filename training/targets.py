@@ -63,6 +63,7 @@ class GroundingTarget:
     boxes: np.ndarray                       # (N, 4) xyxy pixels, float32
     tokens_positive: list[list[list[int]]]  # per box: character spans into caption
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    from_caption: bool = False              # the rows' own caption (caption mode), not a rebuilt class list
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -83,7 +84,8 @@ def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0, neg
     kept = [r for r in rows if r.get("bbox") is not None and (r.get("score") or 0.0) >= threshold]
     if not kept:
         return None
-    if all(r.get("caption") and r.get("tokens_positive") for r in kept):
+    from_caption = all(r.get("caption") and r.get("tokens_positive") for r in kept)
+    if from_caption:
         caption = kept[0]["caption"]
         spans = [[[int(a), int(b)] for a, b in r["tokens_positive"]] for r in kept]
     else:
@@ -105,4 +107,31 @@ def grounding_target(rows: Sequence[dict[str, Any]], threshold: float = 0.0, neg
     # x2 = x + w - 1 gives its box back exactly (x + w would widen every box by 1 px per self-training round)
     boxes[:, 2:] = np.maximum(boxes[:, :2] + boxes[:, 2:] - 1, boxes[:, :2])
     scores = np.asarray([r.get("score") or 0.0 for r in kept], np.float32)
-    return GroundingTarget(caption, boxes, spans, scores)
+    return GroundingTarget(caption, boxes, spans, scores, from_caption)
+
+
+def pack_caption(caption: str, spans: list[list[list[int]]], negatives: Sequence[str], room: int,
+                 length, rng: np.random.Generator) -> tuple[str, list[list[list[int]]]]:
+    """GLIP's caption packing: other captions joined to the positive one as negatives, in shuffled order.
+
+    Negatives are taken in random order while their token counts (``length(text)``, special tokens
+    included, as GLIP counts them) fit in ``room`` minus the positive caption's own, so the positive
+    caption is never truncated.  Each caption ends with ``"."`` and a space; the spans move with the
+    positive caption.  Returns the packed caption and the shifted spans."""
+    if not negatives:
+        return caption, spans
+    budget = room - length(caption)
+    chosen = []
+    for i in rng.permutation(len(negatives)):
+        n = length(negatives[i])
+        if n < budget:
+            chosen.append(negatives[i])
+            budget -= n
+    parts = [caption] + chosen
+    order = rng.permutation(len(parts))
+    packed, start = "", 0
+    for i in order:
+        if i == 0:
+            start = len(packed)
+        packed += parts[i] + ("" if parts[i].endswith(".") else ".") + " "
+    return packed, [[[a + start, b + start] for a, b in box] for box in spans]

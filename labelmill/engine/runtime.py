@@ -307,7 +307,7 @@ def quiet_ray_warnings() -> None:
 
     from ray.util.annotations import RayDeprecationWarning
 
-    for name in ("ray.data", "ray.data._internal", "ray._private.worker", "ray.util.annotations"):
+    for name in ("ray.data", "ray.data._internal", "ray._private.worker", "ray.util.annotations", "ray.train"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)  # raised in the caller's frame
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\..*)?")
@@ -316,12 +316,16 @@ def quiet_ray_warnings() -> None:
                             module=r"ray(\..*)?")
 
 
-def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
+def start_ray(cfg: RayConfig, log_to_driver: bool = True) -> tuple[bool, bool]:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS`` or start an embedded local Ray.
 
     Returns ``(started_here, remote_cluster)``.  The embedded Ray is private
     to this process (``address="local"``) and its processes exit with it.
+    ``log_to_driver=False`` keeps the workers' and actors' own output (Ray
+    Train's controller logs, per-worker prints) in Ray's session logs, off
+    this terminal (``--verbose`` lets it through).
     """
+    log_to_driver = log_to_driver or verbose()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -336,7 +340,7 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
     quiet = os.environ.get("LABELMILL_QUIET_STDERR") == "1"
     try:
         if address:
-            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
             if quiet:
                 filter_native_stderr()
             return True, True
@@ -350,7 +354,7 @@ def start_ray(cfg: RayConfig) -> tuple[bool, bool]:
             address="local",
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
             configure_logging=False,
         )
     except Exception as exc:  # noqa: BLE001 - any start-up failure is one clear line for the CLI

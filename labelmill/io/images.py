@@ -41,6 +41,20 @@ def scaled_side(n: int, scale: float) -> int:
     pixel off the teacher's and so an extra 1-px resize."""
     return max(1, int(n * scale + 0.5))
 
+def short_side_size(height: int, width: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """(h, w) with the short side ``min_size`` unless the long side would pass ``max_size`` (then the long
+    side is ``max_size``): maskrcnn-benchmark's Resize.get_size, GLIP's rule in training and inference."""
+    size = min_size
+    short, long = min(height, width), max(height, width)
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if (width <= height and width == size) or (height <= width and height == size):
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
 def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):

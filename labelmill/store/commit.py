@@ -216,6 +216,8 @@ class DeltaLog(TableLog):
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
         if not self.exists():
             DeltaTable.create(self.uri, schema=schema, storage_options=self.storage)
+            if not actions:  # the first commit of a table with no rows yet: it exists, empty
+                return self._table().version()
         table = self._table()
         table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props)
         return self._table().version()
@@ -482,7 +484,10 @@ class OutputStore:
                 continue
             new = [self._publish(log, f) for f in adds[name]]
             gone = [f["path"] for f in log.files() if f.get("shard") in removed] if removed else []
-            if new or gone:
+            # a table with a fixed schema exists from the first commit, empty if nothing has rows for it yet, so
+            # readers of any version find every table (regions' schema is known only once it has rows)
+            first = log.spec.format == "delta" and not callable(log.spec.schema) and not log.exists()
+            if new or gone or first:
                 log.commit(new, gone, dict(info, version=version),
                            (schemas or {}).get(name) or self._schema(log, new))
             v = log.version()

@@ -179,7 +179,15 @@ class RefreshPlan:
     def summary(self) -> dict[str, Any]:
         return {"shards": self.counts, "actions": {a: len(self.with_action(a))
                                                    for a in (LABEL, SKIP, REPLACE, REMOVE, RELABEL, REFILTER)},
-                "nothing_to_do": self.nothing_to_do}
+                "nothing_to_do": self.nothing_to_do, "plan": self.details()}
+
+    def details(self) -> list[dict[str, Any]]:
+        """Every shard that is not skipped: what happens to it and why (new, changed, deleted, which config
+        key made it stale, whether its labels are re-filtered or relabelled)."""
+        return [{"shard": s.shard, "status": s.status, "action": s.action,
+                 "reason": s.reason or {NEW: "not in the current version"}.get(s.status, ""),
+                 **({"teachers": list(s.teachers)} if s.teachers else {})}
+                for s in self.shards if s.action != SKIP]
 
 
 # ---------------------------------------------------------------- filter

@@ -12,7 +12,8 @@ as GLIP's ``ATSSLossComputation`` does:
 
 * alignment: sigmoid focal loss of the (anchor, token) logits against the
   token map of each positive anchor's box (the tokens its phrase spans;
-  negatives want every token off; padded tokens masked), summed over the
+  negatives want every token off, or only the final one when prompts fill
+  max_query_len, as GLIP's; padded tokens masked), summed over the
   batch, / the mean number of positives per worker;
 * box: GIoU of the positives' decoded boxes against their boxes, weighted
   by the centerness targets, summed, / the mean centerness-target sum per worker;
@@ -124,8 +125,13 @@ def _worker_mean(value: torch.Tensor) -> float:
 
 
 def glip_loss(out: GLIPOutput, targets: list[GroundingTargets], attention_mask: torch.Tensor,
-              weights: LossWeights | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its terms for a batch, pooled over the batch and the workers (see the module doc)."""
+              weights: LossWeights | None = None, max_query_len: int | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss and its terms for a batch, pooled over the batch and the workers (see the module doc).
+
+    ``max_query_len``: when the batch's prompts fill all of it, background anchors want the final token on
+    (GLIP's "no object" target at position 256); shorter prompts leave that position masked, as in GLIP,
+    where the final position is padding then."""
     w = weights or LossWeights()
     b = attention_mask.shape[0]
     deltas = torch.cat([d.permute(0, 2, 3, 1).reshape(b, -1, 4) for d in out.box_deltas], 1).float()
@@ -139,6 +145,8 @@ def glip_loss(out: GLIPOutput, targets: list[GroundingTargets], attention_mask: 
         match = atss_assign([a.to(deltas.device) for a in out.anchors], tgt.boxes.to(deltas.device), w.topk)
         pos = match >= 0
         want = torch.zeros_like(logits[i])
+        if max_query_len is not None and want.shape[1] == max_query_len:
+            want[~pos, -1] = 1.0  # masked below wherever this prompt does not reach the last token
         if pos.any():
             want[pos] = tgt.token_map.to(want)[match[pos], : want.shape[1]]
             gt = tgt.boxes.to(deltas.device)[match[pos]]

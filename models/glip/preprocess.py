@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from labelmill.io.images import short_side_size
+
 
 @dataclass
 class PreparedImage:
@@ -32,17 +34,8 @@ class PreparedImage:
         return self.orig_size[1] / self.resized_size[1], self.orig_size[0] / self.resized_size[0]
 
 
-def target_size(height: int, width: int, min_size: int, max_size: int | None) -> tuple[int, int]:
-    """(h, w) after GLIP's resize rule for a (height, width) image."""
-    size = min_size
-    short, long = min(height, width), max(height, width)
-    if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
-    if (width <= height and width == size) or (height <= width and height == size):
-        return height, width
-    if width < height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
+#: (h, w) after GLIP's resize rule for a (height, width) image (shared with training, which has no torch)
+target_size = short_side_size
 
 
 def _as_uint8_rgb(image) -> np.ndarray:
