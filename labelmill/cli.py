@@ -85,7 +85,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
-    path = write_report(args.output, args.dest, max_images=args.max_images, version=args.version)
+    most = None if args.max_images == "all" else int(args.max_images)
+    path = write_report(args.output, args.dest, max_images=most, version=args.version, per_page=args.per_page)
     print(path)
     return 0
 
@@ -266,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report",
         help="write an HTML report with mask overlays and per-class counts",
-        description="Render the first images of OUTPUT with their labels, plus per-class and per-status counts.",
+        description="Render the images of OUTPUT with their labels, plus per-class and per-status counts; "
+        "images go --per-page to a page (DEST, then DEST-2.html, ... linked to each other).",
     )
     p.add_argument("output", help="the run's output.path")
     p.add_argument("dest", help="HTML file to write")
-    p.add_argument("--max-images", type=int, default=24)
+    p.add_argument("--max-images", default="24", help="how many images (default 24); 'all' for every one")
+    p.add_argument("--per-page", type=int, default=24, help="images per page (default 24)")
     p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_report)
 

@@ -159,6 +159,13 @@ def test_plugin_teacher_by_class_path_and_per_sample_failure(tmp_path, ray_sessi
     assert "cannot label g3" in text and "RANDOM WEIGHTS" not in text
     for name in set(labels.class_name):
         assert f"<td>{name}</td>" in text
+    # every image, paged: 5 usable images, 2 to a page, linked to each other
+    write_report(str(tmp_path / "out"), str(html), max_images=None, per_page=2)
+    pages = [html, tmp_path / "report-2.html", tmp_path / "report-3.html"]
+    assert [p.read_text().count("<figure") for p in pages] == [2, 2, 1]
+    assert not (tmp_path / "report-4.html").exists()
+    assert "Images 5-5 of 5" in pages[2].read_text() and "<a href='report-2.html'>previous</a>" in pages[2].read_text()
+    assert "<a href='report-2.html'>next</a>" in pages[0].read_text() and "cannot label g3" not in pages[1].read_text()
 
 
 def test_unreadable_shard_is_failed_not_done_and_the_next_run_retries_it(tmp_path, ray_session, monkeypatch,

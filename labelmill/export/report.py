@@ -90,8 +90,12 @@ def _changes_html(output: str, ds: DatasetVersion, storage_options: dict | None)
     return "".join(rows)
 
 
-def write_report(output: str, dest: str, max_images: int = 24, storage_options: dict | None = None,
-                 version: int | str | None = None) -> str:
+def write_report(output: str, dest: str, max_images: int | None = 24, storage_options: dict | None = None,
+                 version: int | str | None = None, per_page: int = 24) -> str:
+    """Write the report: counts, teachers, yields and errors, then the images with their labels, ``per_page``
+    to a page (``dest``, then ``<dest stem>-2.html``, ... linked to each other), the first ``max_images``
+    usable images of the version (None: every one).  Pages are decoded and written one at a time, so memory
+    stays that of one page.  Returns ``dest``."""
     ds = open_version(output, version, storage_options=storage_options)
     status: Counter = Counter()
     drops: Counter = Counter()
@@ -106,10 +110,13 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         if len(errors) < 200:
             bad = table.filter(pc.equal(table.column("status"), "error")).slice(0, 200 - len(errors))
             errors += [(r["shard"], r["key"], r["error"]) for r in bad.to_pylist()]
-    for table in _rows(ds, "samples"):
-        if len(shown) >= max_images:
+    for table in _rows(ds, "samples", ["shard", "index", "key", "status", "caption", "image_height",
+                                       "image_width"]):
+        if max_images is not None and len(shown) >= max_images:
             break
-        good = table.filter(pc.not_equal(table.column("status"), "error")).slice(0, max_images - len(shown))
+        good = table.filter(pc.not_equal(table.column("status"), "error"))
+        if max_images is not None:
+            good = good.slice(0, max_images - len(shown))
         shown += good.to_pylist()
     per_class: Counter = Counter()
     provenance: dict[str, tuple] = {}
@@ -130,29 +137,6 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
         )
         for row in table.filter(mask).to_pylist():
             labels_of.setdefault((row["shard"], row["index"]), []).append(row)
-
-    pictures = []
-    by_shard: dict[str, set[int]] = {}
-    for r in shown:
-        by_shard.setdefault(r["shard"], set()).add(r["index"])
-    decoded: dict[tuple[str, int], np.ndarray] = {}
-    for shard, indices in by_shard.items():
-        try:
-            for sample in iter_shard(shard, storage_options or {}):
-                if sample.index in indices and sample.image is not None:
-                    try:
-                        decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
-                    except ImageDecodeError:
-                        pass
-        except ShardUnavailable:  # the shard is gone from storage: its images are shown without pictures
-            continue
-    for r in shown:
-        pix = decoded.get((r["shard"], r["index"]))
-        if pix is None:
-            continue
-        labs = labels_of.get((r["shard"], r["index"]), [])
-        img = _overlay(pix, (r["image_height"], r["image_width"]), labs)
-        pictures.append((r, labs, _png_b64(img)))
 
     random_init = any(p[2] == "random-init" for p in provenance.values())
     parts = [
@@ -193,23 +177,66 @@ def write_report(output: str, dest: str, max_images: int = 24, storage_options: 
                 f"<td>{html.escape(reason or '')}</td></tr>"
             )
         parts.append("</table>")
-    parts.append(f"<h2>First {len(pictures)} images</h2><div class='grid'>")
-    for row, labs, b64 in pictures:
-        caption = html.escape(row["caption"] or "(no caption)")
-        names = ", ".join(sorted({html.escape(str(lab["class_name"] or lab["phrase"])) for lab in labs})) or "none"
-        parts.append(
-            f"<figure class='card'><img src='data:image/png;base64,{b64}' width='448'>"
-            f"<figcaption><b>{html.escape(row['key'])}</b> ({row['status']}): {caption}<br>labels: {names}"
-            "</figcaption></figure>"
-        )
-    parts.append("</div></body></html>")
     fs, path = fsspec.core.url_to_fs(dest)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as fh:
-        fh.write("\n".join(parts))
+    pages = [shown[i : i + per_page] for i in range(0, len(shown), per_page)] or [[]]
+    stem = posixpath.splitext(posixpath.basename(path))[0]
+    names = [posixpath.basename(path)] + [f"{stem}-{k}.html" for k in range(2, len(pages) + 1)]
+    head = parts[0] + parts[1]
+    for k, rows in enumerate(pages):
+        nav = _nav(names, k)
+        first, last = k * per_page + 1, k * per_page + len(rows)
+        body = (parts if k == 0 else [head]) + [
+            f"<h2>Images {first}-{last} of {len(shown)}</h2>{nav}<div class='grid'>"]
+        body += _cards(rows, labels_of, storage_options)
+        body.append(f"</div>{nav}</body></html>")
+        with fs.open(posixpath.join(parent, names[k]) if parent else names[k], "w") as fh:
+            fh.write("\n".join(body))
     return dest
+
+
+def _nav(names: list[str], k: int) -> str:
+    if len(names) == 1:
+        return ""
+    links = [f"<a href='{html.escape(n)}'>{i + 1}</a>" if i != k else f"<b>{i + 1}</b>" for i, n in enumerate(names)]
+    prev = f"<a href='{html.escape(names[k - 1])}'>previous</a> " if k > 0 else ""
+    nxt = f" <a href='{html.escape(names[k + 1])}'>next</a>" if k + 1 < len(names) else ""
+    return f"<p class='nav'>{prev}pages: {' '.join(links)}{nxt}</p>"
+
+
+def _cards(rows: list[dict], labels_of: dict, storage_options: dict | None) -> list[str]:
+    """One page's figures: its images decoded (shard by shard), overlaid with their labels."""
+    by_shard: dict[str, set[int]] = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], set()).add(r["index"])
+    decoded: dict[tuple[str, int], np.ndarray] = {}
+    for shard, indices in by_shard.items():
+        try:
+            for sample in iter_shard(shard, storage_options or {}):
+                if sample.index in indices and sample.image is not None:
+                    try:
+                        decoded[(shard, sample.index)] = decode_image(sample.image, DISPLAY, 10**9).pixels
+                    except ImageDecodeError:
+                        pass
+        except ShardUnavailable:  # the shard is gone from storage: its images are shown without pictures
+            continue
+    out = []
+    for row in rows:
+        pix = decoded.get((row["shard"], row["index"]))
+        if pix is None:
+            continue
+        labs = labels_of.get((row["shard"], row["index"]), [])
+        b64 = _png_b64(_overlay(pix, (row["image_height"], row["image_width"]), labs))
+        caption = html.escape(row["caption"] or "(no caption)")
+        names = ", ".join(sorted({html.escape(str(lab["class_name"] or lab["phrase"])) for lab in labs})) or "none"
+        out.append(
+            f"<figure class='card'><img src='data:image/png;base64,{b64}' width='448'>"
+            f"<figcaption><b>{html.escape(row['key'])}</b> ({row['status']}): {caption}<br>labels: {names}"
+            "</figcaption></figure>"
+        )
+    return out
 
 
 def yield_section(output: str, version: int, storage_options: dict | None = None, max_classes: int = 30) -> str:
