@@ -8,7 +8,6 @@ import sys, time  # noqa: E401
 from labelmill import __version__
 from labelmill.config import RunConfig
 from labelmill.engine import RANDOM_BANNER, CommitLoop, Engine, Pipeline, RunSummary
-from labelmill.engine.summary import kept_nothing
 from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.io.shards import list_shard_fingerprints
 from labelmill.stages.filter import FilterLabels
@@ -39,18 +38,17 @@ def run(cfg: RunConfig, *, stream=None) -> RunSummary:
     listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options)  # cheap checks first: input,
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)  # output, lock;
     store.check_writable()  # then weights and Ray (a failure before the claim leaves nothing behind)
-    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s,
-                    stream=stream or sys.stderr)
+    stream = stream or sys.stderr
+    engine = Engine(cfg.ray, batch_size=cfg.ray.batch_size, progress_interval_s=cfg.progress_interval_s, stream=stream)
     with writer_lock(cfg, "run") as lock, engine.session(needed=any(s not in store.done_shards() for s in listing)):
-        return _run(cfg, store, listing, lock, engine, stream or sys.stderr)
+        return _run(cfg, store, listing, lock, engine, stream)
 
 
 def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, engine: Engine, stream) -> RunSummary:
     started, run_id = time.monotonic(), new_run_id()
     store.claim(cfg.model_dump(mode="json"), cfg.label_hash())
     repair = store.repair()
-    if any(repair.values()):
-        print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)
+    if any(repair.values()): print(f"[labelmill] repaired output after an interrupted run: {repair}", file=stream)  # noqa: E701
     todo = [s for s in listing if s not in store.done_shards()]
     print(f"[labelmill] {len(listing)} shards, {len(listing) - len(todo)} already committed, {len(todo)} to do "
           f"-> {cfg.output.path}", file=stream)
@@ -61,10 +59,7 @@ def _run(cfg: RunConfig, store: OutputStore, listing: dict, lock, engine: Engine
                       info=info, shard_fields=shard_fields, before_commit=lock.ensure_held)
     counters = engine.run(build_pipeline(cfg, run_id), todo, loop)
     summary = RunSummary(run_id, cfg.output.path, cfg.label_hash(), len(listing), len(listing) - len(todo), counters,
-                         time.monotonic() - started, engine.describe(), repair, loop.bytes_received,
-                         kept_nothing(cfg, loop.score_hist, counters.samples - counters.error,
-                                      counters.labels_kept))
-    for note in summary.notes:
-        print(f"[labelmill] {note}", file=stream)
+                         time.monotonic() - started, engine.describe(), repair, loop.bytes_received)
+    summary.say_kept_nothing(cfg, loop.score_hist, stream)
     store.record_run(run_id, {**summary.as_dict(), "score_hist": loop.score_hist.to_json()})
     return summary

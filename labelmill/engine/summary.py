@@ -45,6 +45,13 @@ class RunSummary:
             "notes": list(self.notes or []),
         }
 
+    def say_kept_nothing(self, cfg, hist, stream) -> None:
+        """Note (and print) one line for each teacher that kept no label: see :func:`kept_nothing`."""
+        c = self.counters
+        self.notes = kept_nothing(cfg, hist, c.samples - c.error, c.labels_kept)
+        for note in self.notes:
+            print(f"[labelmill] {note}", file=stream)
+
 
 #: a teacher's own score cut before the filter (config keys), said when it kept nothing
 _OWN_THRESHOLDS = ("score_floor", "pre_nms_thresh", "min_score", "box_threshold", "mask_threshold")

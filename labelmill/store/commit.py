@@ -62,6 +62,24 @@ class OutputConflictError(RuntimeError):
     """The output folder belongs to a different configuration."""
 
 
+#: every Delta table of an output (the data tables and ``_labelmill/versions``) writes a checkpoint every this
+#: many commits, so opening any version replays at most this many JSON log entries after a checkpoint
+CHECKPOINT_INTERVAL = 100
+#: table properties of every Delta table labelmill creates: the checkpoint interval, and no expiry of log entries.
+#: delta-rs deletes log entries older than ``delta.logRetentionDuration`` (30 days) when it writes a checkpoint,
+#: which would make every version older than a month unreadable; pinned versions must stay readable until
+#: ``labelmill vacuum`` says otherwise (the version record's ``table_versions`` name Delta versions)
+def delta_table_config() -> dict[str, str]:
+    return {"delta.checkpointInterval": str(CHECKPOINT_INTERVAL), "delta.enableExpiredLogCleanup": "false"}
+
+
+def post_commit():
+    """Checkpoints at the interval, and never a log cleanup (also on tables created before these properties)."""
+    from deltalake import PostCommitHookProperties
+
+    return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
+
+
 def delta_storage_options(fsspec_options: dict[str, Any], uri: str) -> dict[str, str] | None:
     """Translate s3fs-style options into delta-rs (object_store) options."""
     if not uri.startswith(("s3://", "s3a://")):
@@ -215,11 +233,12 @@ class DeltaLog(TableLog):
         actions += [RemoveAction(path=p, data_change=True, deletion_timestamp=now) for p in remove]
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
         if not self.exists():
-            DeltaTable.create(self.uri, schema=schema, storage_options=self.storage)
+            DeltaTable.create(self.uri, schema=schema, storage_options=self.storage, configuration=delta_table_config())
             if not actions:  # the first commit of a table with no rows yet: it exists, empty
                 return self._table().version()
         table = self._table()
-        table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props)
+        table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props,
+                                       post_commithook_properties=post_commit())
         return self._table().version()
 
 
@@ -403,7 +422,8 @@ class OutputStore:
              "record": [json.dumps(record, sort_keys=True)]},
             schema=VERSIONS_SCHEMA,
         )
-        write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage)
+        write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
+                        configuration=delta_table_config(), post_commithook_properties=post_commit())
 
     @staticmethod
     def shard_items(records: Iterable[dict]) -> dict[str, dict]:

@@ -1,0 +1,74 @@
+"""The store over many versions: Delta checkpoints at a fixed interval, and pinned versions that stay
+readable however old their log entries get (delta-rs would expire them after 30 days at a checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+
+from labelmill.schemas.tables import SAMPLES
+from labelmill.store.commit import OutputStore
+
+
+def _samples(shard: str, n: int) -> pa.Table:
+    return pa.Table.from_pylist([{"key": f"{shard}-{i}", "shard": shard, "index": i, "status": "labelled"}
+                                 for i in range(n)], schema=SAMPLES)
+
+
+def _night(store: OutputStore, shard: str, n: int, remove: list[str] = ()) -> dict:
+    staged = store.stage_table("samples", _samples(shard, n))
+    return store.commit([{"files": [staged]}], [{"shard": shard, "fingerprint": {"size": n}}], remove_shards=remove)
+
+
+def test_every_delta_table_checkpoints_at_the_interval_and_every_version_reads_exactly(tmp_path, monkeypatch):
+    import labelmill.data
+    from labelmill.store import commit
+
+    monkeypatch.setattr(commit, "CHECKPOINT_INTERVAL", 3)
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    store.claim({}, "h")
+    seen = {}
+    for v in range(1, 9):
+        rec = _night(store, f"s{v}", v, remove=[f"s{v - 2}"] if v > 2 else [])
+        seen[rec["version"]] = sorted(labelmill.data.open(out, version=rec["version"]).read("samples")
+                                      .column("key").to_pylist())
+    import deltalake
+
+    for table in ("samples", "stats", "_labelmill/versions"):  # labels: created empty, never written
+        log = os.listdir(os.path.join(out, table, "_delta_log"))
+        assert any(".checkpoint." in n for n in log), (table, sorted(log))
+    for table in ("samples", "labels", "stats", "_labelmill/versions"):
+        conf = deltalake.DeltaTable(os.path.join(out, table)).metadata().configuration
+        assert conf["delta.checkpointInterval"] == "3" and conf["delta.enableExpiredLogCleanup"] == "false"
+    for v, keys in seen.items():  # after the checkpoints, each pinned version reads the same rows
+        assert sorted(labelmill.data.open(out, version=v).read("samples").column("key").to_pylist()) == keys
+    assert len(seen[8]) == 7 + 8 and len(seen[1]) == 1
+
+
+def test_log_entries_past_the_retention_are_kept(tmp_path, monkeypatch):
+    """A table whose log entries are all past delta-rs's retention (here 1 second, as 30 days are in a
+    month) still reads its first versions after more checkpoints: labelmill never lets delta-rs expire
+    them, also on tables created before it set its table properties."""
+    import deltalake
+
+    import labelmill.data
+    from labelmill.store import commit
+
+    monkeypatch.setattr(commit, "CHECKPOINT_INTERVAL", 2)
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    store.claim({}, "h")
+    # the samples table as an older labelmill left it: default cleanup, and a retention that has expired
+    deltalake.DeltaTable.create(os.path.join(out, "samples"), schema=SAMPLES,
+                                configuration={"delta.logRetentionDuration": "interval 1 second",
+                                               "delta.checkpointInterval": "2"})
+    first = _night(store, "a", 2)["version"]
+    time.sleep(1.5)
+    for i in range(4):
+        _night(store, f"b{i}", 1)
+        time.sleep(0.3)
+    assert labelmill.data.open(out, version=first).read("samples").num_rows == 2
+    assert deltalake.DeltaTable(os.path.join(out, "samples"), version=1).to_pyarrow_table().num_rows == 2
