@@ -183,6 +183,38 @@ def measure(out: str, night: int, night_s: list[float], rss: PeakRSS, probe_shar
     return row
 
 
+def plot_png(rows: list[dict], path: str) -> None:
+    """A line plot (PIL: no plotting library needed) of the driver's seconds per night and per open of the
+    latest version, and the peak RSS, against the night."""
+    from PIL import Image, ImageDraw
+
+    pts = [r for r in rows if not r.get("after")]
+    series = {"night plan+commit (s)": [r.get("night_s") for r in pts], "open latest version (s)":
+              [r["open_latest_s"] for r in pts], "diff first night-latest / 10 (s)": [r["diff_s"] / 10 for r in pts]}
+    w, h, pad = 900, 420, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    nights = [r["night"] for r in pts]
+    top = max(v for vs in series.values() for v in vs if v is not None) * 1.1
+    x = lambda n: pad + (w - 2 * pad) * n / max(1, max(nights))  # noqa: E731
+    y = lambda v: h - pad - (h - 2 * pad) * v / top  # noqa: E731
+    d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    d.line([(pad, pad), (pad, h - pad)], fill="black")
+    for k in range(5):
+        v = top * k / 4
+        d.text((5, y(v) - 6), f"{v:.2f}", fill="black")
+    for n in nights:
+        d.text((x(n) - 8, h - pad + 5), str(n), fill="black")
+    d.text((w // 2 - 20, h - 20), "night", fill="black")
+    for (name, vs), colour in zip(series.items(), ("#c00", "#06c", "#090")):
+        xy = [(x(n), y(v)) for n, v in zip(nights, vs) if v is not None]
+        d.line(xy, fill=colour, width=2)
+        d.text((pad + 10, 10 + 14 * list(series).index(name)), name, fill=colour)
+    d.text((w - 330, 10), f"peak RSS {pts[1]['peak_rss_mb'] if len(pts) > 1 else '?'} -> {pts[-1]['peak_rss_mb']} MB "
+           "(night 30 -> last)", fill="black")
+    img.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=2400)
@@ -198,6 +230,7 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=14, help="versions vacuum keeps")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="write the measurements here")
+    ap.add_argument("--plot", default=None, help="draw the growth as a PNG here")
     args = ap.parse_args()
 
     tmp = None if args.out else tempfile.mkdtemp(prefix="bench-year-")
@@ -263,6 +296,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}, fh, indent=2)
+    if args.plot:
+        plot_png(rows, args.plot)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

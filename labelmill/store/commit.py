@@ -64,7 +64,10 @@ class OutputConflictError(RuntimeError):
 
 #: every Delta table of an output (the data tables and ``_labelmill/versions``) writes a checkpoint every this
 #: many commits, so opening any version replays at most this many JSON log entries after a checkpoint
-CHECKPOINT_INTERVAL = 100
+CHECKPOINT_INTERVAL = 20
+#: the version records (one small Parquet file per version) are compacted into one file every this many versions,
+#: so reading every record stays a few files however long the history (bench_year.py)
+COMPACT_VERSIONS_EVERY = 20
 #: table properties of every Delta table labelmill creates: the checkpoint interval, and no expiry of log entries.
 #: delta-rs deletes log entries older than ``delta.logRetentionDuration`` (30 days) when it writes a checkpoint,
 #: which would make every version older than a month unreadable; pinned versions must stay readable until
@@ -190,16 +193,26 @@ class DeltaLog(TableLog):
         super().__init__(fs, root, spec)
         self.uri = delta_root.rstrip("/") + "/" + spec.name
         self.storage = storage
+        self._latest = None  # the table at its latest version, brought up to date incrementally
 
     def _table(self, version: int | None = None):
+        """The table at ``version`` (None: the latest).  The latest is opened once and then updated with the log
+        entries added since (a fresh open replays the log from the last checkpoint: a commit asked for the
+        latest state a dozen times)."""
         from deltalake import DeltaTable
 
-        return DeltaTable(self.uri, version=version, storage_options=self.storage)
+        if version is not None:
+            return DeltaTable(self.uri, version=version, storage_options=self.storage)
+        if self._latest is None:
+            self._latest = DeltaTable(self.uri, storage_options=self.storage)
+        else:
+            self._latest.update_incremental()
+        return self._latest
 
     def exists(self) -> bool:
         from deltalake import DeltaTable
 
-        return DeltaTable.is_deltatable(self.uri, storage_options=self.storage)
+        return self._latest is not None or DeltaTable.is_deltatable(self.uri, storage_options=self.storage)
 
     def version(self) -> int | None:
         return self._table().version() if self.exists() else None
@@ -233,6 +246,7 @@ class DeltaLog(TableLog):
         actions += [RemoveAction(path=p, data_change=True, deletion_timestamp=now) for p in remove]
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
         if not self.exists():
+            self._latest = None
             DeltaTable.create(self.uri, schema=schema, storage_options=self.storage, configuration=delta_table_config())
             if not actions:  # the first commit of a table with no rows yet: it exists, empty
                 return self._table().version()
@@ -324,6 +338,7 @@ class OutputStore:
         self.delta_storage = delta_storage_options(self.storage_options, self.uri)
         self.compression = None if compression == "none" else compression
         self.tables: dict[str, TableLog] = {}
+        self._records: tuple[int, list[dict]] | None = None  # (versions-table version, parsed records)
         for spec in TABLES.values():
             if spec.format == "delta":
                 self.tables[spec.name] = DeltaLog(self.fs, self.root, spec, self.delta_root, self.delta_storage)
@@ -392,14 +407,21 @@ class OutputStore:
         return self.delta_root.rstrip("/") + "/" + VERSIONS_TABLE
 
     def versions(self) -> list[dict]:
-        """Every version record, oldest first."""
+        """Every version record, oldest first.  Parsed once per versions-table state: a writer that commits
+        many versions (a run, the nightly refresh) reads the history once, then only its own appends."""
         from deltalake import DeltaTable
 
         uri = self._versions_uri()
         if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
             return []
-        rows = DeltaTable(uri, storage_options=self.delta_storage).to_pyarrow_table().to_pylist()
-        return sorted((json.loads(r["record"]) for r in rows), key=lambda r: r["version"])
+        table = DeltaTable(uri, storage_options=self.delta_storage)
+        cached = getattr(self, "_records", None)
+        if cached is not None and cached[0] == table.version():
+            return list(cached[1])
+        rows = table.to_pyarrow_table(columns=["record"]).column("record").to_pylist()
+        records = sorted((json.loads(r) for r in rows), key=lambda r: r["version"])
+        self._records = (table.version(), records)
+        return list(records)
 
     def vacuumed(self) -> set[int]:
         """Versions whose files ``vacuum`` may have deleted (they can no longer be read)."""
@@ -422,8 +444,19 @@ class OutputStore:
              "record": [json.dumps(record, sort_keys=True)]},
             schema=VERSIONS_SCHEMA,
         )
+        from deltalake import DeltaTable
+
+        cached = getattr(self, "_records", None)
         write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
                         configuration=delta_table_config(), post_commithook_properties=post_commit())
+        table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
+        if record["version"] % COMPACT_VERSIONS_EVERY == 0:  # same rows in fewer files (a dataChange=false commit)
+            table.optimize.compact(post_commithook_properties=post_commit())
+            table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
+        if cached is not None and cached[1] and cached[1][-1]["version"] == record["version"] - 1:
+            self._records = (table.version(), cached[1] + [record])
+        else:
+            self._records = None
 
     @staticmethod
     def shard_items(records: Iterable[dict]) -> dict[str, dict]:
