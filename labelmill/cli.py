@@ -85,8 +85,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from labelmill.export.report import write_report
 
-    most = None if args.max_images == "all" else int(args.max_images)
-    path = write_report(args.output, args.dest, max_images=most, version=args.version, per_page=args.per_page)
+    path = write_report(args.output, args.dest, max_images=args.max_images, version=args.version,
+                        per_page=args.per_page)
     print(path)
     return 0
 
@@ -213,6 +213,29 @@ def _quiet_terminal() -> None:
     os.environ["LABELMILL_QUIET_STDERR"] = "1"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not above 0")
+    return value
+
+
+def _count_or_all(text: str) -> int | None:
+    """A count of 0 or more, or ``all`` (None)."""
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="labelmill",
@@ -272,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("output", help="the run's output.path")
     p.add_argument("dest", help="HTML file to write")
-    p.add_argument("--max-images", default="24", help="how many images (default 24); 'all' for every one")
-    p.add_argument("--per-page", type=int, default=24, help="images per page (default 24)")
+    p.add_argument("--max-images", type=_count_or_all, default=24, help="how many images (default 24); 'all' "
+                   "for every one")
+    p.add_argument("--per-page", type=_positive_int, default=24, help="images per page (default 24)")
     p.add_argument("--version", help="dataset version: a number or an ISO timestamp (default: the latest)")
     p.set_defaults(func=_cmd_report)
 

@@ -41,7 +41,7 @@ def train(cfg, status: bool = False) -> dict:
             print(f"{LINE_PREFIX} resuming from step {resume_from:,} ({saved[0][1]})", file=sys.stderr)
         print(f"{LINE_PREFIX} run folder {where}: checkpoints, metrics/, run.json", file=sys.stderr)
     record = RunRecord(cfg, extra.get("provenance", {}), resume_from)
-    watch = Watch(cfg, resume_from or 0) if status else None
+    watch = Watch(cfg) if status else None
     try:
         if watch is not None:
             with watch:

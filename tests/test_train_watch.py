@@ -10,11 +10,11 @@ import pytest
 def test_status_line_says_step_loss_rate_eta_and_checkpoint():
     from labelmill.training.watch import status_text
 
-    assert "starting Ray Train" in status_text("glip", None, 100, 12.0, 0)
+    assert "starting Ray Train" in status_text("glip", None, 100, 12.0)
     line = status_text("glip", {"step": 40, "loss": 1.23456, "samples_per_s": 8.0, "steps_per_s": 2.0,
-                                "checkpoint_step": 20}, 100, 95.0, 0)
+                                "checkpoint_step": 20}, 100, 95.0)
     assert line == "[labelmill] train glip: step 40/100, loss 1.235, 8.0 samples/s, ETA 30s, checkpoint at step 20 | 1m35s"
-    assert "no checkpoint yet" in status_text("glip", {"step": 3}, 100, 5.0, 0)
+    assert "no checkpoint yet" in status_text("glip", {"step": 3}, 100, 5.0)
 
 
 def test_run_record_keeps_every_attempt(tmp_path):
@@ -48,3 +48,14 @@ def test_the_private_trainer_has_no_placement_group_cleaner_and_handles_ctrl_c()
 
     assert PlacementGroupCleanerCallback not in kinds(True)
     assert PlacementGroupCleanerCallback in kinds(False)
+
+
+@pytest.mark.parametrize("args,said", [(["--max-images", "many"], "neither a whole number nor 'all'"),
+                                       (["--per-page", "0"], "0 is not above 0")])
+def test_report_counts_are_checked_before_any_work(tmp_path, capsys, args, said):
+    from labelmill.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "out"), str(tmp_path / "r.html"), *args])
+    assert exc.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -94,13 +94,17 @@ def summarise_labels(ds, kind: str, teacher: str | None, threshold: float) -> La
 MAX_AUTO_ITEMS = 100_000
 
 
+def samples_needed(optim, scaling) -> int:
+    """Samples the whole run consumes: every worker's micro-batches of every step."""
+    return optim.max_steps * optim.batch_size * optim.grad_accum * scaling.num_workers
+
+
 def passes(data: DataSection, optim, scaling, images: int, shards: int) -> int:
     """Passes over the version in one Ray Data iteration: ``data.repeat``, or (auto) enough for
     ``optim.max_steps`` steps of every worker, plus one for ``drop_last`` and uneven splits."""
     if data.repeat != "auto":
         return int(data.repeat)
-    needed = optim.max_steps * optim.batch_size * optim.grad_accum * scaling.num_workers
-    want = math.ceil(needed / max(1, images)) + 1
+    want = math.ceil(samples_needed(optim, scaling) / max(1, images)) + 1
     return max(1, min(want, MAX_AUTO_ITEMS // max(1, shards)))
 
 

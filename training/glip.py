@@ -149,13 +149,12 @@ def gold_dataset(rows: list[dict], ratio: float, cfg: GLIPTrainConfig):
     import ray
     import ray.data
 
-    from labelmill.training.data import MAX_AUTO_ITEMS
+    from labelmill.training.data import MAX_AUTO_ITEMS, samples_needed
 
-    o = cfg.optim
-    needed = ratio * o.max_steps * o.batch_size * o.grad_accum * cfg.scaling.num_workers
+    needed = ratio * samples_needed(cfg.optim, cfg.scaling)
     chunks = [ray.put(rows[i : i + GOLD_CHUNK]) for i in range(0, len(rows), GOLD_CHUNK)]
     repeat = max(1, min(math.ceil(needed / max(1, len(rows))) + 1, MAX_AUTO_ITEMS // len(chunks)))
-    rng = np.random.default_rng(o.seed)
+    rng = np.random.default_rng(cfg.optim.seed)
     items = [{"chunk": int(i)} for _ in range(repeat) for i in rng.permutation(len(chunks))]
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200))).flat_map(
         _gold_rows, fn_kwargs={"chunks": chunks}, num_cpus=cfg.data.read_cpus)

@@ -75,7 +75,7 @@ class RunRecord:
         _write_json(self.checkpoint, RUN_FILE, self.data)
 
 
-def status_text(task: str, progress: dict | None, max_steps: int, elapsed: float, start_step: int) -> str:
+def status_text(task: str, progress: dict | None, max_steps: int, elapsed: float) -> str:
     from labelmill.engine.progress import LINE_PREFIX, fmt_duration
 
     head = f"{LINE_PREFIX} train {task}: "
@@ -99,10 +99,10 @@ def status_text(task: str, progress: dict | None, max_steps: int, elapsed: float
 class Watch:
     """A driver thread that turns ``progress.json`` into the status line."""
 
-    def __init__(self, cfg, start_step: int, interval: float | None = None):
+    def __init__(self, cfg, interval: float | None = None):
         from labelmill.engine.progress import StatusLine
 
-        self.cfg, self.start_step = cfg, start_step
+        self.cfg = cfg
         self.attempt = time.time()  # rank 0 writes it into progress.json: an earlier attempt's file is not ours
         self.out = StatusLine()
         self.interval = interval if interval is not None else (2.0 if self.out.tty else 30.0)
@@ -128,8 +128,7 @@ class Watch:
         return self.last
 
     def text(self) -> str:
-        return status_text(self.cfg.task, self.last, self.cfg.optim.max_steps, time.monotonic() - self.started,
-                           self.start_step)
+        return status_text(self.cfg.task, self.last, self.cfg.optim.max_steps, time.monotonic() - self.started)
 
     def _run(self) -> None:
         first = True
