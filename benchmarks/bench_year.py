@@ -2,31 +2,44 @@
 
 The output first receives ``--shards`` shards of ``--samples`` samples (label
 rows of realistic size: ``--masks`` masks with RLE strings and ``--boxes``
-boxes per image), committed in groups of ``--commit-every`` shards as a run
-commits them: every shard's rows written by the worker-side table writer
-(``OutputStore.stage_table``: one Parquet file per table and shard in
-staging) and published by ``OutputStore.commit`` with its manifest.  Label
-rows are synthetic; no teacher runs.
+boxes per image; with ``--regions DIM`` also ViLD region rows of ``--boxes``
+float16 embeddings of DIM per image), committed in groups of
+``--commit-every`` shards as a run commits them: every shard's rows written
+by the worker-side table writer (``OutputStore.stage_table``: one Parquet
+file per table and shard in staging) and published by
+``OutputStore.commit`` with its manifest.  Label rows are synthetic; no
+teacher runs.
 
 Then ``--nights`` nights.  Each night lists the input (fingerprints change
 for 1 % of the shards, 0.5 % are new, 0.2 % are gone), asks the refresh
 planner (``plan_refresh`` over the version records, as ``labelmill refresh``
 does), writes the rows of the shards it must label, and commits the night
 as one version (added shards, and the removal of changed and deleted
-shards' old rows).
+shards' old rows).  ``--optimize-every N`` runs ``labelmill optimize``
+every N nights and ``--vacuum-every N`` runs ``labelmill vacuum
+--keep-versions --keep`` every N nights (the maintenance a team would
+schedule); both are off by default.
 
 Every ``--every`` nights it measures: the night's plan + commit time on the
 driver, ``labelmill.data.open`` of an early, a middle and the latest
 version, one shard's labels read from a pinned early version, ``diff``
 between version 1 and the latest, ``versions --json``, each table's Delta
 log (JSON entries, checkpoints, bytes), live vs. total data files and
-bytes, and the driver's peak RSS in the window.  At the end it runs
-``vacuum`` (keeping the last ``--keep`` versions) and measures again.
+bytes, and the driver's peak RSS in the window.
+
+At the end: what ``vacuum`` would leave at several retentions, then
+``optimize`` (``--group-shards``), the same retentions again, ``--after``
+more nights on the optimized output (the copy-on-write cost of group
+files), and a real ``vacuum`` keeping ``--keep`` versions.
+
+``--s3`` runs the same against moto's S3 server (in a subprocess that
+counts the requests it serves, by method) and reports requests per night.
 
 Examples::
 
     python benchmarks/bench_year.py                                    # a tenth of the mission: 2,400 x 1,000
-    python benchmarks/bench_year.py --shards 240 --samples 200 --out /tmp/year   # the 2-core VM run
+    python benchmarks/bench_year.py --shards 240 --samples 100 --out /tmp/year   # quick
+    python benchmarks/bench_year.py --shards 48 --samples 100 --nights 60 --s3   # S3 request counts
 """
 
 from __future__ import annotations
@@ -98,9 +111,35 @@ def synthetic_rows(shard: str, n: int, masks: int, boxes: int, rng: np.random.Ge
     return conform(labels, LABELS), conform(samples, SAMPLES)
 
 
+def synthetic_regions(labels: pa.Table, samples: pa.Table, boxes: int, dim: int, rng) -> pa.Table:
+    """ViLD-shaped region rows (one per image: ``boxes`` boxes and float16 embeddings of ``dim``)."""
+    from labelmill.schemas.tables import regions_schema
+
+    n = samples.num_rows
+    schema = regions_schema(dim)
+    emb = rng.standard_normal((n, boxes, dim)).astype(np.float16)
+    box = rng.uniform(0, 400, (n, boxes, 4)).astype(np.float32)
+    given = {
+        "key": samples.column("key"), "shard": samples.column("shard"), "index": samples.column("index"),
+        "image_width": samples.column("image_width"), "image_height": samples.column("image_height"),
+        "boxes": pa.array(list(box.tolist())), "boxes_norm": pa.array(list((box / 640).tolist())),
+        "scores": pa.array(rng.uniform(0, 1, (n, boxes)).astype(np.float32).tolist()),
+        "sources": pa.array([["glip"] * boxes] * n),
+        "embeddings": pa.FixedSizeListArray.from_arrays(
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim), boxes)
+        .cast(schema.field("embeddings").type),
+        "num_regions": pa.array(np.full(n, boxes, np.int32)), "mode": pa.array(["crop"] * n),
+        "teacher": pa.array(["vild"] * n), "run_id": samples.column("run_id"),
+    }
+    cols = [given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in schema]
+    return pa.table(cols, schema=schema)
+
+
 def manifest(store: OutputStore, shard: str, args, rng, run_id: str) -> dict:
     labels, samples = synthetic_rows(shard, args.samples, args.masks, args.boxes, rng, run_id)
     files = [store.stage_table("labels", labels), store.stage_table("samples", samples)]
+    if args.regions:
+        files.append(store.stage_table("regions", synthetic_regions(labels, samples, args.boxes, args.regions, rng)))
     return {"files": files}
 
 
@@ -129,29 +168,100 @@ class PeakRSS:
         return peak
 
 
-def log_stats(out: str) -> dict:
-    """Per table: Delta log JSON entries, checkpoints and bytes; live vs. total data files and bytes."""
+COUNTING_S3 = """
+import json, sys, threading
+from collections import Counter
+from moto.server import DomainDispatcherApplication, create_backend_app
+from werkzeug.serving import make_server
+counts, lock = Counter(), threading.Lock()
+app = DomainDispatcherApplication(create_backend_app)
+def counting(environ, start_response):
+    if environ.get("PATH_INFO") == "/__counts":
+        with lock:
+            body = json.dumps(dict(counts)).encode()
+            counts.clear()
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [body]
+    query = environ.get("QUERY_STRING", "")
+    what = environ["REQUEST_METHOD"] + ("-list" if "list-type" in query or "delimiter" in query else "")
+    with lock:
+        counts[what] += 1
+    return app(environ, start_response)
+server = make_server("127.0.0.1", 0, counting, threaded=True)
+print(f"ENDPOINT http://127.0.0.1:{server.server_port}", flush=True)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.stdin.read()
+"""
+
+
+class CountingS3:
+    """moto's S3 server in a subprocess that counts the requests it serves (``take()``: counts since last)."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+            os.environ.setdefault(k, v)
+        self.proc = subprocess.Popen([sys.executable, "-c", COUNTING_S3], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self.endpoint = next(line.split()[1] for line in self.proc.stdout if line.startswith("ENDPOINT "))
+        self.options = {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+        import s3fs
+
+        s3fs.S3FileSystem(**self.options).mkdir("year")
+        self.take()
+
+    def take(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.endpoint + "/__counts") as r:
+            return json.loads(r.read())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def log_stats(out: str, so: dict | None = None) -> dict:
+    """Per table: log entries, checkpoints and bytes; live vs. total data files and bytes (any filesystem)."""
     from labelmill.data import open as open_version
 
-    ds = open_version(out)
+    ds = open_version(out, storage_options=so)
+    fs = ds.store.fs
     stats = {}
-    for table in ("labels", "samples", "stats", "_labelmill/versions"):
-        log = os.path.join(out, table, "_delta_log")
-        if not os.path.isdir(log):
+    for table in ("labels", "samples", "regions", "stats", "_labelmill/versions"):
+        folder = posixpath.join(ds.store.root, table)
+        if not fs.exists(folder):
             continue
-        names = os.listdir(log)
-        stats[table] = {"json": sum(n.endswith(".json") for n in names),
+        log = posixpath.join(folder, "_delta_log" if table != "regions" else "_manifest")
+        entries = fs.ls(log, detail=True) if fs.exists(log) else []
+        names = [posixpath.basename(e["name"]) for e in entries]
+        stats[table] = {"json": sum(n.endswith(".json") and ".checkpoint." not in n for n in names),
                         "checkpoints": sum(".checkpoint." in n for n in names),
-                        "log_mb": round(sum(os.path.getsize(os.path.join(log, n)) for n in names) / 2**20, 2)}
-        folder = os.path.join(out, table)
-        data = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".parquet")]
+                        "log_mb": round(sum(int(e["size"] or 0) for e in entries) / 2**20, 2)}
+        data = {e["name"]: int(e["size"] or 0) for e in fs.ls(folder, detail=True)
+                if e["name"].endswith(".parquet")}
         stats[table]["files"] = len(data)
-        stats[table]["mb"] = round(sum(os.path.getsize(p) for p in data) / 2**20, 1)
-        if table in ("labels", "samples"):
+        stats[table]["bytes"] = sum(data.values())
+        stats[table]["mb"] = round(stats[table]["bytes"] / 2**20, 1)
+        if table in ("labels", "samples", "regions", "stats") and table in ds.table_names():
             live = ds.paths(table)
             stats[table]["live_files"] = len(live)
-            stats[table]["live_mb"] = round(sum(os.path.getsize(p) for p in live) / 2**20, 1)
+            stats[table]["live_bytes"] = sum(data.get(p, 0) for p in live)
+            stats[table]["live_mb"] = round(stats[table]["live_bytes"] / 2**20, 1)
     return stats
+
+
+def data_totals(stats: dict) -> dict:
+    """Files and MB of the data tables, on storage and live, and their ratio."""
+    tables = [t for t in ("labels", "samples", "regions", "stats") if t in stats]
+    tot = {k: sum(stats[t].get(k, 0) for t in tables) for k in ("files", "bytes", "live_files", "live_bytes")}
+    tot["mb"], tot["live_mb"] = round(tot["bytes"] / 2**20, 1), round(tot["live_bytes"] / 2**20, 1)
+    tot["mb_ratio"] = round(tot["bytes"] / tot["live_bytes"], 3) if tot["live_bytes"] else None
+    tot["files_ratio"] = round(tot["files"] / tot["live_files"], 3) if tot["live_files"] else None
+    return tot
 
 
 def timed(fn):
@@ -160,27 +270,48 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
-def measure(out: str, night: int, night_s: list[float], rss: PeakRSS, probe_shard: str) -> dict:
+def measure(out: str, night: int, night_s: list[float], rss: PeakRSS, probe_shard: str, so: dict | None) -> dict:
     import labelmill.data
     import pyarrow.compute as pc
 
     from labelmill.store.versions import describe_versions, diff_versions
 
-    records = labelmill.data.versions(out)
-    latest = records[-1]["version"]
-    first_night = next((r["version"] for r in records if r.get("kind") == "refresh"), 1)
-    row = {"night": night, "versions": latest, "night_s": round(float(np.median(night_s)), 3) if night_s else None}
-    for name, v in (("open_early_s", 1), ("open_middle_s", max(1, latest // 2)), ("open_latest_s", latest)):
-        _, row[name] = timed(lambda v=v: labelmill.data.open(out, version=v).paths("labels"))
-    early = labelmill.data.open(out, version=1)
-    got, row["shard_read_s"] = timed(lambda: early.read("labels", columns=["key", "score"],
-                                                          filter=pc.field("shard") == probe_shard))
+    gone = OutputStore(out, so).vacuumed()
+    records = [r for r in labelmill.data.versions(out, storage_options=so) if r["version"] not in gone]
+    latest, first = records[-1]["version"], records[0]["version"]  # the earliest version still readable
+    first_night = next((r["version"] for r in records if r.get("kind") == "refresh"), first)
+    row = {"night": night, "versions": latest, "night_s": round(float(np.median(night_s)), 3) if night_s else None,
+           "early": first}
+    middle = records[len(records) // 2]["version"]
+    for name, v in (("open_early_s", first), ("open_middle_s", middle), ("open_latest_s", latest)):
+        _, row[name] = timed(lambda v=v: labelmill.data.open(out, version=v, storage_options=so).paths("labels"))
+    early = labelmill.data.open(out, version=first, storage_options=so)
+    got, row["shard_read_s"] = timed(lambda: early.read_shard("labels", probe_shard, columns=["key", "score"]))
     row["shard_rows"] = got.num_rows
-    _, row["diff_s"] = timed(lambda: diff_versions(out, first_night, latest))
-    _, row["versions_json_s"] = timed(lambda: json.dumps(describe_versions(out), default=str))
-    row["log"] = log_stats(out)
+    # the same rows through a plain pyarrow filter over every file of the version (opens every footer)
+    _, row["shard_filter_s"] = timed(lambda: early.read("labels", columns=["key", "score"],
+                                                        filter=pc.field("shard") == probe_shard))
+    _, row["diff_s"] = timed(lambda: diff_versions(out, first_night, latest, storage_options=so))
+    _, row["versions_json_s"] = timed(lambda: json.dumps(describe_versions(out, storage_options=so), default=str))
+    row["log"] = log_stats(out, so)
+    row["totals"] = data_totals(row["log"])
     row["peak_rss_mb"] = round(rss.take() / 2**20)
     return row
+
+
+def retention(out: str, keeps: list[int], so: dict | None) -> dict:
+    """What ``vacuum --keep-versions K`` would leave of the data tables, per K (a dry run: nothing deleted)."""
+    from labelmill.store.versions import vacuum
+
+    totals = data_totals(log_stats(out, so))
+    out_ = {}
+    for k in keeps:
+        dry = vacuum(out, keep_versions=k, apply=False, storage_options=so)
+        files = totals["files"] - len(dry["files"])
+        left = totals["bytes"] - dry["bytes"]
+        out_[k] = {"files": files, "mb": round(left / 2**20, 1), "files_ratio": round(files / totals["live_files"], 3),
+                   "mb_ratio": round(left / totals["live_bytes"], 3)}
+    return {"live_files": totals["live_files"], "live_mb": totals["live_mb"], "keep": out_}
 
 
 def plot_png(rows: list[dict], path: str) -> None:
@@ -215,62 +346,46 @@ def plot_png(rows: list[dict], path: str) -> None:
     img.save(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=int, default=2400)
-    ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--masks", type=int, default=5)
-    ap.add_argument("--boxes", type=int, default=10)
-    ap.add_argument("--commit-every", type=int, default=16)
-    ap.add_argument("--nights", type=int, default=365)
-    ap.add_argument("--every", type=int, default=30)
-    ap.add_argument("--rewrite", type=float, default=0.01)
-    ap.add_argument("--add", type=float, default=0.005)
-    ap.add_argument("--delete", type=float, default=0.002)
-    ap.add_argument("--keep", type=int, default=14, help="versions vacuum keeps")
-    ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed after)")
-    ap.add_argument("--json", default=None, help="write the measurements here")
-    ap.add_argument("--plot", default=None, help="draw the growth as a PNG here")
-    args = ap.parse_args()
+class Year:
+    """The synthetic input listing and the nights that change it."""
 
-    tmp = None if args.out else tempfile.mkdtemp(prefix="bench-year-")
-    out = os.path.abspath(args.out or os.path.join(tmp, "out"))
-    rng = np.random.default_rng(0)
-    store = OutputStore(out)
-    store.claim({"bench": "year"}, "h" * 16)
-    rss = PeakRSS()
-    listing = {shard_url(out, i): fingerprint(i, 0) for i in range(args.shards)}
-    generation = {s: 0 for s in listing}
-    next_id = args.shards
-    t0 = time.perf_counter()
-    shards = list(listing)
-    for g in range(0, len(shards), args.commit_every):
-        group = shards[g : g + args.commit_every]
-        mans = [manifest(store, s, args, rng, "initial") for s in group]
-        store.commit(mans, [item(s, listing[s]) for s in group], counts=counts(len(group) * args.samples,
-                                                                              args.masks + args.boxes),
-                     info={"label_inputs": {inputs_key(TODAY): TODAY.to_dict()}, "run_id": "initial"})
-    initial_s = time.perf_counter() - t0
-    probe = shards[0]
-    rows = [{"night": 0, "initial_commit_s": round(initial_s, 1), **measure(out, 0, [], rss, probe)}]
-    print(json.dumps(rows[-1]), flush=True)
-    night_s: list[float] = []
-    for night in range(1, args.nights + 1):
-        alive = [s for s in listing if s != probe]
+    def __init__(self, args, out: str, store: OutputStore, so: dict | None, rng):
+        self.args, self.out, self.store, self.so, self.rng = args, out, store, so, rng
+        self.listing = {shard_url(out, i): fingerprint(i, 0) for i in range(args.shards)}
+        self.generation = {s: 0 for s in self.listing}
+        self.next_id = args.shards
+        self.probe = next(iter(self.listing))
+
+    def initial(self) -> float:
+        args, t0 = self.args, time.perf_counter()
+        shards = list(self.listing)
+        for g in range(0, len(shards), args.commit_every):
+            group = shards[g : g + args.commit_every]
+            mans = [manifest(self.store, s, args, self.rng, "initial") for s in group]
+            self.store.commit(mans, [item(s, self.listing[s]) for s in group],
+                              counts=counts(len(group) * args.samples, args.masks + args.boxes),
+                              info={"label_inputs": {inputs_key(TODAY): TODAY.to_dict()}, "run_id": "initial"})
+        return time.perf_counter() - t0
+
+    def night(self, night: int) -> dict:
+        """One night: change the listing, plan, write the shards' rows (the workers' part), commit.  Returns the
+        driver's plan + commit seconds and the bytes the commit wrote beyond the workers' files."""
+        args, rng, listing, store = self.args, self.rng, self.listing, self.store
+        alive = [s for s in listing if s != self.probe]
         n_rw = max(1, round(args.rewrite * len(listing)))
         n_add = max(1, round(args.add * len(listing)))
         n_del = max(1, round(args.delete * len(listing)))
         picks = rng.choice(len(alive), n_rw + n_del, replace=False)
         for i in picks[:n_rw]:
             s = alive[i]
-            generation[s] += 1
-            listing[s] = fingerprint(int(s[-10:-4]), generation[s])
+            self.generation[s] += 1
+            listing[s] = fingerprint(int(s[-10:-4]), self.generation[s])
         for i in picks[n_rw:]:
             listing.pop(alive[i])
         for _ in range(n_add):
-            s = shard_url(out, next_id)
-            listing[s], generation[s] = fingerprint(next_id, 0), 0
-            next_id += 1
+            s = shard_url(self.out, self.next_id)
+            listing[s], self.generation[s] = fingerprint(self.next_id, 0), 0
+            self.next_id += 1
         run_id = f"night-{night}"
         t = time.perf_counter()
         records = store.versions()
@@ -279,25 +394,116 @@ def main() -> None:
         plan_s = time.perf_counter() - t
         todo = plan.to_label
         mans = [manifest(store, s, args, rng, run_id) for s in todo]  # the workers' part: not driver time
+        worker_bytes = sum(f["bytes"] for m in mans for f in m["files"])
         t = time.perf_counter()
-        store.commit(mans, [item(s, listing[s]) for s in todo], remove_shards=plan.to_remove,
-                     counts=counts(len(todo) * args.samples, args.masks + args.boxes),
-                     info={"label_inputs": {inputs_key(TODAY): TODAY.to_dict()}, "run_id": run_id}, kind="refresh")
-        night_s.append(plan_s + time.perf_counter() - t)
-        if night % args.every == 0 or night == args.nights:
-            rows.append(measure(out, night, night_s, rss, probe))
-            night_s = []
-            print(json.dumps(rows[-1]), flush=True)
+        rec = store.commit(mans, [item(s, listing[s]) for s in todo], remove_shards=plan.to_remove,
+                           counts=counts(len(todo) * args.samples, args.masks + args.boxes),
+                           info={"label_inputs": {inputs_key(TODAY): TODAY.to_dict()}, "run_id": run_id},
+                           kind="refresh")
+        seconds = plan_s + time.perf_counter() - t
+        added = 0
+        before = records[-1]["table_versions"] if records else {}
+        for name, v in rec["table_versions"].items():  # every file the version added (workers' + rewrites)
+            if name == "stats" or before.get(name) == v:
+                continue
+            prev = {f["path"] for f in store.tables[name].files(before[name])} if name in before else set()
+            added += sum(int(f["size"]) for f in store.tables[name].files(v) if f["path"] not in prev)
+        return {"seconds": seconds, "worker_mb": worker_bytes / 2**20, "rewrite_mb": max(0, added - worker_bytes) / 2**20}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, default=2400)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--masks", type=int, default=5)
+    ap.add_argument("--boxes", type=int, default=10)
+    ap.add_argument("--regions", type=int, default=0, metavar="DIM", help="also ViLD region rows of DIM")
+    ap.add_argument("--commit-every", type=int, default=16)
+    ap.add_argument("--nights", type=int, default=365)
+    ap.add_argument("--every", type=int, default=30)
+    ap.add_argument("--rewrite", type=float, default=0.01)
+    ap.add_argument("--add", type=float, default=0.005)
+    ap.add_argument("--delete", type=float, default=0.002)
+    ap.add_argument("--optimize-every", type=int, default=0, metavar="N", help="optimize every N nights")
+    ap.add_argument("--vacuum-every", type=int, default=0, metavar="N", help="vacuum (keep --keep) every N nights")
+    ap.add_argument("--group-shards", type=int, default=16)
+    ap.add_argument("--keep", type=int, default=14, help="versions vacuum keeps")
+    ap.add_argument("--retentions", default="1,7,14", help="vacuum --keep-versions values measured (dry run)")
+    ap.add_argument("--after", type=int, default=7, help="nights run after the final optimize")
+    ap.add_argument("--s3", action="store_true", help="moto S3 (counting requests) instead of local disk")
+    ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed after)")
+    ap.add_argument("--json", default=None, help="write the measurements here")
+    ap.add_argument("--plot", default=None, help="draw the growth as a PNG here")
+    args = ap.parse_args()
+
+    from labelmill.store.optimize import optimize
     from labelmill.store.versions import vacuum
 
-    _, vac_s = timed(lambda: vacuum(out, keep_versions=args.keep, apply=True))
-    rows.append({"night": args.nights, "after": "vacuum", "vacuum_s": round(vac_s, 2), "log": log_stats(out)})
+    s3 = CountingS3() if args.s3 else None
+    so = s3.options if s3 else None
+    tmp = None if (args.out or s3) else tempfile.mkdtemp(prefix="bench-year-")
+    out = "s3://year/out" if s3 else os.path.abspath(args.out or os.path.join(tmp, "out"))
+    keeps = [int(k) for k in args.retentions.split(",")]
+    store = OutputStore(out, so)
+    store.claim({"bench": "year"}, "h" * 16)
+    rss = PeakRSS()
+    year = Year(args, out, store, so, np.random.default_rng(0))
+    initial_s = year.initial()
+    rows = [{"night": 0, "initial_commit_s": round(initial_s, 1), **measure(out, 0, [], rss, year.probe, so)}]
+    if s3:
+        rows[-1]["s3_requests_initial"] = s3.take()
+    print(json.dumps(rows[-1]), flush=True)
+    night_s: list[float] = []
+    requests: list[dict] = []
+    rewrite_mb: list[float] = []
+    maintenance = []
+    for night in range(1, args.nights + 1):
+        done = year.night(night)
+        night_s.append(done["seconds"])
+        rewrite_mb.append(done["rewrite_mb"])
+        if s3:
+            requests.append(s3.take())
+        if args.optimize_every and night % args.optimize_every == 0:
+            res, sec = timed(lambda: optimize(out, group_shards=args.group_shards, storage_options=so))
+            maintenance.append({"night": night, "optimize_s": round(sec, 2), "version": res["version"]})
+            store = year.store = OutputStore(out, so)
+        if args.vacuum_every and night % args.vacuum_every == 0:
+            _, sec = timed(lambda: vacuum(out, keep_versions=args.keep, apply=True, storage_options=so))
+            maintenance.append({"night": night, "vacuum_s": round(sec, 2)})
+        if night % args.every == 0 or night == args.nights:
+            rows.append(measure(out, night, night_s, rss, year.probe, so))
+            rows[-1]["rewrite_mb_per_night"] = round(float(np.mean(rewrite_mb)), 2)
+            if s3:
+                rows[-1]["s3_requests_per_night"] = {k: round(float(np.mean([r.get(k, 0) for r in requests])), 1)
+                                                     for k in sorted({k for r in requests for k in r})}
+                requests = []
+            night_s, rewrite_mb = [], []
+            print(json.dumps(rows[-1]), flush=True)
+    end = {"night": args.nights, "after": "year", "retention_before_optimize": retention(out, keeps, so)}
+    res, sec = timed(lambda: optimize(out, group_shards=args.group_shards, storage_options=so))
+    end.update(optimize_s=round(sec, 2), optimize=res["tables"], retention_after_optimize=retention(out, keeps, so))
+    if s3:
+        end["s3_requests_optimize"] = s3.take()
+    year.store = OutputStore(out, so)
+    after = [year.night(args.nights + i) for i in range(1, args.after + 1)]
+    end["after_optimize"] = {"nights": args.after,
+                             "night_s": round(float(np.median([a["seconds"] for a in after])), 3),
+                             "rewrite_mb_per_night": round(float(np.mean([a["rewrite_mb"] for a in after])), 2),
+                             "worker_mb_per_night": round(float(np.mean([a["worker_mb"] for a in after])), 2),
+                             "retention": retention(out, keeps, so)}
+    _, vac_s = timed(lambda: vacuum(out, keep_versions=args.keep, apply=True, storage_options=so))
+    end.update(vacuum_s=round(vac_s, 2), log=log_stats(out, so))
+    end["totals"] = data_totals(end["log"])
+    rows.append(end)
     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}, fh, indent=2)
+            json.dump({"args": vars(args), "rows": rows, "maintenance": maintenance,
+                       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}, fh, indent=2)
     if args.plot:
         plot_png(rows, args.plot)
+    if s3:
+        s3.close()
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
 

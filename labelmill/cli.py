@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from labelmill.cli_refresh import add_parsers as add_refresh_parsers
 
-    add_refresh_parsers(sub)  # refresh, versions, diff, rollback, vacuum
+    add_refresh_parsers(sub)  # refresh, versions, diff, rollback, vacuum, optimize
     return parser
 
 

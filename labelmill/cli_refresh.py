@@ -78,6 +78,23 @@ def _cmd_vacuum(args: argparse.Namespace) -> int:
     return EXIT_PUBLISHED
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from labelmill.store.optimize import format_optimize, optimize
+
+    result = optimize(args.output, group_shards=args.group_shards, target_mb=args.target_mb, dry_run=args.dry_run)
+    print(json.dumps(result, default=str) if args.json else format_optimize(result))
+    return EXIT_PUBLISHED
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
 def add_parsers(sub) -> None:
     codes = "; ".join(f"{k}: {v}" for k, v in MEANING.items())
     p = sub.add_parser(
@@ -132,3 +149,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--yes", action="store_true", help="really delete")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_vacuum)
+
+    from labelmill.store.defaults import GROUP_SHARDS as DEFAULT_GROUP_SHARDS
+    from labelmill.store.defaults import TARGET_MB as DEFAULT_TARGET_MB
+
+    p = sub.add_parser("optimize", help="pack small files into one file per shard group, as a new version",
+                       description="Rewrite each table's small files as one file per group of consecutive "
+                       "shards and publish them as one dataset version with exactly the same rows (Delta "
+                       "dataChange=false; pinned versions keep their files until vacuum). A night that "
+                       "relabels a shard of a group rewrites the group's file without it. Takes the writer lock.")
+    p.add_argument("output", help="the output path")
+    p.add_argument("--group-shards", type=_positive(int), default=DEFAULT_GROUP_SHARDS, metavar="N",
+                   help=f"shards per group file (default {DEFAULT_GROUP_SHARDS}); a relabelled shard rewrites "
+                   "its group")
+    p.add_argument("--target-mb", type=_positive(float), default=DEFAULT_TARGET_MB, metavar="MB",
+                   help=f"largest group file; files this large are left alone (default {DEFAULT_TARGET_MB})")
+    p.add_argument("--dry-run", action="store_true", help="list the groups, write nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_optimize)

@@ -72,3 +72,33 @@ def test_log_entries_past_the_retention_are_kept(tmp_path, monkeypatch):
         time.sleep(0.3)
     assert labelmill.data.open(out, version=first).read("samples").num_rows == 2
     assert deltalake.DeltaTable(os.path.join(out, "samples"), version=1).to_pyarrow_table().num_rows == 2
+
+
+def test_the_regions_log_checkpoints_and_every_version_reads_the_same_files(tmp_path, monkeypatch):
+    """The ``_manifest/`` log of the float16 regions table: a checkpoint every CHECKPOINT_INTERVAL versions, and
+    reading any version from a checkpoint gives the files the replay of every entry gives."""
+    from labelmill.store import commit
+    from labelmill.store.commit import ManifestLog
+    from labelmill.schemas.tables import TABLES
+
+    monkeypatch.setattr(commit, "CHECKPOINT_INTERVAL", 3)
+    fs_root = str(tmp_path)
+    store = OutputStore(fs_root)
+    log = store.tables["regions"]
+    assert isinstance(log, ManifestLog)
+    live: list[str] = []
+    for v in range(10):
+        add = [{"path": f"f{v}.parquet", "size": 1, "rows": 1, "shard": f"s{v}", "stats": "{}"}]
+        gone = live[:1] if v % 2 else []
+        assert log.commit(add, gone, {}, None) == v
+        live = [p for p in live if p not in gone] + [add[0]["path"]]
+    names = sorted(os.listdir(os.path.join(fs_root, "regions", "_manifest")))
+    assert [n for n in names if n.endswith(".checkpoint.json")] == [f"c{v:09d}.checkpoint.json" for v in (3, 6, 9)]
+    with_checkpoints = {v: [f["path"] for f in log.files(v)] for v in range(10)}
+    assert with_checkpoints[9] == sorted(live)
+    for n in names:
+        if n.endswith(".checkpoint.json"):
+            os.remove(os.path.join(fs_root, "regions", "_manifest", n))
+    fresh = ManifestLog(store.fs, store.root, TABLES["regions"])  # nothing cached: a pure replay
+    assert {v: [f["path"] for f in fresh.files(v)] for v in range(10)} == with_checkpoints
+    assert fresh.drop_after(6) == 3 and fresh.version() == 6

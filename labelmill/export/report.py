@@ -31,8 +31,7 @@ def _color(name: str) -> tuple[int, int, int]:
 def _rows(ds: DatasetVersion, table: str, columns=None):
     """The version's rows of ``table`` shard by shard, in shard order (memory bounded by one shard)."""
     if table in ds.table_names():
-        for paths in ds.shard_paths(table).values():
-            rows = ds.read_paths(paths, columns)
+        for _, rows in ds.iter_shards(table, columns):
             yield rows.sort_by("index") if "index" in rows.column_names else rows
 
 

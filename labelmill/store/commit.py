@@ -27,6 +27,7 @@ the staging folders: staged files no record names are never read.
 
 from __future__ import annotations
 
+import bisect
 import json
 import posixpath
 import time
@@ -125,9 +126,24 @@ def file_stats(table: pa.Table) -> str:
 
 def stats_shard(stats: str) -> str | None:
     """The shard of a file written for one shard (its min and max agree), from its stats JSON."""
-    s = json.loads(stats or "{}")
-    lo, hi = s.get("minValues", {}).get("shard"), s.get("maxValues", {}).get("shard")
+    lo, hi = shard_range(stats)
     return lo if lo is not None and lo == hi else None
+
+
+def shard_range(stats: str | None) -> tuple[str | None, str | None]:
+    """The first and last shard whose rows a file holds, from its stats JSON ((None, None): no shard column).
+    A file of one shard has first == last; ``labelmill optimize`` writes files that hold several."""
+    s = json.loads(stats or "{}")
+    return s.get("minValues", {}).get("shard"), s.get("maxValues", {}).get("shard")
+
+
+def holds_any(entry: dict, ordered: list[str]) -> bool:
+    """Whether a file entry's shard range can hold any shard of the sorted list ``ordered``."""
+    lo, hi = shard_range(entry.get("stats"))
+    if lo is None or hi is None:
+        return False
+    i = bisect.bisect_left(ordered, lo)
+    return i < len(ordered) and ordered[i] <= hi
 
 
 def write_parquet(fs, path: str, table: pa.Table, compression: str | None, row_group_rows: int) -> int:
@@ -172,8 +188,10 @@ class TableLog(ABC):
         """File entries of ``version`` (default: latest); [] before the first commit."""
 
     @abstractmethod
-    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
-        """Commit adds and removes as one log version; returns it."""
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None,
+               data_change: bool = True) -> int:
+        """Commit adds and removes as one log version; returns it.  ``data_change=False``: the same rows in
+        other files (``labelmill optimize``), which Delta readers of the changes may skip."""
 
     def uri_of(self, path: str) -> str:
         return posixpath.join(self.path, path)
@@ -232,7 +250,8 @@ class DeltaLog(TableLog):
                         "shard": lo if lo == hi else None, "stats": json.dumps(stats)})
         return sorted(out, key=lambda f: f["path"])
 
-    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None,
+               data_change: bool = True) -> int:
         from deltalake import CommitProperties, DeltaTable
         from deltalake.transaction import AddAction, RemoveAction
 
@@ -240,10 +259,10 @@ class DeltaLog(TableLog):
         now = int(time.time() * 1000)
         actions: list[Any] = [
             AddAction(path=f["path"], size=int(f["size"]), partition_values={}, modification_time=now,
-                      data_change=True, stats=f["stats"])
+                      data_change=data_change, stats=f["stats"])
             for f in add
         ]
-        actions += [RemoveAction(path=p, data_change=True, deletion_timestamp=now) for p in remove]
+        actions += [RemoveAction(path=p, data_change=data_change, deletion_timestamp=now) for p in remove]
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
         if not self.exists():
             self._latest = None
@@ -260,9 +279,13 @@ class ManifestLog(TableLog):
     """Plain Parquet files plus a JSON log entry per commit in ``_manifest/``.
 
     For tables with types Delta Lake cannot express (float16 vectors).  Each
-    entry records its own ``version`` and its adds and removes; a version's
-    files are the replay of the entries up to it.  Plain Parquet readers
-    skip ``_manifest/`` and ``_staging/``.
+    entry (``v{version:09d}-{id}.json``) records its own ``version`` and its
+    adds and removes; a version's files are the replay of the entries up to
+    it.  Every ``CHECKPOINT_INTERVAL`` versions a checkpoint
+    (``c{version:09d}.checkpoint.json``) holds the whole file list, so a
+    version is read from one listing, one checkpoint and at most that many
+    entries, however long the history.  Plain Parquet readers skip
+    ``_manifest/`` and ``_staging/``.
     """
 
     @property
@@ -272,54 +295,76 @@ class ManifestLog(TableLog):
     def exists(self) -> bool:
         return self.fs.exists(self.log_dir)
 
-    def _entries(self) -> list[dict]:
+    def _listing(self) -> tuple[dict[int, str], dict[int, str]]:
+        """(version -> entry path, version -> checkpoint path), from one listing; no file is read."""
+        entries, checkpoints = {}, {}
         if not self.exists():
-            return []
-        entries = []
+            return entries, checkpoints
         for path in self.fs.ls(self.log_dir, detail=False):
-            if path.endswith(".json"):
-                with self.fs.open(path, "r") as fh:
-                    entry = json.load(fh)
-                entry["_path"] = path
-                entries.append(entry)
-        return sorted(entries, key=lambda e: e["version"])
+            name = posixpath.basename(path)
+            if name.startswith("v") and name.endswith(".json"):
+                entries[int(name[1:10])] = path
+            elif name.startswith("c") and name.endswith(".checkpoint.json"):
+                checkpoints[int(name[1:10])] = path
+        return entries, checkpoints
+
+    def _read(self, path: str) -> dict:
+        """A log file, parsed once per object (entries and checkpoints never change once written)."""
+        seen = self.__dict__.setdefault("_parsed", {})
+        if path not in seen:
+            with self.fs.open(path, "r") as fh:
+                seen[path] = json.load(fh)
+        return seen[path]
 
     def version(self) -> int | None:
-        entries = self._entries()
-        return entries[-1]["version"] if entries else None
+        entries, _ = self._listing()
+        return max(entries) if entries else None
 
     def files(self, version: int | None = None) -> list[dict]:
+        entries, checkpoints = self._listing()
+        if not entries:
+            return []
+        version = max(entries) if version is None else version
+        base = max((c for c in checkpoints if c <= version), default=None)
         files: dict[str, dict] = {}
-        for entry in self._entries():
-            if version is not None and entry["version"] > version:
-                break
+        if base is not None:
+            files = {f["path"]: f for f in self._read(checkpoints[base])["files"]}
+        for v in sorted(v for v in entries if (base is None or v > base) and v <= version):
+            entry = self._read(entries[v])
             for f in entry.get("add", []):
                 files[f["path"]] = f
             for p in entry.get("remove", []):
                 files.pop(p, None)
         return [files[p] for p in sorted(files)]
 
-    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None) -> int:
-        current = self.version()
-        version = 0 if current is None else current + 1
-        body = json.dumps({"version": version, "add": add, "remove": list(remove), "info": info}, sort_keys=True)
-        self.fs.makedirs(self.log_dir, exist_ok=True)
-        # a single PUT (S3) or a rename of a finished file (local): the entry appears whole
+    def _put(self, name: str, body: str) -> None:
+        # a single PUT (S3) or a rename of a finished file (local): the file appears whole
         tmp = posixpath.join(self.staging, f"log-{uuid.uuid4().hex}.json")
         self.fs.makedirs(self.staging, exist_ok=True)
+        self.fs.makedirs(self.log_dir, exist_ok=True)
         with self.fs.open(tmp, "w") as fh:
             fh.write(body)
-        self.fs.mv(tmp, posixpath.join(self.log_dir, f"v{version:09d}-{uuid.uuid4().hex[:8]}.json"))
+        self.fs.mv(tmp, posixpath.join(self.log_dir, name))
+
+    def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None,
+               data_change: bool = True) -> int:
+        current = self.version()
+        version = 0 if current is None else current + 1
+        body = json.dumps({"version": version, "add": add, "remove": list(remove), "info": info,
+                           "data_change": data_change}, sort_keys=True)
+        self._put(f"v{version:09d}-{uuid.uuid4().hex[:8]}.json", body)
+        if version and version % CHECKPOINT_INTERVAL == 0:  # after the entry: a crash between leaves none
+            self._put(f"c{version:09d}.checkpoint.json",
+                      json.dumps({"version": version, "files": self.files(version)}, sort_keys=True))
         return version
 
     def drop_after(self, version: int | None) -> int:
-        """Delete log entries newer than ``version`` (repair of a version that was never recorded)."""
-        n = 0
-        for entry in self._entries():
-            if version is None or entry["version"] > version:
-                self.fs.rm(entry["_path"])
-                n += 1
-        return n
+        """Delete log entries (and checkpoints) newer than ``version`` (repair of a version never recorded)."""
+        entries, checkpoints = self._listing()
+        doomed = [p for v, p in [*entries.items(), *checkpoints.items()] if version is None or v > version]
+        for path in doomed:
+            self.fs.rm(path)
+        return sum(1 for v in entries if version is None or v > version)
 
 
 # --------------------------------------------------------------------------
@@ -528,6 +573,7 @@ class OutputStore:
                 adds[f["table"]].append(f)
         counts = {c: int((counts or {}).get(c, 0)) for c in (*COUNT_COLUMNS, "duplicates")}
         started = time.monotonic()
+        gone_by_table = self._removals(removed, adds)
         self._write_intent(version, adds)
 
         table_versions: dict[str, int] = {}
@@ -536,7 +582,7 @@ class OutputStore:
             if log.spec.emitted_by == "commit":
                 continue
             new = [self._publish(log, f) for f in adds[name]]
-            gone = [f["path"] for f in log.files() if f.get("shard") in removed] if removed else []
+            gone = gone_by_table.get(name, [])
             # a table with a fixed schema exists from the first commit, empty if nothing has rows for it yet, so
             # readers of any version find every table (regions' schema is known only once it has rows)
             first = log.spec.format == "delta" and not callable(log.spec.schema) and not log.exists()
@@ -546,7 +592,7 @@ class OutputStore:
             v = log.version()
             if v is not None:
                 table_versions[name] = v
-                rows_by_table[name] = sum(int(f["rows"]) for f in new)
+                rows_by_table[name] = sum(int(f["rows"]) for f in adds[name] if not f.get("rewritten"))
         stats = self._stats_row(version, shard_items, removed, counts, info, time.monotonic() - started)
         stats_log = self.tables["stats"]
         if stats is not None:
@@ -581,6 +627,38 @@ class OutputStore:
         self._clear_intent()
         return record
 
+    def _removals(self, removed: list[str], adds: dict[str, list[dict]]) -> dict[str, list[str]]:
+        """Per table, the files to remove so that no row of a ``removed`` shard is left.
+
+        A file of one shard goes.  A file of several (``labelmill optimize``) whose shard range spans a
+        removed shard is read; if it holds rows of one, it goes too, and its other rows are staged again
+        as a new file added to ``adds`` (copy on write: a version never reads a removed shard's rows, and
+        Delta readers of any version see plain files)."""
+        gone: dict[str, list[str]] = {}
+        if not removed:
+            return gone
+        ordered, removed_set = sorted(removed), set(removed)
+        doomed = pa.array(ordered, pa.string())
+        for name, log in self.tables.items():
+            if log.spec.emitted_by == "commit":
+                continue
+            for f in log.files():
+                if f.get("shard") is not None:
+                    if f["shard"] in removed_set:
+                        gone.setdefault(name, []).append(f["path"])
+                    continue
+                if not holds_any(f, ordered):
+                    continue
+                with self.fs.open(log.uri_of(f["path"]), "rb") as fh:
+                    rows = pq.read_table(fh)
+                keep = rows.filter(pc.invert(pc.is_in(rows.column("shard"), value_set=doomed)))
+                if keep.num_rows == rows.num_rows:  # its range spans a removed shard it does not hold
+                    continue
+                gone.setdefault(name, []).append(f["path"])
+                if keep.num_rows:
+                    adds[name].append(dict(self.stage_table(name, keep), rewritten=True))
+        return gone
+
     def rollback(self, version: int, info: dict[str, Any] | None = None) -> dict:
         """Publish a new version whose tables hold exactly the files of ``version``."""
         records = self.versions()
@@ -613,6 +691,44 @@ class OutputStore:
             **info,
         }
         # a shard whose fingerprint changes back is removed and added in the same record
+        self._append_version(record)
+        self._clear_intent()
+        return record
+
+    def rewrite(self, staged: dict[str, list[dict]], replaced: dict[str, list[str]],
+                info: dict[str, Any] | None = None, kind: str = "optimize") -> dict:
+        """Publish one version whose rows are exactly the latest version's, in other files: per table, the
+        ``staged`` files (``stage_table`` entries) replace the ``replaced`` ones (Delta ``dataChange:
+        false``).  The record adds and removes no shard."""
+        records = self.versions()
+        if not records:
+            raise LookupError(f"{self.uri} has no dataset version to rewrite")
+        previous = records[-1]
+        version = previous["version"] + 1
+        info = dict(info or {})
+        self._write_intent(version, staged)
+        table_versions = dict(previous["table_versions"])
+        for name, log in self.tables.items():
+            add, remove = staged.get(name, []), replaced.get(name, [])
+            if not add and not remove:
+                continue
+            new = [self._publish(log, f) for f in add]
+            table_versions[name] = log.commit(new, remove, dict(info, version=version), self._schema(log, new),
+                                              data_change=False)
+        record = {
+            "version": version,
+            "time": datetime.now(timezone.utc).isoformat(),
+            "kind": kind,
+            "table_versions": table_versions,
+            "shards_added": [],
+            "shards_removed": [],
+            "rows_added": {},
+            "counts_by_status": previous.get("counts_by_status", {}),
+            "counts": {},
+            "config_hash": previous.get("config_hash"),
+            "teacher_hashes": previous.get("teacher_hashes", {}),
+            **info,
+        }
         self._append_version(record)
         self._clear_intent()
         return record

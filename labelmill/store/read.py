@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from labelmill.store.commit import OutputStore
+from labelmill.store.commit import OutputStore, holds_any, shard_range
 
 
 class OutputNotFound(LookupError):
@@ -84,15 +85,48 @@ class DatasetVersion:
             self._files[table] = [posixpath.join(log.path, f["path"]) for f in entries]
         return self._files[table]
 
-    def shard_paths(self, table: str) -> dict[str | None, list[str]]:
-        """Filesystem paths of ``table`` grouped by the shard their rows belong to (sorted by shard)."""
-        log = self._log(table)
-        groups: dict[str | None, list[str]] = {}
+    def _entries(self, table: str) -> list[dict]:
         if table not in self.record["table_versions"]:
-            return groups
-        for f in log.files(self.record["table_versions"][table]):
-            groups.setdefault(f.get("shard"), []).append(posixpath.join(log.path, f["path"]))
-        return {k: groups[k] for k in sorted(groups, key=lambda s: (s is None, s or ""))}
+            return []
+        return self._log(table).files(self.record["table_versions"][table])
+
+    def read_shard(self, table: str, shard: str, columns: list[str] | None = None) -> pa.Table | None:
+        """One shard's rows of ``table`` (None if the version has none): only the files whose shard range
+        (their Delta stats) can hold it are opened, so a pinned version reads one shard in one or two file
+        reads however many files it has; a group file of ``labelmill optimize`` is filtered to the shard."""
+        log = self._log(table)
+        mine = [f for f in self._entries(table) if holds_any(f, [shard])]
+        if not mine:
+            return None
+        paths = [posixpath.join(log.path, f["path"]) for f in mine]
+        if all(f.get("shard") == shard for f in mine):
+            return self.read_paths(paths, columns)
+        return pads.dataset(paths, filesystem=self.filesystem, format="parquet").to_table(
+            columns=columns, filter=pads.field("shard") == shard)
+
+    def iter_shards(self, table: str, columns: list[str] | None = None) -> Iterator[tuple[str | None, pa.Table]]:
+        """``(shard, rows)`` for every shard of ``table``, rows in file order (memory: one file, or one shard's
+        files).  Shards come in order of the files' first shard."""
+        log = self._log(table)
+        singles: dict[str | None, list[str]] = {}
+        groups: list[tuple[str, str]] = []
+        for f in self._entries(table):
+            path = posixpath.join(log.path, f["path"])
+            lo, hi = shard_range(f.get("stats"))
+            if lo is not None and lo != hi:
+                groups.append((lo, path))
+            else:
+                singles.setdefault(f.get("shard"), []).append(path)
+        work = [(s or "", "single", s) for s in singles] + [(lo, "group", path) for lo, path in groups]
+        for _, kind, what in sorted(work, key=lambda w: (w[0], w[1], str(w[2]))):
+            if kind == "single":
+                yield what, self.read_paths(singles[what], columns)
+                continue
+            rows = self.read_paths([what], None if columns is None or "shard" in columns else [*columns, "shard"])
+            shards = rows.column("shard")
+            for shard in sorted(pc.unique(shards).to_pylist()):
+                part = rows.filter(pc.equal(shards, shard))
+                yield shard, part.select(columns) if columns else part
 
     def read_paths(self, paths: list[str], columns: list[str] | None = None) -> pa.Table:
         return pads.dataset(paths, filesystem=self.filesystem, format="parquet").to_table(columns=columns)

@@ -37,9 +37,9 @@ def refilter_shard(store: OutputStore, view: DatasetVersion, shard: str, filter_
     for name in view.table_names():
         if name == "stats":
             continue
-        paths = view.shard_paths(name).get(shard)
-        if paths:
-            tables[name] = view.read_paths(paths)
+        rows = view.read_shard(name, shard)
+        if rows is not None:
+            tables[name] = rows
     samples = tables["samples"]
     labels = tables.get("labels")
     new_drops: dict[int, dict[str, int]] = {}
