@@ -135,3 +135,33 @@ def test_report_shows_changes_since_the_previous_version(tmp_path):
     assert "Changes since version 2" in text and "out: 1, relabelled: 1" in text and "labels 8 &rarr; 4" in text
     write_report(out, str(page), max_images=0, version=1)
     assert "first version" in page.read_text()
+
+
+def test_version_stats_stream_and_match_numpy_on_every_score():
+    """diff's statistics are streamed in batches: its 10-bin histogram equals numpy's over all scores, and its
+    percentiles are within one fine bin of numpy's, on scores that sit on the bin edges too."""
+    import numpy as np
+    import pyarrow as pa
+
+    from labelmill.store.versions import FINE_BINS, SCORE_BINS, _version_stats
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.uniform(0, 1, 5000), np.linspace(0, 1, 11), [np.nan]]).astype(np.float32)
+    names = rng.choice(["cat", "dog", None], scores.size)
+    labels = pa.table({"class_name": pa.array(names.tolist(), pa.string()), "score": pa.array(scores)})
+
+    class View:  # a version whose labels come in batches of 700 rows
+        def table_names(self):
+            return ["labels"]
+
+        def iter_batches(self, table, columns, batch_size):
+            yield from labels.select(columns).to_batches(max_chunksize=700)
+
+    got = _version_stats(View())
+    good = scores[~np.isnan(scores)].astype(float)
+    assert got["labels"] == good.size == 5011
+    assert got["score"]["histogram"] == np.histogram(good, SCORE_BINS)[0].tolist()
+    for q in (10, 50, 90):
+        assert abs(got["score"][f"p{q}"] - np.percentile(good, q)) <= 1.5 / FINE_BINS
+    assert got["score"]["mean"] == pytest.approx(good.mean())
+    assert got["classes"] == {k: int((names == k).sum()) for k in ("cat", "dog")} | {"None": int((names == None).sum())}  # noqa: E711

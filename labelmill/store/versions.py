@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -40,7 +41,10 @@ def describe_versions(output: str, storage_options: dict | None = None) -> list[
     out, state = [], {}
     for rec in records:
         changes = _shard_changes(state, rec)
-        state = OutputStore.shard_items([{"shards_added": list(state.values())}, rec])
+        for shard in rec.get("shards_removed", []):  # as OutputStore.shard_items replays, in place
+            state.pop(shard, None)
+        for item in rec.get("shards_added", []):
+            state[item["shard"]] = item
         out.append({
             "version": rec["version"],
             "time": rec["time"],
@@ -83,22 +87,44 @@ def format_versions(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ diff
+#: diff's score percentiles come from a histogram of this many bins over [0, 1] (exact to 1 / FINE_BINS)
+FINE_BINS = 100_000
+
+
 def _version_stats(view: DatasetVersion) -> dict[str, Any]:
-    samples = view.read("samples", columns=["status"]) if "samples" in view.table_names() else None
-    labels = view.read("labels", columns=["class_name", "score"]) if "labels" in view.table_names() else None
-    status = {}
-    if samples is not None and samples.num_rows:
-        status = {r["values"]: r["counts"] for r in pc.value_counts(samples.column("status")).to_pylist()}
-    classes: dict[str, int] = {}
-    scores = np.zeros(0)
-    if labels is not None and labels.num_rows:
-        classes = {str(r["values"]): r["counts"] for r in pc.value_counts(labels.column("class_name")).to_pylist()}
-        scores = labels.column("score").to_numpy(zero_copy_only=False).astype(float)
-        scores = scores[~np.isnan(scores)]
-    hist = np.histogram(np.clip(scores, 0, 1), SCORE_BINS)[0].tolist() if scores.size else [0] * 10
-    quant = {f"p{q}": (float(np.percentile(scores, q)) if scores.size else None) for q in (10, 50, 90)}
-    return {"status": status, "classes": classes, "labels": int(scores.size),
-            "score": {"mean": float(scores.mean()) if scores.size else None, **quant, "histogram": hist}}
+    """Status and class counts and the score distribution of a version, streamed batch by batch: memory is
+    one batch and a fixed histogram however many labels the version holds."""
+    status: Counter = Counter()
+    classes: Counter = Counter()
+    fine = np.zeros(FINE_BINS + 1, np.int64)
+    total, n = 0.0, 0
+    if "samples" in view.table_names():
+        for batch in view.iter_batches("samples", columns=["status"], batch_size=1 << 20):
+            for r in pc.value_counts(batch.column(0)).to_pylist():
+                status[r["values"]] += r["counts"]
+    if "labels" in view.table_names():
+        for batch in view.iter_batches("labels", columns=["class_name", "score"], batch_size=1 << 20):
+            for r in pc.value_counts(batch.column(0)).to_pylist():
+                classes[str(r["values"])] += r["counts"]
+            scores = batch.column(1).to_numpy(zero_copy_only=False).astype(float)
+            scores = np.clip(scores[~np.isnan(scores)], 0.0, 1.0)
+            fine += np.bincount((scores * FINE_BINS).astype(np.int64), minlength=FINE_BINS + 1)
+            total += float(scores.sum())
+            n += scores.size
+    per = FINE_BINS // (len(SCORE_BINS) - 1)
+    coarse = fine[:FINE_BINS].reshape(len(SCORE_BINS) - 1, per).sum(axis=1)
+    coarse[-1] += fine[FINE_BINS]  # a score of exactly 1 counts in the last bin, as numpy's histogram does
+    cum = np.cumsum(fine)
+
+    def percentile(q: float) -> float | None:
+        if not n:
+            return None
+        i = int(np.searchsorted(cum, q / 100 * (n - 1), side="right"))
+        return min(1.0, (i + 0.5) / FINE_BINS)
+
+    return {"status": dict(status), "classes": dict(classes), "labels": n,
+            "score": {"mean": total / n if n else None, **{f"p{q}": percentile(q) for q in (10, 50, 90)},
+                      "histogram": coarse.tolist()}}
 
 
 def diff_versions(output: str, a: int | str, b: int | str, storage_options: dict | None = None) -> dict:
