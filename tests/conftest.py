@@ -42,3 +42,10 @@ def no_ray(monkeypatch):
 
     monkeypatch.setattr(runtime, "start_ray", refuse)
     monkeypatch.setattr(executor, "start_ray", refuse)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests run first (their own order kept): under ``-n 2 --dist loadscope`` (the README's
+    command) the long modules start at once on both workers and the short ones fill in around them."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)

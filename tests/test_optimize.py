@@ -130,6 +130,10 @@ def test_nights_after_optimize_rewrite_group_files_without_the_removed_shards(tm
         assert not any(r["shard"] == "s04" for r in night[t])
         assert sorted({r["index"] for r in night[t] if r["shard"] == "s01"}) == [10, 11]
     assert snapshot(out, packed) == at_packed  # the optimized version is pinned as it was
+    ds = labelmill.data.open(out, record["version"])  # group files and a worker's files side by side
+    assert sorted(s for s, _ in ds.iter_shards("samples")) == sorted(by_shard)
+    assert sorted(ds.read_shard("labels", "s01").column(Col.INDEX).unique().to_pylist()) == [10, 11]
+    assert sorted(ds.read_shard("labels", "s02").column(Col.INDEX).unique().to_pylist()) == [1, 2, 3, 4]
     # the plan of the next night sees exactly the committed shards
     assert set(store.committed_shards()) == {"s00", "s01", "s02", "s03", "s05", "s09"}
     # rollback to before the optimize brings back the per-shard files

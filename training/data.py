@@ -49,20 +49,15 @@ class LabelSummary:
 def summarise_labels(ds, kind: str, teacher: str | None, threshold: float) -> LabelSummary:
     """Pick the teacher whose labels to learn and check that some are usable.
 
-    Streams the labels shard by shard (the store groups each shard's rows in
-    its own files), so counting the distinct labelled images holds one
-    shard's keys at a time."""
-    import pyarrow.dataset as pads
-
+    Streams the labels shard by shard (``DatasetVersion.iter_shards``), so
+    counting the distinct labelled images holds one shard's keys at a time."""
     per_teacher: Counter = Counter()
     images: Counter = Counter()
     classes: dict[str, dict[int, str]] = {}
-    schema = ds.schema("labels")
     columns = ["teacher", "kind", "score", "class_id", "class_name", "shard", "key"]
-    for paths in ds.shard_paths("labels").values():
+    for _, rows_of_shard in ds.iter_shards("labels", columns):
         keys: dict[str, set] = {}
-        files = pads.dataset(paths, schema=schema, filesystem=ds.filesystem, format="parquet")
-        for batch in files.to_batches(columns=columns, batch_size=65536):
+        for batch in rows_of_shard.to_batches(max_chunksize=65536):
             keep = pc.and_(pc.equal(batch.column("kind"), kind), pc.greater_equal(batch.column("score"), threshold))
             rows = batch.filter(keep).to_pydict()
             for t, cid, name, shard, key in zip(rows["teacher"], rows["class_id"], rows["class_name"],
@@ -128,13 +123,14 @@ def shard_samples(item: dict, *, output: str, version: int, storage_options: dic
     if ds is None:
         ds = _OPEN[cache_key] = labelmill.data.open(output, version, storage_options=storage_options or None)
     shard = item["shard"]
-    flt = (pc.field("shard") == shard) & (pc.field("teacher") == teacher) & (pc.field("kind") == kind)
-    labels = ds.read("labels", columns=LABEL_COLUMNS, filter=flt).to_pylist()
+    flt = (pc.field("teacher") == teacher) & (pc.field("kind") == kind)
+    labels = ds.read_shard("labels", shard, columns=LABEL_COLUMNS, filter=flt)  # only the files that hold it
+    labels = [] if labels is None else labels.to_pylist()
     by_key: dict[str, list[dict]] = {}
     for row in labels:
         by_key.setdefault(row.pop("key"), []).append(row)
-    samples = ds.read("samples", columns=["key", "caption", "meta_json"],
-                      filter=(pc.field("shard") == shard)).to_pylist()
+    samples = ds.read_shard("samples", shard, columns=["key", "caption", "meta_json"])
+    samples = [] if samples is None else samples.to_pylist()
     info = {s["key"]: s for s in samples}
     for raw in iter_shard(shard, shard_storage_options or None):
         rows = by_key.get(raw.key)

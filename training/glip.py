@@ -107,7 +107,7 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels, build the pseudo-label (and gold) streams."""
     import ray.data
 
-    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
+    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels, version_shards
     from labelmill.training.prepare import PrepareGrounding, read_image
 
     if not os.path.exists(cfg.model.tokenizer) and cfg.model.tokenizer != "builtin-test":
@@ -124,7 +124,7 @@ def prepare(cfg: GLIPTrainConfig) -> tuple[dict, dict]:
     data["pad_value"] = [round(v) for v in PIXEL_MEAN_BGR[::-1]] if cfg.data.pad == "mean" else [0, 0, 0]
     kwargs = dict(batch_size=8, compute=ray.data.ActorPoolStrategy(size=cfg.data.prepare_workers),
                   num_cpus=cfg.data.prepare_cpus)
-    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
+    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(version_shards(ds)))
     datasets = {"train": sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat).map_batches(
         PrepareGrounding, fn_constructor_args=(data, negatives, cfg.max_prompt_classes, True), **kwargs)}
     gold_sets = [(g, gold_records(g)) for g in cfg.gold]

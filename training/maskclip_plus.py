@@ -179,7 +179,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
     """Driver side: pin the version, check labels and vocabulary, build the streamed dataset."""
     import ray.data
 
-    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels
+    from labelmill.training.data import open_version, passes, sample_dataset, summarise_labels, version_shards
     from labelmill.training.prepare import PrepareSegmentation
 
     if cfg.model.backbone_weights:
@@ -205,7 +205,7 @@ def prepare(cfg: MaskCLIPPlusConfig) -> tuple[dict, dict]:
         if names != vocabulary:
             raise VocabularyMismatch(f"model.init_from has {len(names)} classes that differ from the "
                                      f"teacher's {len(vocabulary)}")
-    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(ds.shard_paths("samples")))
+    repeat = passes(cfg.data, cfg.optim, cfg.scaling, summary.images, len(version_shards(ds)))
     samples = sample_dataset(ds, cfg.data, summary.teacher, KIND, repeat)
     seen = cfg.transductive.seen_classes if cfg.transductive is not None else None
     train = samples.map_batches(PrepareSegmentation,

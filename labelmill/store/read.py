@@ -64,6 +64,7 @@ class DatasetVersion:
         self.record = record
         self.version: int = record["version"]
         self._files: dict[str, list[str]] = {}
+        self._schemas: dict[str, pa.Schema | None] = {}
         self._fs = None
 
     def table_names(self) -> list[str]:
@@ -90,7 +91,8 @@ class DatasetVersion:
             return []
         return self._log(table).files(self.record["table_versions"][table])
 
-    def read_shard(self, table: str, shard: str, columns: list[str] | None = None) -> pa.Table | None:
+    def read_shard(self, table: str, shard: str, columns: list[str] | None = None,
+                   filter: Any = None) -> pa.Table | None:
         """One shard's rows of ``table`` (None if the version has none): only the files whose shard range
         (their Delta stats) can hold it are opened, so a pinned version reads one shard in one or two file
         reads however many files it has; a group file of ``labelmill optimize`` is filtered to the shard."""
@@ -99,10 +101,9 @@ class DatasetVersion:
         if not mine:
             return None
         paths = [posixpath.join(log.path, f["path"]) for f in mine]
-        if all(f.get("shard") == shard for f in mine):
-            return self.read_paths(paths, columns)
-        return pads.dataset(paths, filesystem=self.filesystem, format="parquet").to_table(
-            columns=columns, filter=pads.field("shard") == shard)
+        if not all(f.get("shard") == shard for f in mine):
+            filter = pads.field("shard") == shard if filter is None else (pads.field("shard") == shard) & filter
+        return self.read_paths(paths, columns, filter=filter, schema=self.schema(table))
 
     def iter_shards(self, table: str, columns: list[str] | None = None) -> Iterator[tuple[str | None, pa.Table]]:
         """``(shard, rows)`` for every shard of ``table``, rows in file order (memory: one file, or one shard's
@@ -117,19 +118,25 @@ class DatasetVersion:
                 groups.append((lo, path))
             else:
                 singles.setdefault(f.get("shard"), []).append(path)
+        schema = self.schema(table) if singles or groups else None
         work = [(s or "", "single", s) for s in singles] + [(lo, "group", path) for lo, path in groups]
         for _, kind, what in sorted(work, key=lambda w: (w[0], w[1], str(w[2]))):
             if kind == "single":
-                yield what, self.read_paths(singles[what], columns)
+                yield what, self.read_paths(singles[what], columns, schema=schema)
                 continue
-            rows = self.read_paths([what], None if columns is None or "shard" in columns else [*columns, "shard"])
+            rows = self.read_paths([what], None if columns is None or "shard" in columns else [*columns, "shard"],
+                                   schema=schema)
             shards = rows.column("shard")
             for shard in sorted(pc.unique(shards).to_pylist()):
                 part = rows.filter(pc.equal(shards, shard))
                 yield shard, part.select(columns) if columns else part
 
-    def read_paths(self, paths: list[str], columns: list[str] | None = None) -> pa.Table:
-        return pads.dataset(paths, filesystem=self.filesystem, format="parquet").to_table(columns=columns)
+    def read_paths(self, paths: list[str], columns: list[str] | None = None, filter: Any = None,
+                   schema: pa.Schema | None = None) -> pa.Table:
+        """Rows of some of the version's files; ``schema``: the table's (:meth:`schema`), for files written
+        before a column was added."""
+        return pads.dataset(paths, schema=schema, filesystem=self.filesystem, format="parquet").to_table(
+            columns=columns, filter=filter)
 
     def files(self, table: str) -> list[str]:
         """Absolute URIs of the Parquet files this version reads for ``table``."""
@@ -152,6 +159,12 @@ class DatasetVersion:
         return self._fs
 
     def schema(self, table: str) -> pa.Schema | None:
+        if table in self._schemas:
+            return self._schemas[table]
+        self._schemas[table] = self._schema(table)
+        return self._schemas[table]
+
+    def _schema(self, table: str) -> pa.Schema | None:
         paths = self.paths(table)
         if not paths:
             spec = self.store.tables[table].spec
