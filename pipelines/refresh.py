@@ -1,7 +1,8 @@
 """The nightly refresh: bring an output up to date with tonight's input and config as ONE new version.
 
 Under the output's writer lock: list tonight's shards with fingerprints,
-plan every shard against the current version's records (no table is read,
+plan every shard against the current version's state (the latest snapshot of the
+version records and the records after it; no table is read,
 so a night with nothing to do is cheap: see ``benchmarks/bench_refresh.py``),
 label what must be labelled (new, changed, stale), and publish the new rows
 together with the removal of changed, deleted and stale shards' old rows as
@@ -31,7 +32,7 @@ from labelmill.exitcodes import EXIT_LOCK_HELD, EXIT_NOTHING_TO_DO, EXIT_PUBLISH
 from labelmill.io.shards import list_shard_fingerprints
 from labelmill.engine.run_info import new_run_id, version_info, writer_lock
 from labelmill.pipelines.label import build_pipeline
-from labelmill.store.commit import OutputStore
+from labelmill.store.commit import OutputStore, StoreState
 from labelmill.store.lock import LockHeld
 from labelmill.store.read import DatasetVersion
 from labelmill.store.refilter import refilter_shard
@@ -58,11 +59,11 @@ def plan_only(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dic
     stream = stream or sys.stderr
     listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
-    records = store.versions() if store.read_config() is not None else []
-    committed = committed_from_records(store.shard_items(records), store.label_inputs(records)) if records else {}
+    state = store.state() if store.read_config() is not None else StoreState()
+    committed = committed_from_records(state.shards, state.label_inputs)
     plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
     summary = {"command": "refresh", "dry_run": True, "output": cfg.output.path,
-               "previous_version": records[-1]["version"] if records else None, **plan.summary()}
+               "previous_version": state.latest["version"] if state.latest else None, **plan.summary()}
     print(f"[labelmill] refresh plan (dry run): {len(listing)} listed; "
           + ", ".join(f"{v} {k}" for k, v in summary["shards"].items())
           + f"; {len(plan.to_label)} to label, {len(plan.to_refilter)} to re-filter, {len(plan.to_remove)} to remove",
@@ -99,13 +100,13 @@ def _refresh(cfg: RunConfig, listing: dict, stream) -> dict:
         repair = store.repair()
         if any(repair.values()):
             print(f"[labelmill] repaired output after an interrupted writer: {repair}", file=stream)
-        records = store.versions()
-        committed = committed_from_records(store.shard_items(records), store.label_inputs(records))
+        state = store.state()  # the latest snapshot and the records after it, not the whole history
+        committed = committed_from_records(state.shards, state.label_inputs)
         plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
         to_label, to_refilter = plan.to_label, plan.to_refilter
         summary = {"command": "refresh", "output": cfg.output.path, "run_id": run_id,
                    "started_at": datetime.now(timezone.utc).isoformat(),
-                   "previous_version": records[-1]["version"] if records else None,
+                   "previous_version": state.latest["version"] if state.latest else None,
                    **plan.summary(), "repair": repair}
         counts = summary["shards"]
         print(f"[labelmill] refresh plan: {len(listing)} listed; " + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -125,7 +126,7 @@ def _refresh(cfg: RunConfig, listing: dict, stream) -> dict:
                           shard_fields=shard_fields, single_version=True, remove_shards=plan.to_remove,
                           before_commit=lock.ensure_held, kind="refresh")
         if to_refilter:
-            view = DatasetVersion(store, records[-1])
+            view = DatasetVersion(store, state.latest)
             for shard in to_refilter:
                 manifest = refilter_shard(store, view, shard, cfg.filter,
                                           {"config_hash": cfg.label_hash(), "run_id": run_id})

@@ -102,3 +102,45 @@ def test_the_regions_log_checkpoints_and_every_version_reads_the_same_files(tmp_
     fresh = ManifestLog(store.fs, store.root, TABLES["regions"])  # nothing cached: a pure replay
     assert {v: [f["path"] for f in fresh.files(v)] for v in range(10)} == with_checkpoints
     assert fresh.drop_after(6) == 3 and fresh.version() == 6
+
+
+def test_the_writer_state_from_snapshots_equals_the_replay_of_every_record(tmp_path, monkeypatch):
+    """A writer reads the latest state snapshot plus the records after it; after every kind of version (run
+    commits with classes, replacements, removals, a rollback, an optimize) the state equals the replay of the
+    whole history, read by the writer that made it or by a fresh one, with a damaged snapshot or none."""
+    from labelmill.store import commit
+    from labelmill.store.classes import ClassRegistry
+    from labelmill.store.optimize import optimize
+
+    monkeypatch.setattr(commit, "COMPACT_VERSIONS_EVERY", 3)
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    store.claim({}, "h")
+
+    def check(writer: OutputStore) -> None:
+        records = writer.versions()
+        for reader in (writer, OutputStore(out)):
+            state = reader.state()
+            assert state.latest == records[-1]
+            assert state.shards == OutputStore.shard_items(records)
+            assert state.label_inputs == OutputStore.label_inputs(records)
+            assert state.registry().entries == ClassRegistry.from_records(records).entries
+
+    for v in range(1, 8):
+        staged = store.stage_table("samples", _samples(f"s{v}", 2))
+        store.commit([{"files": [staged]}], [{"shard": f"s{v}", "fingerprint": {"size": v}, "inputs": f"k{v % 2}"}],
+                     remove_shards=[f"s{v - 3}"] if v > 4 else [],
+                     info={"label_inputs": {f"k{v % 2}": {"v": v}}, "vocabularies": {"t": [f"class{v // 2}"]}})
+        check(store)
+    store.rollback(4)
+    check(store)
+    optimize(out, group_shards=2)
+    check(store)
+    snapshots = sorted(os.listdir(os.path.join(out, "_labelmill", "state")))
+    assert snapshots == ["000000003.json", "000000006.json", "000000009.json"]
+    with open(os.path.join(out, "_labelmill", "state", snapshots[-1]), "w") as fh:
+        fh.write('{"latest": ')  # damaged: the one before it is used
+    check(OutputStore(out))
+    for name in snapshots:
+        os.remove(os.path.join(out, "_labelmill", "state", name))
+    check(OutputStore(out))  # none: the whole history is replayed

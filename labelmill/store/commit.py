@@ -33,6 +33,7 @@ import posixpath
 import time
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -57,6 +58,50 @@ VERSIONS_SCHEMA = pa.schema(
         pa.field("record", pa.string(), nullable=False),
     ]
 )
+
+
+STATE_DIR = "_labelmill/state"  # snapshots of the current shard state, one every COMPACT_VERSIONS_EVERY versions
+
+
+@dataclass
+class StoreState:
+    """What a writer needs of the version history, as of its ``latest`` record: the committed shards (shard ->
+    item), every label-inputs record a version named, and the class registry's entries.
+
+    A writer keeps this instead of the history (its memory is the live shards', not every night's), and
+    reads it from the latest snapshot (``_labelmill/state/``, written every ``COMPACT_VERSIONS_EVERY``
+    versions) plus the few records after it."""
+
+    latest: dict | None = None
+    shards: dict[str, dict] = field(default_factory=dict)
+    label_inputs: dict[str, dict] = field(default_factory=dict)
+    classes: list[dict] = field(default_factory=list)
+
+    @property
+    def version(self) -> int:
+        return self.latest["version"] if self.latest else 0
+
+    def apply(self, record: dict) -> None:
+        """The state after ``record`` (as :meth:`OutputStore.shard_items` replays records)."""
+        for shard in record.get("shards_removed", []):
+            self.shards.pop(shard, None)
+        for item in record.get("shards_added", []):
+            self.shards[item["shard"]] = item
+        self.label_inputs.update(record.get("label_inputs") or {})
+        self.classes.extend(record.get("classes_added") or [])
+        self.latest = record
+
+    def registry(self) -> ClassRegistry:
+        return ClassRegistry.from_records([{"classes_added": self.classes}])
+
+    def to_json(self) -> str:
+        return json.dumps({"latest": self.latest, "shards": self.shards, "label_inputs": self.label_inputs,
+                           "classes": self.classes}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StoreState":
+        d = json.loads(text)
+        return cls(d["latest"], d["shards"], d["label_inputs"], d["classes"])
 
 
 class OutputConflictError(RuntimeError):
@@ -113,14 +158,14 @@ STATS_COLUMNS = ("shard", "key", "index", "commit")
 def file_stats(table: pa.Table) -> str:
     """Delta ``stats`` JSON: row count plus min/max/nulls of the identifying columns."""
     mins, maxs, nulls = {}, {}, {}
-    for field in table.schema:
-        if field.name not in STATS_COLUMNS:
+    for f in table.schema:
+        if f.name not in STATS_COLUMNS:
             continue
-        col = table.column(field.name)
-        nulls[field.name] = col.null_count
+        col = table.column(f.name)
+        nulls[f.name] = col.null_count
         if table.num_rows and col.null_count < table.num_rows:
             mm = pc.min_max(col)
-            mins[field.name], maxs[field.name] = mm["min"].as_py(), mm["max"].as_py()
+            mins[f.name], maxs[f.name] = mm["min"].as_py(), mm["max"].as_py()
     return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
 
 
@@ -383,7 +428,7 @@ class OutputStore:
         self.delta_storage = delta_storage_options(self.storage_options, self.uri)
         self.compression = None if compression == "none" else compression
         self.tables: dict[str, TableLog] = {}
-        self._records: tuple[int, list[dict]] | None = None  # (versions-table version, parsed records)
+        self._state: tuple[int, StoreState] | None = None  # (versions-table version, the state as of it)
         for spec in TABLES.values():
             if spec.format == "delta":
                 self.tables[spec.name] = DeltaLog(self.fs, self.root, spec, self.delta_root, self.delta_storage)
@@ -452,21 +497,67 @@ class OutputStore:
         return self.delta_root.rstrip("/") + "/" + VERSIONS_TABLE
 
     def versions(self) -> list[dict]:
-        """Every version record, oldest first.  Parsed once per versions-table state: a writer that commits
-        many versions (a run, the nightly refresh) reads the history once, then only its own appends."""
+        """Every version record, oldest first (the history: ``versions``, ``diff``, ``rollback``, readers that pick
+        a version).  Parsed on each call and not kept: a writer works from :meth:`state`."""
         from deltalake import DeltaTable
 
         uri = self._versions_uri()
         if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
             return []
+        rows = DeltaTable(uri, storage_options=self.delta_storage).to_pyarrow_table(columns=["record"])
+        return sorted((json.loads(r) for r in rows.column("record").to_pylist()), key=lambda r: r["version"])
+
+    def _records_after(self, table, version: int) -> list[dict]:
+        """The records newer than ``version``: the versions table's files are pruned on their version stats, so
+        this reads the last compacted file or two, not the history."""
+        rows = table.to_pyarrow_table(columns=["record"], filters=[("version", ">", version)])
+        return sorted((json.loads(r) for r in rows.column("record").to_pylist()), key=lambda r: r["version"])
+
+    def _snapshots(self) -> dict[int, str]:
+        folder = self._path(STATE_DIR)
+        if not self.fs.exists(folder):
+            return {}
+        out = {}
+        for path in self.fs.ls(folder, detail=False):
+            name = posixpath.basename(path)
+            if name.endswith(".json") and name[:-5].isdigit():
+                out[int(name[:-5])] = path
+        return out
+
+    def state(self) -> StoreState:
+        """The writer's view of the history, as of the latest version (see :class:`StoreState`): the latest
+        snapshot plus the records after it, or this object's own state brought up to date."""
+        from deltalake import DeltaTable
+
+        uri = self._versions_uri()
+        if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
+            return StoreState()
         table = DeltaTable(uri, storage_options=self.delta_storage)
-        cached = getattr(self, "_records", None)
-        if cached is not None and cached[0] == table.version():
-            return list(cached[1])
-        rows = table.to_pyarrow_table(columns=["record"]).column("record").to_pylist()
-        records = sorted((json.loads(r) for r in rows), key=lambda r: r["version"])
-        self._records = (table.version(), records)
-        return list(records)
+        if self._state is not None and self._state[0] == table.version():
+            return self._state[1]
+        state = self._state[1] if self._state is not None else None
+        if state is None:
+            snapshots = self._snapshots()
+            state = StoreState()
+            for v in sorted(snapshots, reverse=True):  # the newest readable snapshot (one is written whole)
+                try:
+                    with self.fs.open(snapshots[v], "r") as fh:
+                        state = StoreState.from_json(fh.read())
+                    break
+                except (ValueError, KeyError, OSError):
+                    continue
+        for record in self._records_after(table, state.version):
+            state.apply(record)
+        self._state = (table.version(), state)
+        return state
+
+    def _write_snapshot(self, state: StoreState) -> None:
+        path = self._path(f"{STATE_DIR}/{state.version:09d}.json")
+        tmp = self._path(f"{STATE_DIR}/.{uuid.uuid4().hex}.tmp")
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(tmp, "w") as fh:
+            fh.write(state.to_json())
+        self.fs.mv(tmp, path)  # appears whole: a rename locally, one PUT on S3
 
     def vacuumed(self) -> set[int]:
         """Versions whose files ``vacuum`` may have deleted (they can no longer be read)."""
@@ -477,11 +568,10 @@ class OutputStore:
             return set(json.load(fh).get("vacuumed", []))
 
     def latest(self) -> dict | None:
-        records = self.versions()
-        return records[-1] if records else None
+        return self.state().latest
 
     def _append_version(self, record: dict) -> None:
-        from deltalake import write_deltalake
+        from deltalake import DeltaTable, write_deltalake
 
         row = pa.table(
             {"version": [record["version"]],
@@ -489,19 +579,21 @@ class OutputStore:
              "record": [json.dumps(record, sort_keys=True)]},
             schema=VERSIONS_SCHEMA,
         )
-        from deltalake import DeltaTable
-
-        cached = getattr(self, "_records", None)
+        state = self.state()  # as of the version before this one
         write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
                         configuration=delta_table_config(), post_commithook_properties=post_commit())
         table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
         if record["version"] % COMPACT_VERSIONS_EVERY == 0:  # same rows in fewer files (a dataChange=false commit)
             table.optimize.compact(post_commithook_properties=post_commit())
             table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
-        if cached is not None and cached[1] and cached[1][-1]["version"] == record["version"] - 1:
-            self._records = (table.version(), cached[1] + [record])
+        if state.version == record["version"] - 1:
+            state.apply(record)
+            self._state = (table.version(), state)
         else:
-            self._records = None
+            self._state = None
+            state = self.state()
+        if record["version"] % COMPACT_VERSIONS_EVERY == 0:
+            self._write_snapshot(state)
 
     @staticmethod
     def shard_items(records: Iterable[dict]) -> dict[str, dict]:
@@ -529,10 +621,10 @@ class OutputStore:
 
     def committed_shards(self) -> dict[str, dict]:
         """shard -> fingerprint, as of the latest version."""
-        return self.shard_state(self.versions())
+        return {s: item.get("fingerprint", {}) for s, item in self.state().shards.items()}
 
     def done_shards(self) -> set[str]:
-        return set(self.committed_shards())
+        return set(self.state().shards)
 
     # -------------------------------------------------------------- commit
     def staging_path(self, table: str) -> str:
@@ -562,8 +654,8 @@ class OutputStore:
         """
         info = dict(info or {})
         vocabularies = info.pop("vocabularies", None)
-        records = self.versions()
-        previous = records[-1] if records else None
+        state = self.state()
+        previous = state.latest
         version = (previous["version"] + 1) if previous else 1
         shard_items = [s if isinstance(s, dict) else {"shard": s, "fingerprint": {}} for s in shards]
         removed = sorted(set(remove_shards))
@@ -615,7 +707,7 @@ class OutputStore:
             "teacher_hashes": info.get("teacher_hashes", {}),
             "run_id": info.get("run_id"),
         }
-        classes_added = vocabularies_added(ClassRegistry.from_records(records), vocabularies)
+        classes_added = vocabularies_added(state.registry(), vocabularies)
         if classes_added:
             record["classes_added"] = classes_added
         if score_hist is not None:
@@ -700,10 +792,9 @@ class OutputStore:
         """Publish one version whose rows are exactly the latest version's, in other files: per table, the
         ``staged`` files (``stage_table`` entries) replace the ``replaced`` ones (Delta ``dataChange:
         false``).  The record adds and removes no shard."""
-        records = self.versions()
-        if not records:
+        previous = self.state().latest
+        if previous is None:
             raise LookupError(f"{self.uri} has no dataset version to rewrite")
-        previous = records[-1]
         version = previous["version"] + 1
         info = dict(info or {})
         self._write_intent(version, staged)

@@ -164,7 +164,7 @@ def optimize(output: str, *, group_shards: int = DEFAULT_GROUP_SHARDS, target_mb
     with OutputLock(output, storage_options, command="optimize") as lock:
         if not dry_run:
             store.repair()  # an interrupted writer's leftovers first
-        if not store.versions():
+        if store.latest() is None:
             raise LookupError(f"{output} has no committed dataset version to optimize")
         before = {name: len(log.files()) for name, log in store.tables.items() if log.exists()}
         groups = plan_groups(store, group_shards, target_mb)
