@@ -342,8 +342,9 @@ def plot_png(rows: list[dict], path: str) -> None:
         xy = [(x(n), y(v)) for n, v in zip(nights, vs) if v is not None]
         d.line(xy, fill=colour, width=2)
         d.text((pad + 10, 10 + 14 * list(series).index(name)), name, fill=colour)
-    d.text((w - 330, 10), f"peak RSS {pts[1]['peak_rss_mb'] if len(pts) > 1 else '?'} -> {pts[-1]['peak_rss_mb']} MB "
-           "(night 30 -> last)", fill="black")
+    key = "nights_peak_rss_mb" if "nights_peak_rss_mb" in pts[-1] else "peak_rss_mb"
+    d.text((w - 360, 10), f"driver peak RSS {pts[1].get(key, '?') if len(pts) > 1 else '?'} -> {pts[-1][key]} MB "
+           f"(night 30 -> last{', nights only' if key.startswith('nights') else ''})", fill="black")
     img.save(path)
 
 
@@ -373,9 +374,10 @@ class Year:
         driver's plan + commit seconds and the bytes the commit wrote beyond the workers' files."""
         args, rng, listing, store = self.args, self.rng, self.listing, self.store
         alive = [s for s in listing if s != self.probe]
-        n_rw = max(1, round(args.rewrite * len(listing)))
-        n_add = max(1, round(args.add * len(listing)))
-        n_del = max(1, round(args.delete * len(listing)))
+        base = len(listing) if args.churn == "compound" else args.shards  # fixed: shares of the first listing
+        n_rw = max(1, round(args.rewrite * base))
+        n_add = max(1, round(args.add * base))
+        n_del = max(1, round(args.delete * base))
         picks = rng.choice(len(alive), n_rw + n_del, replace=False)
         for i in picks[:n_rw]:
             s = alive[i]
@@ -389,8 +391,9 @@ class Year:
             self.next_id += 1
         run_id = f"night-{night}"
         t = time.perf_counter()
-        records = store.versions()
-        committed = committed_from_records(store.shard_items(records), store.label_inputs(records))
+        state = store.state()  # as labelmill refresh plans: the latest snapshot and the records after it
+        before = dict(state.latest["table_versions"]) if state.latest else {}
+        committed = committed_from_records(state.shards, state.label_inputs)
         plan = plan_refresh(listing, committed, TODAY)
         plan_s = time.perf_counter() - t
         todo = plan.to_label
@@ -403,7 +406,6 @@ class Year:
                            kind="refresh")
         seconds = plan_s + time.perf_counter() - t
         added = 0
-        before = records[-1]["table_versions"] if records else {}
         for name, v in rec["table_versions"].items():  # every file the version added (workers' + rewrites)
             if name == "stats" or before.get(name) == v:
                 continue
@@ -425,12 +427,17 @@ def main() -> None:
     ap.add_argument("--rewrite", type=float, default=0.01)
     ap.add_argument("--add", type=float, default=0.005)
     ap.add_argument("--delete", type=float, default=0.002)
+    ap.add_argument("--churn", choices=("compound", "fixed"), default="compound",
+                    help="shares of tonight's listing (it grows 0.3 %% a night) or of the first one (same work "
+                    "every night)")
     ap.add_argument("--optimize-every", type=int, default=0, metavar="N", help="optimize every N nights")
     ap.add_argument("--vacuum-every", type=int, default=0, metavar="N", help="vacuum (keep --keep) every N nights")
     ap.add_argument("--group-shards", type=int, default=16)
     ap.add_argument("--keep", type=int, default=14, help="versions vacuum keeps")
     ap.add_argument("--retentions", default="1,7,14", help="vacuum --keep-versions values measured (dry run)")
     ap.add_argument("--after", type=int, default=7, help="nights run after the final optimize")
+    ap.add_argument("--no-final-optimize", action="store_true",
+                    help="end with the retention dry runs and the vacuum only (no optimize, no nights after it)")
     ap.add_argument("--s3", action="store_true", help="moto S3 (counting requests) instead of local disk")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="write the measurements here")
@@ -474,7 +481,9 @@ def main() -> None:
             _, sec = timed(lambda: vacuum(out, keep_versions=args.keep, apply=True, storage_options=so))
             maintenance.append({"night": night, "vacuum_s": round(sec, 2)})
         if night % args.every == 0 or night == args.nights:
+            nights_peak = round(rss.take() / 2**20)  # the nights (and maintenance) alone, before the measurements
             rows.append(measure(out, night, night_s, rss, year.probe, so))
+            rows[-1]["nights_peak_rss_mb"] = nights_peak
             rows[-1]["rewrite_mb_per_night"] = round(float(np.mean(rewrite_mb)), 2)
             if s3:
                 rows[-1]["s3_requests_per_night"] = {k: round(float(np.mean([r.get(k, 0) for r in requests])), 1)
@@ -483,13 +492,16 @@ def main() -> None:
             night_s, rewrite_mb = [], []
             print(json.dumps(rows[-1]), flush=True)
     end = {"night": args.nights, "after": "year", "retention_before_optimize": retention(out, keeps, so)}
-    res, sec = timed(lambda: optimize(out, group_shards=args.group_shards, storage_options=so))
+    if args.no_final_optimize:
+        args.after = -1
+    res, sec = timed(lambda: optimize(out, group_shards=args.group_shards, storage_options=so,
+                                      dry_run=args.no_final_optimize))
     end.update(optimize_s=round(sec, 2), optimize=res["tables"], retention_after_optimize=retention(out, keeps, so))
     if s3:
         end["s3_requests_optimize"] = s3.take()
     year.store = OutputStore(out, so)
     after = [year.night(args.nights + i) for i in range(1, args.after + 1)]
-    end["after_optimize"] = {"nights": args.after,
+    end["after_optimize"] = {} if not after else {"nights": args.after,
                              "night_s": round(float(np.median([a["seconds"] for a in after])), 3),
                              "rewrite_mb_per_night": round(float(np.mean([a["rewrite_mb"] for a in after])), 2),
                              "worker_mb_per_night": round(float(np.mean([a["worker_mb"] for a in after])), 2),

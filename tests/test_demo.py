@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from deltalake import DeltaTable
 from pycocotools.coco import COCO
 
 
+@pytest.mark.slow  # 75-95 s: three teachers through Ray on the demo photos
 def test_demo_with_maskclip_glip_and_vild_end_to_end(tmp_path, ray_session):
     from labelmill.pipelines.demo import DEMO_PHOTOS, run_demo
     from labelmill.store.regions import RegionReader
