@@ -184,9 +184,14 @@ def counting(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/json")])
         return [body]
     query = environ.get("QUERY_STRING", "")
+    path = environ.get("PATH_INFO", "")
     what = environ["REQUEST_METHOD"] + ("-list" if "list-type" in query or "delimiter" in query else "")
+    kind = ("delta-checkpoint" if ".checkpoint." in path else "delta-last-checkpoint" if "_last_checkpoint" in path
+            else "delta-json" if "_delta_log" in path else "state" if "_labelmill/state" in path
+            else "data" if path.endswith(".parquet") else "other")
     with lock:
         counts[what] += 1
+        counts[f"{what} {path.split('/')[3] if path.count('/') > 3 else ''} {kind}"] += 1
     return app(environ, start_response)
 server = make_server("127.0.0.1", 0, counting, threaded=True)
 print(f"ENDPOINT http://127.0.0.1:{server.server_port}", flush=True)
@@ -351,8 +356,8 @@ def plot_png(rows: list[dict], path: str) -> None:
 class Year:
     """The synthetic input listing and the nights that change it."""
 
-    def __init__(self, args, out: str, store: OutputStore, so: dict | None, rng):
-        self.args, self.out, self.store, self.so, self.rng = args, out, store, so, rng
+    def __init__(self, args, out: str, store: OutputStore, so: dict | None, rng, s3=None):
+        self.args, self.out, self.store, self.so, self.rng, self.s3 = args, out, store, so, rng, s3
         self.listing = {shard_url(out, i): fingerprint(i, 0) for i in range(args.shards)}
         self.generation = {s: 0 for s in self.listing}
         self.next_id = args.shards
@@ -405,13 +410,15 @@ class Year:
                            info={"label_inputs": {inputs_key(TODAY): TODAY.to_dict()}, "run_id": run_id},
                            kind="refresh")
         seconds = plan_s + time.perf_counter() - t
+        requests = self.s3.take() if self.s3 else None  # before the bench's own reads below
         added = 0
         for name, v in rec["table_versions"].items():  # every file the version added (workers' + rewrites)
             if name == "stats" or before.get(name) == v:
                 continue
             prev = {f["path"] for f in store.tables[name].files(before[name])} if name in before else set()
             added += sum(int(f["size"]) for f in store.tables[name].files(v) if f["path"] not in prev)
-        return {"seconds": seconds, "worker_mb": worker_bytes / 2**20, "rewrite_mb": max(0, added - worker_bytes) / 2**20}
+        return {"seconds": seconds, "worker_mb": worker_bytes / 2**20, "rewrite_mb": max(0, added - worker_bytes) / 2**20,
+                "requests": requests}
 
 
 def main() -> None:
@@ -455,7 +462,7 @@ def main() -> None:
     store = OutputStore(out, so)
     store.claim({"bench": "year"}, "h" * 16)
     rss = PeakRSS()
-    year = Year(args, out, store, so, np.random.default_rng(0))
+    year = Year(args, out, store, so, np.random.default_rng(0), s3)
     initial_s = year.initial()
     rows = [{"night": 0, "initial_commit_s": round(initial_s, 1), **measure(out, 0, [], rss, year.probe, so)}]
     if s3:
@@ -472,7 +479,7 @@ def main() -> None:
         night_s.append(done["seconds"])
         rewrite_mb.append(done["rewrite_mb"])
         if s3:
-            requests.append(s3.take())
+            requests.append(done["requests"])
         if args.optimize_every and night % args.optimize_every == 0:
             res, sec = timed(lambda: optimize(out, group_shards=args.group_shards, storage_options=so))
             maintenance.append({"night": night, "optimize_s": round(sec, 2), "version": res["version"]})

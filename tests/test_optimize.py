@@ -156,8 +156,8 @@ def test_cli_optimize(tmp_path):
 
 
 def test_the_plan_from_compacted_cached_records_equals_the_plan_from_the_full_history(tmp_path, monkeypatch):
-    """The planner reads the version records as the store keeps them (compacted every few versions, parsed
-    once per writer); its plan equals the plan from every record as each commit returned it."""
+    """The planner reads the store's state (the latest snapshot plus the records after it); its plan equals
+    the plan from every record as each commit returned it, and from the compacted history."""
     from labelmill.store import commit
 
     monkeypatch.setattr(commit, "COMPACT_VERSIONS_EVERY", 3)
@@ -191,9 +191,14 @@ def test_the_plan_from_compacted_cached_records_equals_the_plan_from_the_full_hi
     full = plan(history)
     assert [r["version"] for r in history] == [r["version"] for r in store.versions()]
     assert len(DeltaTable(os.path.join(out, "_labelmill", "versions")).file_uris()) < len(history) / 2  # compacted
-    for records in (store.versions(), OutputStore(out).versions()):  # the writer's cache, and a fresh read
+    for records in (store.versions(), OutputStore(out).versions()):  # the compacted history, writer and fresh
         got = plan(records)
         assert (got.to_label, got.to_remove, got.details()) == (full.to_label, full.to_remove, full.details())
+    for state in (store.state(), OutputStore(out).state()):  # what refresh plans from: snapshot + records after
+        got = plan_refresh({s: _fp(g) for s, g in listing.items()},
+                           committed_from_records(state.shards, state.label_inputs), today)
+        assert (got.to_label, got.to_remove, got.details()) == (full.to_label, full.to_remove, full.details())
+    assert os.listdir(os.path.join(out, "_labelmill", "state"))  # snapshots were written (every 3 versions)
     # the rollback to version 6 dropped s6, s7 and s1's new rows (s1 is back at its first fingerprint)
     assert full.to_label == ["s3", "s6", "s7", "s9"] and full.to_remove == ["s3", "s4"]
 

@@ -429,6 +429,7 @@ class OutputStore:
         self.compression = None if compression == "none" else compression
         self.tables: dict[str, TableLog] = {}
         self._state: tuple[int, StoreState] | None = None  # (versions-table version, the state as of it)
+        self._versions_delta = None  # the versions table, opened once and brought up to date incrementally
         for spec in TABLES.values():
             if spec.format == "delta":
                 self.tables[spec.name] = DeltaLog(self.fs, self.root, spec, self.delta_root, self.delta_storage)
@@ -524,15 +525,27 @@ class OutputStore:
                 out[int(name[:-5])] = path
         return out
 
+    def _versions_table(self):
+        """The versions table at its latest version (None before the first record).  Opened once, then
+        updated with the entries added since: a fresh open reads the checkpoint and up to 19 log entries,
+        and a commit asks several times (on S3, each entry is a GET)."""
+        from deltalake import DeltaTable
+
+        if self._versions_delta is None:
+            uri = self._versions_uri()
+            if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
+                return None
+            self._versions_delta = DeltaTable(uri, storage_options=self.delta_storage)
+        else:
+            self._versions_delta.update_incremental()
+        return self._versions_delta
+
     def state(self) -> StoreState:
         """The writer's view of the history, as of the latest version (see :class:`StoreState`): the latest
         snapshot plus the records after it, or this object's own state brought up to date."""
-        from deltalake import DeltaTable
-
-        uri = self._versions_uri()
-        if not DeltaTable.is_deltatable(uri, storage_options=self.delta_storage):
+        table = self._versions_table()
+        if table is None:
             return StoreState()
-        table = DeltaTable(uri, storage_options=self.delta_storage)
         if self._state is not None and self._state[0] == table.version():
             return self._state[1]
         state = self._state[1] if self._state is not None else None
@@ -571,7 +584,7 @@ class OutputStore:
         return self.state().latest
 
     def _append_version(self, record: dict) -> None:
-        from deltalake import DeltaTable, write_deltalake
+        from deltalake import write_deltalake
 
         row = pa.table(
             {"version": [record["version"]],
@@ -582,10 +595,10 @@ class OutputStore:
         state = self.state()  # as of the version before this one
         write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
                         configuration=delta_table_config(), post_commithook_properties=post_commit())
-        table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
+        table = self._versions_table()
         if record["version"] % COMPACT_VERSIONS_EVERY == 0:  # same rows in fewer files (a dataChange=false commit)
             table.optimize.compact(post_commithook_properties=post_commit())
-            table = DeltaTable(self._versions_uri(), storage_options=self.delta_storage)
+            table = self._versions_table()
         if state.version == record["version"] - 1:
             state.apply(record)
             self._state = (table.version(), state)
