@@ -421,6 +421,25 @@ class Year:
                 "requests": requests}
 
 
+def continue_nights(args) -> None:
+    """More nights on an output a year run left, in a process that does nothing else."""
+    from labelmill.io.shards import Fingerprint
+
+    out = os.path.abspath(args.out)
+    store = OutputStore(out)
+    year = Year(args, out, store, None, np.random.default_rng(1))
+    state = store.state()
+    year.listing = {s: Fingerprint.from_dict(it["fingerprint"]) for s, it in state.shards.items()}
+    year.generation = {s: 1000 for s in year.listing}
+    year.next_id = max(int(s[-10:-4]) for s in year.listing) + 1
+    year.probe = sorted(year.listing)[0]
+    proc = psutil.Process()
+    for i in range(args.continue_nights):
+        done = year.night(state.version + i + 1)
+        print(json.dumps({"night": i + 1, "seconds": round(done["seconds"], 3),
+                          "rss_mb": round(proc.memory_info().rss / 2**20)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=2400)
@@ -449,7 +468,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one, removed after)")
     ap.add_argument("--json", default=None, help="write the measurements here")
     ap.add_argument("--plot", default=None, help="draw the growth as a PNG here")
+    ap.add_argument("--continue-nights", type=int, default=0, metavar="N",
+                    help="run N more nights on the existing --out in this fresh process, printing the driver's "
+                    "seconds and RSS after each (the writer's memory without the measurements beside it)")
     args = ap.parse_args()
+    if args.continue_nights:
+        continue_nights(args)
+        return
 
     from labelmill.store.optimize import optimize
     from labelmill.store.versions import vacuum
