@@ -232,6 +232,10 @@ class TableLog(ABC):
     def files(self, version: int | None = None) -> list[dict]:
         """File entries of ``version`` (default: latest); [] before the first commit."""
 
+    def files_holding(self, ordered: list[str]) -> list[dict]:
+        """The latest version's file entries whose shard range can hold a shard of the sorted list ``ordered``."""
+        return [f for f in self.files() if holds_any(f, ordered)]
+
     @abstractmethod
     def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None,
                data_change: bool = True) -> int:
@@ -283,7 +287,25 @@ class DeltaLog(TableLog):
     def files(self, version: int | None = None) -> list[dict]:
         if not self.exists():
             return []
-        actions = pa.table(self._table(version).get_add_actions(flatten=True))
+        return self._entries(pa.table(self._table(version).get_add_actions(flatten=True)))
+
+    def files_holding(self, ordered: list[str]) -> list[dict]:
+        """As the base class, but the add actions are filtered in Arrow first: a commit that replaces a few
+        shards builds entries for their files only, not for every live file (45 µs each)."""
+        if not self.exists() or not ordered:
+            return []
+        actions = pa.table(self._table().get_add_actions(flatten=True))
+        if "min.shard" not in actions.column_names:
+            return []
+        lo, hi = actions.column("min.shard"), actions.column("max.shard")
+        one = pc.and_(pc.equal(lo, hi), pc.is_in(lo, value_set=pa.array(ordered, pa.string())))
+        spans = pc.and_(pc.not_equal(lo, hi),
+                        pc.and_(pc.less_equal(lo, ordered[-1]), pc.greater_equal(hi, ordered[0])))
+        picked = self._entries(actions.filter(pc.fill_null(pc.or_(one, spans), False)))
+        return [f for f in picked if holds_any(f, ordered)]
+
+    @staticmethod
+    def _entries(actions: pa.Table) -> list[dict]:
         cols = actions.column_names
         out = []
         for row in actions.to_pylist():
@@ -747,7 +769,7 @@ class OutputStore:
         for name, log in self.tables.items():
             if log.spec.emitted_by == "commit":
                 continue
-            for f in log.files():
+            for f in log.files_holding(ordered):
                 if f.get("shard") is not None:
                     if f["shard"] in removed_set:
                         gone.setdefault(name, []).append(f["path"])
