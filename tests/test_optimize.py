@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 
-import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 import labelmill.data
 from labelmill.engine import CommitLoop
 from labelmill.schemas.tables import Col
 from labelmill.store.commit import OutputStore
-from labelmill.store.optimize import optimize, plan_groups
+from labelmill.store.optimize import optimize
 from labelmill.store.refresh_plan import LabelInputs, committed_from_records, inputs_key, plan_refresh
 from test_store import rows, staged, with_regions
 
@@ -153,6 +152,11 @@ def test_cli_optimize(tmp_path):
     assert result["version"] == 4 and result["tables"]["samples"]["files_after"] == 2
     bad = subprocess.run(cmd[:-1] + ["0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "must be positive" in bad.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = subprocess.run([sys.executable, "-m", "labelmill.cli", "optimize", str(empty)], capture_output=True, text=True)
+    assert none.returncode != 0 and "no committed dataset version" in none.stderr and "Traceback" not in none.stderr
+    assert list(empty.iterdir()) == []  # nothing written into a folder that holds no output
 
 
 def test_the_plan_from_compacted_cached_records_equals_the_plan_from_the_full_history(tmp_path, monkeypatch):

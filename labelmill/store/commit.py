@@ -641,11 +641,6 @@ class OutputStore:
                 state[item["shard"]] = item
         return state
 
-    @classmethod
-    def shard_state(cls, records: Iterable[dict]) -> dict[str, dict]:
-        """shard -> fingerprint of the shards a sequence of records leaves committed."""
-        return {s: item.get("fingerprint", {}) for s, item in cls.shard_items(records).items()}
-
     @staticmethod
     def label_inputs(records: Iterable[dict]) -> dict[str, dict]:
         """Every label-inputs record any version names (key -> inputs, see ``shard_items``' ``inputs``)."""

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from labelmill.store.commit import STAGING, OutputStore, file_stats, shard_range
 from labelmill.store.lock import OutputLock
-from labelmill.store.read import existing_output
+from labelmill.store.read import OutputNotFound, existing_output
 
 from labelmill.store.defaults import GROUP_SHARDS as DEFAULT_GROUP_SHARDS
 from labelmill.store.defaults import TARGET_MB as DEFAULT_TARGET_MB
@@ -160,12 +160,12 @@ def optimize(output: str, *, group_shards: int = DEFAULT_GROUP_SHARDS, target_mb
     """Rewrite the latest version's small files as one file per shard group, as one new dataset version
     (none when there is nothing to pack, or with ``dry_run``).  Takes the output's writer lock."""
     store = existing_output(output, storage_options)
+    if store.latest() is None:  # before the lock: nothing is written into a folder that holds no output
+        raise OutputNotFound(f"{output} has no committed dataset version to optimize")
     started = time.monotonic()
     with OutputLock(output, storage_options, command="optimize") as lock:
         if not dry_run:
             store.repair()  # an interrupted writer's leftovers first
-        if store.latest() is None:
-            raise LookupError(f"{output} has no committed dataset version to optimize")
         before = {name: len(log.files()) for name, log in store.tables.items() if log.exists()}
         groups = plan_groups(store, group_shards, target_mb)
         tables = {}
