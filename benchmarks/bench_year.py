@@ -61,7 +61,7 @@ import psutil
 from labelmill.io.shards import Fingerprint
 from labelmill.schemas.tables import LABELS, SAMPLES, conform
 from labelmill.store.commit import OutputStore
-from labelmill.store.refresh_plan import LabelInputs, committed_from_records, inputs_key, plan_refresh
+from labelmill.store.refresh_plan import LabelInputs, inputs_key, plan_refresh
 
 TODAY = LabelInputs(teachers={"maskclip": "0123456789abcdef", "glip": "fedcba9876543210"}, shared="0f0f0f0f",
                     filter={"min_score": 0.3, "per_class_min_score": {}, "min_area": 0.0,
@@ -398,7 +398,7 @@ class Year:
         t = time.perf_counter()
         state = store.state()  # as labelmill refresh plans: the latest snapshot and the records after it
         before = dict(state.latest["table_versions"]) if state.latest else {}
-        committed = committed_from_records(state.shards, state.label_inputs)
+        committed = state.committed()
         plan = plan_refresh(listing, committed, TODAY)
         plan_s = time.perf_counter() - t
         todo = plan.to_label

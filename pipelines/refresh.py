@@ -36,7 +36,7 @@ from labelmill.store.commit import OutputStore, StoreState
 from labelmill.store.lock import LockHeld
 from labelmill.store.read import DatasetVersion
 from labelmill.store.refilter import refilter_shard
-from labelmill.store.refresh_plan import LabelInputs, committed_from_records, plan_refresh
+from labelmill.store.refresh_plan import LabelInputs, plan_refresh
 
 REFRESH_DIR = "_labelmill/refreshes"
 
@@ -60,7 +60,7 @@ def plan_only(cfg: RunConfig, *, content_hash: bool = False, stream=None) -> dic
     listing = list_shard_fingerprints(cfg.input.shards, cfg.input.storage_options, content_hash=content_hash)
     store = OutputStore(cfg.output.path, cfg.output.storage_options, cfg.output.compression)
     state = store.state() if store.read_config() is not None else StoreState()
-    committed = committed_from_records(state.shards, state.label_inputs)
+    committed = state.committed()
     plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
     summary = {"command": "refresh", "dry_run": True, "output": cfg.output.path,
                "previous_version": state.latest["version"] if state.latest else None, **plan.summary()}
@@ -101,7 +101,7 @@ def _refresh(cfg: RunConfig, listing: dict, stream) -> dict:
         if any(repair.values()):
             print(f"[labelmill] repaired output after an interrupted writer: {repair}", file=stream)
         state = store.state()  # the latest snapshot and the records after it, not the whole history
-        committed = committed_from_records(state.shards, state.label_inputs)
+        committed = state.committed()
         plan = plan_refresh(listing, committed, LabelInputs.from_config(cfg))
         to_label, to_refilter = plan.to_label, plan.to_refilter
         summary = {"command": "refresh", "output": cfg.output.path, "run_id": run_id,

@@ -121,3 +121,19 @@ def one_line(capsys, prefix: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(prefix), err
     return err[0]
+
+
+def samples_rows(shard: str, n: int):
+    """``n`` samples-table rows of one shard (store tests that need no teacher)."""
+    import pyarrow as pa
+
+    from labelmill.schemas.tables import SAMPLES
+
+    return pa.Table.from_pylist([{"key": f"{shard}-{i}", "shard": shard, "index": i, "status": "labelled"}
+                                 for i in range(n)], schema=SAMPLES)
+
+
+def commit_shard(store, shard: str, n: int, remove=()) -> dict:
+    """Stage one shard's samples rows and commit them as one version, removing the ``remove`` shards."""
+    staged = store.stage_table("samples", samples_rows(shard, n))
+    return store.commit([{"files": [staged]}], [{"shard": shard, "fingerprint": {"size": n}}], remove_shards=remove)

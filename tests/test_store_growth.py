@@ -6,20 +6,9 @@ from __future__ import annotations
 import os
 import time
 
-import pyarrow as pa
-
 from labelmill.schemas.tables import SAMPLES
+from helpers import commit_shard, samples_rows
 from labelmill.store.commit import OutputStore
-
-
-def _samples(shard: str, n: int) -> pa.Table:
-    return pa.Table.from_pylist([{"key": f"{shard}-{i}", "shard": shard, "index": i, "status": "labelled"}
-                                 for i in range(n)], schema=SAMPLES)
-
-
-def _night(store: OutputStore, shard: str, n: int, remove: list[str] = ()) -> dict:
-    staged = store.stage_table("samples", _samples(shard, n))
-    return store.commit([{"files": [staged]}], [{"shard": shard, "fingerprint": {"size": n}}], remove_shards=remove)
 
 
 def test_every_delta_table_checkpoints_at_the_interval_and_every_version_reads_exactly(tmp_path, monkeypatch):
@@ -32,7 +21,7 @@ def test_every_delta_table_checkpoints_at_the_interval_and_every_version_reads_e
     store.claim({}, "h")
     seen = {}
     for v in range(1, 9):
-        rec = _night(store, f"s{v}", v, remove=[f"s{v - 2}"] if v > 2 else [])
+        rec = commit_shard(store, f"s{v}", v, remove=[f"s{v - 2}"] if v > 2 else [])
         seen[rec["version"]] = sorted(labelmill.data.open(out, version=rec["version"]).read("samples")
                                       .column("key").to_pylist())
     import deltalake
@@ -65,10 +54,10 @@ def test_log_entries_past_the_retention_are_kept(tmp_path, monkeypatch):
     deltalake.DeltaTable.create(os.path.join(out, "samples"), schema=SAMPLES,
                                 configuration={"delta.logRetentionDuration": "interval 1 second",
                                                "delta.checkpointInterval": "2"})
-    first = _night(store, "a", 2)["version"]
+    first = commit_shard(store, "a", 2)["version"]
     time.sleep(1.5)
     for i in range(4):
-        _night(store, f"b{i}", 1)
+        commit_shard(store, f"b{i}", 1)
         time.sleep(0.3)
     assert labelmill.data.open(out, version=first).read("samples").num_rows == 2
     assert deltalake.DeltaTable(os.path.join(out, "samples"), version=1).to_pyarrow_table().num_rows == 2
@@ -127,7 +116,7 @@ def test_the_writer_state_from_snapshots_equals_the_replay_of_every_record(tmp_p
             assert state.registry().entries == ClassRegistry.from_records(records).entries
 
     for v in range(1, 8):
-        staged = store.stage_table("samples", _samples(f"s{v}", 2))
+        staged = store.stage_table("samples", samples_rows(f"s{v}", 2))
         store.commit([{"files": [staged]}], [{"shard": f"s{v}", "fingerprint": {"size": v}, "inputs": f"k{v % 2}"}],
                      remove_shards=[f"s{v - 3}"] if v > 4 else [],
                      info={"label_inputs": {f"k{v % 2}": {"v": v}}, "vocabularies": {"t": [f"class{v // 2}"]}})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -44,6 +45,7 @@ import pyarrow.parquet as pq
 
 from labelmill.schemas.tables import COUNT_COLUMNS, STATS, TABLES, TableSpec, conform
 from labelmill.store.classes import ClassRegistry, vocabularies_added
+from labelmill.store.refresh_plan import LabelInputs, committed_shard
 
 CONFIG_FILE = "_labelmill/config.json"
 INTENT_FILE = "_labelmill/intent.json"
@@ -76,6 +78,9 @@ class StoreState:
     shards: dict[str, dict] = field(default_factory=dict)
     label_inputs: dict[str, dict] = field(default_factory=dict)
     classes: list[dict] = field(default_factory=list)
+    # the planner's view of ``shards`` (:meth:`committed`), built on first use and kept up to date by apply
+    _committed: dict | None = field(default=None, repr=False, compare=False)
+    _parsed_inputs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def version(self) -> int:
@@ -83,13 +88,32 @@ class StoreState:
 
     def apply(self, record: dict) -> None:
         """The state after ``record`` (as :meth:`OutputStore.shard_items` replays records)."""
+        self.label_inputs.update(record.get("label_inputs") or {})
         for shard in record.get("shards_removed", []):
             self.shards.pop(shard, None)
+            if self._committed is not None:
+                self._committed.pop(shard, None)
         for item in record.get("shards_added", []):
             self.shards[item["shard"]] = item
-        self.label_inputs.update(record.get("label_inputs") or {})
+            if self._committed is not None:
+                self._committed[item["shard"]] = committed_shard(item, self._inputs())
         self.classes.extend(record.get("classes_added") or [])
         self.latest = record
+
+    def _inputs(self) -> dict:
+        for key, value in self.label_inputs.items():
+            if key not in self._parsed_inputs:
+                self._parsed_inputs[key] = LabelInputs.from_dict(value)
+        return self._parsed_inputs
+
+    def committed(self) -> dict:
+        """shard -> :class:`~labelmill.store.refresh_plan.CommittedShard`, what ``plan_refresh`` compares
+        tonight's listing with (as ``committed_from_records`` builds it).  Built once, then changed record by
+        record: a writer that plans night after night does not convert every shard again.  Read-only."""
+        if self._committed is None:
+            inputs = self._inputs()
+            self._committed = {shard: committed_shard(item, inputs) for shard, item in self.shards.items()}
+        return self._committed
 
     def registry(self) -> ClassRegistry:
         return ClassRegistry.from_records([{"classes_added": self.classes}])
@@ -127,6 +151,20 @@ def post_commit():
     from deltalake import PostCommitHookProperties
 
     return PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
+
+
+def bring_up_to_date(table, uri: str) -> None:
+    """Update a kept-open Delta table to the latest version of its log.
+
+    delta-rs lists the log folder from the table's version on.  On S3 that is one LIST request whatever the
+    history (start-after); on local disk it reads every entry's name, a cost that grows with the history
+    (1.3 ms at 200 entries, and a commit asked a dozen times).  Locally, one stat of the next entry's name
+    says whether anything moved (a Delta commit appears whole, by rename)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        nxt = os.path.join(uri, "_delta_log", f"{table.version() + 1:020d}.json")
+        if not os.path.exists(nxt):
+            return
+    table.update_incremental()
 
 
 def delta_storage_options(fsspec_options: dict[str, Any], uri: str) -> dict[str, str] | None:
@@ -254,18 +292,51 @@ class TableLog(ABC):
 
 
 class DeltaLog(TableLog):
-    """A Delta Lake table whose data files labelmill writes and commits itself."""
+    """A Delta Lake table whose data files labelmill writes and commits itself.
+
+    Reads (any version) go through delta-rs.  Commits after the table's creation are written here, as the
+    protocol's JSON log entry (commitInfo, add and remove actions), and delta-rs writes a checkpoint every
+    ``CHECKPOINT_INTERVAL`` versions.  delta-rs's own transaction rebuilt the table's whole state around
+    every commit (before and after it: about 10 ms per 2,700 live files, growing with the table), which made
+    a night's commit grow with the output (bench_year.py); a log entry costs the same at any size.  The
+    single writer the output lock guarantees makes the plain write safe; a next entry that already exists
+    is refused all the same.  Tables whose protocol asks more than add/remove (writer version > 2) or a
+    schema other than the table's fall back to delta-rs's transaction.
+
+    The live files a commit must know (which files hold the shards it removes) come from the add actions
+    as last loaded by delta-rs plus what this object committed since, so a night costs no state reload.
+    """
 
     def __init__(self, fs, root: str, spec: TableSpec, delta_root: str, storage):
         super().__init__(fs, root, spec)
         self.uri = delta_root.rstrip("/") + "/" + spec.name
         self.storage = storage
-        self._latest = None  # the table at its latest version, brought up to date incrementally
+        self.local = not self.uri.startswith(("s3://", "s3a://"))
+        self._latest = None  # delta-rs's table at the latest version it read, brought up to date on demand
+        self._head: int | None = None  # the newest log version this object knows of
+        # the live files: add actions as loaded at ``_base_v`` (Arrow), then this object's own commits
+        self._base: pa.Table | None = None
+        self._base_v: int | None = None
+        self._own_head: int | None = None  # the version ``_base`` plus this object's own commits describe
+        self._added: dict[str, dict] = {}
+        self._removed: set[str] = set()
+        self._own_ok: bool | None = None  # whether this table's protocol lets labelmill write its entries
+        self._schema_json: str | None = None
+        self._interval = CHECKPOINT_INTERVAL
+
+    def _entry_path(self, version: int) -> str:
+        return posixpath.join(self.path, "_delta_log", f"{version:020d}.json")
+
+    def _entry_exists(self, version: int) -> bool:
+        path = self._entry_path(version)
+        if self.local:
+            return os.path.exists(path)
+        self.fs.invalidate_cache(posixpath.dirname(path))  # s3fs may answer from a listing it cached
+        return self.fs.exists(path)
 
     def _table(self, version: int | None = None):
-        """The table at ``version`` (None: the latest).  The latest is opened once and then updated with the log
-        entries added since (a fresh open replays the log from the last checkpoint: a commit asked for the
-        latest state a dozen times)."""
+        """delta-rs's table at ``version`` (None: the latest).  The latest is opened once and then updated
+        with the log entries added since."""
         from deltalake import DeltaTable
 
         if version is not None:
@@ -273,36 +344,56 @@ class DeltaLog(TableLog):
         if self._latest is None:
             self._latest = DeltaTable(self.uri, storage_options=self.storage)
         else:
-            self._latest.update_incremental()
+            bring_up_to_date(self._latest, self.uri)
         return self._latest
 
     def exists(self) -> bool:
         from deltalake import DeltaTable
 
-        return self._latest is not None or DeltaTable.is_deltatable(self.uri, storage_options=self.storage)
+        return (self._head is not None or self._latest is not None
+                or DeltaTable.is_deltatable(self.uri, storage_options=self.storage))
 
     def version(self) -> int | None:
-        return self._table().version() if self.exists() else None
+        """The newest log version: the one this object knows, after checking that no later entry appeared
+        (one stat locally, one HEAD on S3; delta-rs's update lists the log and reloads the table)."""
+        if self._head is None:
+            if not self.exists():
+                return None
+            self._head = self._table().version()
+        while self._entry_exists(self._head + 1):
+            self._head += 1
+        return self._head
 
     def files(self, version: int | None = None) -> list[dict]:
         if not self.exists():
             return []
         return self._entries(pa.table(self._table(version).get_add_actions(flatten=True)))
 
+    def _live(self) -> pa.Table:
+        """The add actions of ``_base_v``, reloaded when someone else moved the log since."""
+        if self._base is None or self.version() != self._own_head:
+            table = self._table()
+            self._base = pa.table(table.get_add_actions(flatten=True))
+            self._base_v = self._own_head = table.version()
+            self._added, self._removed = {}, set()
+        return self._base
+
     def files_holding(self, ordered: list[str]) -> list[dict]:
         """As the base class, but the add actions are filtered in Arrow first: a commit that replaces a few
         shards builds entries for their files only, not for every live file (45 µs each)."""
         if not self.exists() or not ordered:
             return []
-        actions = pa.table(self._table().get_add_actions(flatten=True))
-        if "min.shard" not in actions.column_names:
-            return []
-        lo, hi = actions.column("min.shard"), actions.column("max.shard")
-        one = pc.and_(pc.equal(lo, hi), pc.is_in(lo, value_set=pa.array(ordered, pa.string())))
-        spans = pc.and_(pc.not_equal(lo, hi),
-                        pc.and_(pc.less_equal(lo, ordered[-1]), pc.greater_equal(hi, ordered[0])))
-        picked = self._entries(actions.filter(pc.fill_null(pc.or_(one, spans), False)))
-        return [f for f in picked if holds_any(f, ordered)]
+        actions = self._live()
+        picked: list[dict] = []
+        if "min.shard" in actions.column_names:
+            lo, hi = actions.column("min.shard"), actions.column("max.shard")
+            one = pc.and_(pc.equal(lo, hi), pc.is_in(lo, value_set=pa.array(ordered, pa.string())))
+            spans = pc.and_(pc.not_equal(lo, hi),
+                            pc.and_(pc.less_equal(lo, ordered[-1]), pc.greater_equal(hi, ordered[0])))
+            picked = [f for f in self._entries(actions.filter(pc.fill_null(pc.or_(one, spans), False)))
+                      if f["path"] not in self._removed and f["path"] not in self._added]
+        picked += self._added.values()
+        return sorted((f for f in picked if holds_any(f, ordered)), key=lambda f: f["path"])
 
     @staticmethod
     def _entries(actions: pa.Table) -> list[dict]:
@@ -317,6 +408,21 @@ class DeltaLog(TableLog):
                         "shard": lo if lo == hi else None, "stats": json.dumps(stats)})
         return sorted(out, key=lambda f: f["path"])
 
+    def _own_commits(self, schema: pa.Schema) -> bool:
+        """Whether this commit may be written as a plain log entry: the protocol needs no more than add and
+        remove actions, and the schema is the table's (no metadata action)."""
+        from deltalake import Schema
+
+        if self._own_ok is None:
+            table = self._table()
+            proto = table.protocol()
+            self._own_ok = proto.min_writer_version <= 2 and proto.min_reader_version <= 1
+            self._schema_json = table.schema().to_json()
+            # the table's own interval (tables created before labelmill set it: labelmill's)
+            self._interval = int(table.metadata().configuration.get("delta.checkpointInterval",
+                                                                    CHECKPOINT_INTERVAL))
+        return self._own_ok and Schema.from_arrow(schema).to_json() == self._schema_json
+
     def commit(self, add: list[dict], remove: list[str], info: dict[str, Any], schema: pa.Schema | None,
                data_change: bool = True) -> int:
         from deltalake import CommitProperties, DeltaTable
@@ -324,6 +430,13 @@ class DeltaLog(TableLog):
 
         schema = schema if schema is not None else self.spec.schema
         now = int(time.time() * 1000)
+        if not self.exists():
+            self._latest = self._head = self._base = self._own_ok = None
+            DeltaTable.create(self.uri, schema=schema, storage_options=self.storage, configuration=delta_table_config())
+            if not add and not remove:  # the first commit of a table with no rows yet: it exists, empty
+                return self.version()
+        if self._own_commits(schema):
+            return self._write_entry(add, remove, info, data_change, now)
         actions: list[Any] = [
             AddAction(path=f["path"], size=int(f["size"]), partition_values={}, modification_time=now,
                       data_change=data_change, stats=f["stats"])
@@ -331,15 +444,53 @@ class DeltaLog(TableLog):
         ]
         actions += [RemoveAction(path=p, data_change=data_change, deletion_timestamp=now) for p in remove]
         props = CommitProperties(custom_metadata={"labelmill": json.dumps(info, sort_keys=True)})
-        if not self.exists():
-            self._latest = None
-            DeltaTable.create(self.uri, schema=schema, storage_options=self.storage, configuration=delta_table_config())
-            if not actions:  # the first commit of a table with no rows yet: it exists, empty
-                return self._table().version()
-        table = self._table()
-        table.create_write_transaction(actions, mode="append", schema=schema, commit_properties=props,
-                                       post_commithook_properties=post_commit())
-        return self._table().version()
+        self._table().create_write_transaction(actions, mode="append", schema=schema, commit_properties=props,
+                                               post_commithook_properties=post_commit())
+        self._base = None  # reloaded from delta-rs when next needed
+        return self.version()
+
+    def _write_entry(self, add: list[dict], remove: list[str], info: dict[str, Any], data_change: bool,
+                     now: int) -> int:
+        """Write the next log version (commitInfo, adds, removes) whole, and a checkpoint at the interval."""
+        self._live()  # the live files as of the version before this one
+        version = self.version() + 1
+        lines = [{"commitInfo": {"timestamp": now, "operation": "WRITE" if data_change else "OPTIMIZE",
+                                 "operationParameters": {"mode": "Append", "partitionBy": "[]"},
+                                 "engineInfo": "labelmill", "clientVersion": "labelmill",
+                                 "labelmill": json.dumps(info, sort_keys=True)}}]
+        lines += [{"add": {"path": f["path"], "partitionValues": {}, "size": int(f["size"]),
+                           "modificationTime": now, "dataChange": data_change, "stats": f["stats"]}} for f in add]
+        lines += [{"remove": {"path": p, "dataChange": data_change, "deletionTimestamp": now,
+                              "extendedFileMetadata": False}} for p in remove]
+        body = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+        target = self._entry_path(version)
+        if self.local:  # written aside, then linked into place: appears whole, and never over another entry
+            tmp = posixpath.join(self.staging, f".log-{uuid.uuid4().hex}.json")
+            os.makedirs(self.staging, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise OutputConflictError(f"{self.uri}: log version {version} appeared during this commit; "
+                                          "another process wrote to the table") from None
+            finally:
+                os.unlink(tmp)
+        else:  # one PUT appears whole; the output lock makes this the only writer
+            if self._entry_exists(version):
+                raise OutputConflictError(f"{self.uri}: log version {version} already exists")
+            self.fs.pipe_file(target, body)
+        self._head = self._own_head = version
+        for p in remove:
+            self._removed.add(p)
+            self._added.pop(p, None)
+        for f in add:
+            self._added[f["path"]] = {"path": f["path"], "size": int(f["size"]), "rows": int(f["rows"]),
+                                      "shard": stats_shard(f["stats"]), "stats": f["stats"]}
+            self._removed.discard(f["path"])
+        if version % self._interval == 0:
+            self._table().create_checkpoint()  # delta-rs reads the table up to this version and writes it
+        return version
 
 
 class ManifestLog(TableLog):
@@ -559,7 +710,7 @@ class OutputStore:
                 return None
             self._versions_delta = DeltaTable(uri, storage_options=self.delta_storage)
         else:
-            self._versions_delta.update_incremental()
+            bring_up_to_date(self._versions_delta, self._versions_uri())
         return self._versions_delta
 
     def state(self) -> StoreState:
@@ -615,8 +766,12 @@ class OutputStore:
             schema=VERSIONS_SCHEMA,
         )
         state = self.state()  # as of the version before this one
-        write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
-                        configuration=delta_table_config(), post_commithook_properties=post_commit())
+        table = self._versions_table()
+        if table is None:
+            write_deltalake(self._versions_uri(), row, mode="append", storage_options=self.delta_storage,
+                            configuration=delta_table_config(), post_commithook_properties=post_commit())
+        else:  # the open table (a URI would be opened afresh: its checkpoint and log entries read again)
+            write_deltalake(table, row, mode="append", post_commithook_properties=post_commit())
         table = self._versions_table()
         if record["version"] % COMPACT_VERSIONS_EVERY == 0:  # same rows in fewer files (a dataChange=false commit)
             table.optimize.compact(post_commithook_properties=post_commit())

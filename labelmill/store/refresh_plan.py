@@ -331,15 +331,19 @@ def committed_from_records(items: Mapping[str, Mapping[str, Any]],
     A shard whose inputs are unknown (committed before inputs were recorded)
     gets empty inputs, so it plans as stale and is relabelled, never wrongly kept.
     """
-    unknown = LabelInputs(teachers={}, shared="unknown", filter={})
     parsed = {key: LabelInputs.from_dict(value) for key, value in label_inputs.items()}
-    out: dict[str, CommittedShard] = {}
-    for shard, item in items.items():
-        fp = item.get("fingerprint") or {}
-        out[shard] = CommittedShard(
-            fingerprint=Fingerprint.from_dict(fp) if "size" in fp else Fingerprint(size=-1),
-            inputs=parsed.get(item.get("inputs") or "", unknown),
-            dropped_small_area=item.get("dropped_small_area"),
-            dropped_over_max=item.get("dropped_over_max"),
-        )
-    return out
+    return {shard: committed_shard(item, parsed) for shard, item in items.items()}
+
+
+_UNKNOWN_INPUTS = LabelInputs(teachers={}, shared="unknown", filter={})
+
+
+def committed_shard(item: Mapping[str, Any], parsed: Mapping[str, LabelInputs]) -> CommittedShard:
+    """One shard's item as the planner sees it (``parsed``: label-inputs key -> :class:`LabelInputs`)."""
+    fp = item.get("fingerprint") or {}
+    return CommittedShard(
+        fingerprint=Fingerprint.from_dict(fp) if "size" in fp else Fingerprint(size=-1),
+        inputs=parsed.get(item.get("inputs") or "", _UNKNOWN_INPUTS),
+        dropped_small_area=item.get("dropped_small_area"),
+        dropped_over_max=item.get("dropped_over_max"),
+    )
