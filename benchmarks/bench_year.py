@@ -236,6 +236,7 @@ def log_stats(out: str, so: dict | None = None) -> dict:
 
     ds = open_version(out, storage_options=so)
     fs = ds.store.fs
+    fs.invalidate_cache()  # s3fs keeps listings (the same instance serves every store of these options)
     stats = {}
     for table in ("labels", "samples", "regions", "stats", "_labelmill/versions"):
         folder = posixpath.join(ds.store.root, table)

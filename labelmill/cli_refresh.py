@@ -74,7 +74,8 @@ def _cmd_vacuum(args: argparse.Namespace) -> int:
     else:
         verb = "deleted" if args.yes else "would delete (dry run; add --yes)"
         print(f"keeping versions {result['kept_versions']}; {verb} {len(result['files'])} files "
-              f"({result['bytes']} bytes) and {result['staging_files']} staging leftovers")
+              f"({result['bytes']} bytes), {len(result['log_files'])} log files no kept version reads "
+              f"({result['log_bytes']} bytes) and {result['staging_files']} staging leftovers")
     return EXIT_PUBLISHED
 
 

@@ -111,3 +111,69 @@ def test_a_schema_other_than_the_tables_goes_through_delta_rs(tmp_path):
     log = store.tables["samples"]
     assert log._own_commits(SAMPLES)
     assert not log._own_commits(SAMPLES.append(pa.field("extra", pa.int32())))
+
+
+def test_vacuum_prunes_the_log_entries_only_vacuumed_versions_read(tmp_path, monkeypatch):
+    """``vacuum`` deletes log entries and checkpoints older than the newest checkpoint at or before the oldest
+    kept version, in every table and the versions table; every kept version still reads exactly, from a fresh
+    process's view."""
+    import deltalake
+
+    import labelmill.data
+    from labelmill.store import commit
+    from labelmill.store.versions import vacuum
+
+    monkeypatch.setattr(commit, "CHECKPOINT_INTERVAL", 3)
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    store.claim({}, "h")
+    for v in range(1, 13):
+        commit_shard(store, f"s{v}", v, remove=[f"s{v - 2}"] if v > 2 else [])
+    keys = {v: sorted(labelmill.data.open(out, version=v).read("samples").column("key").to_pylist())
+            for v in range(1, 13)}
+    samples_log = os.path.join(out, "samples", "_delta_log")
+    before = set(os.listdir(samples_log))
+    oldest_kept = store.versions()[-4]["table_versions"]["samples"]  # keep versions 9..12
+    base = max(v for v in range(oldest_kept + 1) if f"{v:020d}.checkpoint.parquet" in before)
+    assert base > 0
+
+    dry = vacuum(out, keep_versions=4)
+    assert set(os.listdir(samples_log)) == before, "a dry run deletes nothing"
+    done = vacuum(out, keep_versions=4, apply=True)
+    assert done["log_files"] == dry["log_files"] and done["log_bytes"] > 0
+    after = set(os.listdir(samples_log))
+    gone = before - after
+    assert gone and all(int(n[:20]) < base for n in gone)
+    assert {n for n in before if n[:20].isdigit() and int(n[:20]) < base} == gone
+    versions_log = os.listdir(os.path.join(out, "_labelmill", "versions", "_delta_log"))
+    assert min(int(n[:20]) for n in versions_log if n[:20].isdigit()) > 0  # pruned too
+    fresh = OutputStore(out)
+    assert [r["version"] for r in fresh.versions()] == list(range(1, 13))  # every record is still there
+    for v in range(9, 13):
+        assert sorted(labelmill.data.open(out, version=v).read("samples").column("key").to_pylist()) == keys[v]
+        tv = fresh.versions()[v - 1]["table_versions"]["samples"]
+        got = deltalake.DeltaTable(os.path.join(out, "samples"), version=tv).to_pyarrow_table(columns=["key"])
+        assert sorted(got.column("key").to_pylist()) == keys[v]
+    commit_shard(fresh, "s13", 1, remove=["s11"])  # the writer goes on after the pruning
+    assert sorted(labelmill.data.open(out).read("samples").column("key").to_pylist()) == sorted(
+        [k for k in keys[12] if not k.startswith("s11-")] + ["s13-0"])
+
+
+def test_the_regions_log_prunes_before_its_checkpoint(tmp_path, monkeypatch):
+    from labelmill.store import commit
+
+    monkeypatch.setattr(commit, "CHECKPOINT_INTERVAL", 3)
+    store = OutputStore(str(tmp_path))
+    log = store.tables["regions"]
+    for v in range(8):
+        log.commit([{"path": f"f{v}.parquet", "size": 1, "rows": 1, "shard": f"s{v}", "stats": "{}"}],
+                   [f"f{v - 1}.parquet"] if v else [], {}, None)
+    want = {v: log.files(v) for v in range(6, 8)}
+    old = [p for p, _ in log.log_files_before(7)]  # newest checkpoint at or before 7: 6
+    assert sorted(os.path.basename(p)[:10] for p in old) == sorted(
+        [f"v{v:09d}" for v in range(6)] + ["c000000003"])
+    assert log.log_files_before(2) == []  # no checkpoint that old
+    for p in old:
+        os.remove(p)
+    fresh = commit.ManifestLog(store.fs, store.root, log.spec)
+    assert {v: fresh.files(v) for v in range(6, 8)} == want and fresh.version() == 7

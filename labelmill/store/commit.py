@@ -167,6 +167,25 @@ def bring_up_to_date(table, uri: str) -> None:
     table.update_incremental()
 
 
+def delta_log_files_before(fs, table_path: str, version: int) -> list[tuple[str, int]]:
+    """(path, bytes) of a Delta log's files that no version at or after ``version`` needs: the entries and
+    checkpoints older than the newest checkpoint at or before ``version`` (a reader of any later version
+    starts from that checkpoint or a newer one).  Nothing when no checkpoint is that old."""
+    folder = posixpath.join(table_path, "_delta_log")
+    if not fs.exists(folder):
+        return []
+    found: list[tuple[int, str, str, int]] = []
+    for info in fs.ls(folder, detail=True):
+        name = posixpath.basename(info["name"])
+        head, _, rest = name.partition(".")
+        if len(head) == 20 and head.isdigit() and rest.split(".")[0] in ("json", "checkpoint", "crc"):
+            found.append((int(head), rest, info["name"], int(info.get("size") or 0)))
+    base = max((v for v, rest, _, _ in found if rest.startswith("checkpoint") and v <= version), default=None)
+    if base is None:
+        return []
+    return sorted((path, size) for v, _, path, size in found if v < base)
+
+
 def delta_storage_options(fsspec_options: dict[str, Any], uri: str) -> dict[str, str] | None:
     """Translate s3fs-style options into delta-rs (object_store) options."""
     if not uri.startswith(("s3://", "s3a://")):
@@ -280,6 +299,10 @@ class TableLog(ABC):
         """Commit adds and removes as one log version; returns it.  ``data_change=False``: the same rows in
         other files (``labelmill optimize``), which Delta readers of the changes may skip."""
 
+    def log_files_before(self, version: int) -> list[tuple[str, int]]:
+        """(path, bytes) of log files no reader of ``version`` or later needs (``labelmill vacuum``)."""
+        return []
+
     def uri_of(self, path: str) -> str:
         return posixpath.join(self.path, path)
 
@@ -368,6 +391,9 @@ class DeltaLog(TableLog):
         if not self.exists():
             return []
         return self._entries(pa.table(self._table(version).get_add_actions(flatten=True)))
+
+    def log_files_before(self, version: int) -> list[tuple[str, int]]:
+        return delta_log_files_before(self.fs, self.path, version)
 
     def _live(self) -> pa.Table:
         """The add actions of ``_base_v``, reloaded when someone else moved the log since."""
@@ -576,6 +602,14 @@ class ManifestLog(TableLog):
                       json.dumps({"version": version, "files": self.files(version)}, sort_keys=True))
         return version
 
+    def log_files_before(self, version: int) -> list[tuple[str, int]]:
+        entries, checkpoints = self._listing()
+        base = max((c for c in checkpoints if c <= version), default=None)
+        if base is None:
+            return []
+        old = [p for v, p in [*entries.items(), *checkpoints.items()] if v < base]
+        return sorted((p, int(self.fs.size(p))) for p in old)
+
     def drop_after(self, version: int | None) -> int:
         """Delete log entries (and checkpoints) newer than ``version`` (repair of a version never recorded)."""
         entries, checkpoints = self._listing()
@@ -669,6 +703,14 @@ class OutputStore:
     # ------------------------------------------------------------ versions
     def _versions_uri(self) -> str:
         return self.delta_root.rstrip("/") + "/" + VERSIONS_TABLE
+
+    def versions_log_files_before_latest(self) -> list[tuple[str, int]]:
+        """The versions table is only ever read at its latest version: its log before the latest
+        checkpoint is not needed (``labelmill vacuum``)."""
+        table = self._versions_table()
+        if table is None:
+            return []
+        return delta_log_files_before(self.fs, self._path(VERSIONS_TABLE), table.version())
 
     def versions(self) -> list[dict]:
         """Every version record, oldest first (the history: ``versions``, ``diff``, ``rollback``, readers that pick

@@ -212,7 +212,7 @@ def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: fl
         records = store.versions()
         if not records:
             return {"kept_versions": [], "vacuumed_versions": [], "files": [], "bytes": 0, "staging_files": 0,
-                    "applied": apply}
+                    "log_files": [], "log_bytes": 0, "applied": apply}
         kept = _kept(records, keep_versions, older_than_days, now or datetime.now(timezone.utc))
         keep_files: dict[str, set[str]] = {name: set() for name in store.tables}
         for rec in kept:
@@ -232,6 +232,14 @@ def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: fl
                     continue
                 doomed.append(path)
                 size += int(info.get("size") or 0)
+        # the log entries and checkpoints only vacuumed versions read (a reader of a kept version starts from
+        # the newest checkpoint at or before it); without this the logs grow with every night forever
+        logs: list[tuple[str, int]] = []
+        for name, log in store.tables.items():
+            oldest = [rec["table_versions"][name] for rec in kept if name in rec["table_versions"]]
+            if oldest and log.exists():
+                logs += log.log_files_before(min(oldest))
+        logs += store.versions_log_files_before_latest()
         kept_numbers = [r["version"] for r in kept]
         gone = sorted((store.vacuumed() | {r["version"] for r in records}) - set(kept_numbers))
         if apply:
@@ -242,9 +250,12 @@ def vacuum(output: str, *, keep_versions: int | None = None, older_than_days: fl
                 json.dump({"vacuumed": gone}, fh)
             for p in doomed:
                 store.fs.rm_file(p)
+            for p, _ in logs:
+                store.fs.rm_file(p)
             for log in store.tables.values():
                 log.clear_staging()
         return {"kept_versions": kept_numbers, "vacuumed_versions": gone, "files": sorted(doomed), "bytes": size,
-                "staging_files": staging, "applied": apply}
+                "staging_files": staging, "log_files": [p for p, _ in logs], "log_bytes": sum(b for _, b in logs),
+                "applied": apply}
     finally:
         lock.release()
