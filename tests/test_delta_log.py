@@ -177,3 +177,20 @@ def test_the_regions_log_prunes_before_its_checkpoint(tmp_path, monkeypatch):
         os.remove(p)
     fresh = commit.ManifestLog(store.fs, store.root, log.spec)
     assert {v: fresh.files(v) for v in range(6, 8)} == want and fresh.version() == 7
+
+
+def test_a_filesystem_without_hard_links_still_commits(tmp_path, monkeypatch):
+    import labelmill.data
+
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
+    store.claim({}, "h")
+    commit_shard(store, "s1", 2)
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    commit_shard(store, "s2", 3, remove=["s1"])
+    assert sorted(labelmill.data.open(out).read("samples").column("key").to_pylist()) == [f"s2-{i}" for i in range(3)]
+    assert not [n for n in os.listdir(store.tables["samples"].staging) if n.startswith(".log-")]

@@ -500,8 +500,13 @@ class DeltaLog(TableLog):
             except FileExistsError:
                 raise OutputConflictError(f"{self.uri}: log version {version} appeared during this commit; "
                                           "another process wrote to the table") from None
+            except OSError:  # a filesystem without hard links: check, then rename (the lock keeps one writer)
+                if os.path.exists(target):
+                    raise OutputConflictError(f"{self.uri}: log version {version} already exists") from None
+                os.rename(tmp, target)
             finally:
-                os.unlink(tmp)
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:  # one PUT appears whole; the output lock makes this the only writer
             if self._entry_exists(version):
                 raise OutputConflictError(f"{self.uri}: log version {version} already exists")
