@@ -1,5 +1,5 @@
 """labelmill writes its Delta tables' log entries itself after creation (``DeltaLog._write_entry``): what it
-writes must read exactly in delta-rs and DuckDB at every version, checkpoint at the table's interval,
+writes must read exactly in delta-rs, polars and DuckDB at every version, checkpoint at the table's interval,
 notice entries another process wrote, and never write over an existing entry."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def _entry(out: str, table: str, version: int) -> list[dict]:
 def test_own_log_entries_read_exactly_everywhere_and_checkpoint_at_the_interval(tmp_path, monkeypatch):
     import deltalake
     import duckdb
+    import polars as pl
 
     from labelmill.store import commit
 
@@ -53,6 +54,8 @@ def test_own_log_entries_read_exactly_everywhere_and_checkpoint_at_the_interval(
     for v, keys in expected.items():  # every version, from a fresh reader (checkpoint + entries after it)
         got = deltalake.DeltaTable(samples, version=v).to_pyarrow_table(columns=["key"]).column("key").to_pylist()
         assert sorted(got) == keys, v
+    for v, keys in expected.items():  # polars (its own Delta reader over delta-rs's log replay) at every version
+        assert sorted(pl.read_delta(samples, version=v, columns=["key"]).get_column("key").to_list()) == keys, v
     files = deltalake.DeltaTable(samples).file_uris()  # DuckDB over the latest version's files
     got = duckdb.connect().execute("select key from read_parquet(?)", [files]).fetchall()
     assert sorted(k for (k,) in got) == expected[last]
