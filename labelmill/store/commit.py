@@ -479,7 +479,7 @@ class DeltaLog(TableLog):
                      now: int) -> int:
         """Write the next log version (commitInfo, adds, removes) whole, and a checkpoint at the interval."""
         self._live()  # the live files as of the version before this one
-        version = self.version() + 1
+        version = self._own_head + 1  # _live() just checked that no later entry exists (one stat or HEAD)
         lines = [{"commitInfo": {"timestamp": now, "operation": "WRITE" if data_change else "OPTIMIZE",
                                  "operationParameters": {"mode": "Append", "partitionBy": "[]"},
                                  "engineInfo": "labelmill", "clientVersion": "labelmill",
