@@ -318,8 +318,8 @@ class DeltaLog(TableLog):
     """A Delta Lake table whose data files labelmill writes and commits itself.
 
     Reads (any version) go through delta-rs.  Commits after the table's creation are written here, as the
-    protocol's JSON log entry (commitInfo, add and remove actions), and delta-rs writes a checkpoint every
-    ``CHECKPOINT_INTERVAL`` versions.  delta-rs's own transaction rebuilt the table's whole state around
+    protocol's JSON log entry (commitInfo, add and remove actions), and delta-rs writes a checkpoint at the
+    table's ``delta.checkpointInterval`` (``CHECKPOINT_INTERVAL`` on the tables labelmill creates).  delta-rs's own transaction rebuilt the table's whole state around
     every commit (before and after it: about 10 ms per 2,700 live files, growing with the table), which made
     a night's commit grow with the output (bench_year.py); a log entry costs the same at any size.  The
     single writer the output lock guarantees makes the plain write safe; a next entry that already exists
