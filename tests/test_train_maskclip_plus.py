@@ -246,14 +246,15 @@ def test_trained_student_relabels_and_a_second_round_trains_on_it(labelled, trai
     assert metrics["self_training"].fillna(0).tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def _wait_for(pred, proc, seconds: float = 900) -> None:
+def _wait_for(pred, proc, seconds: float = 900, log=None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and proc.poll() is None:
         if pred():
             return
         time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be stopped"
-    raise AssertionError("training reached no checkpoint in time")
+    said = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    assert proc.poll() is None, f"training finished (exit {proc.returncode}) before it could be stopped\n{said}"
+    raise AssertionError(f"training reached no checkpoint in time\n{said}")
 
 
 @pytest.mark.slow
@@ -295,10 +296,12 @@ def test_ctrl_c_then_kill_dash_nine_then_resume_continues_the_step_count(labelle
 
     # 2. kill -9 after a later checkpoint
     first = int(read_metrics(str(tmp_path / "runs"), "killed")["step"].max())
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = tmp_path / "second-run.err"  # what it said, shown if it ends before it can be killed
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
+                                start_new_session=True)
     try:
-        _wait_for(lambda: int(read_metrics(str(run_dir))["step"].max()) > first, proc)
+        _wait_for(lambda: int(read_metrics(str(run_dir))["step"].max()) > first, proc, log=log)
         os.killpg(proc.pid, signal.SIGKILL)  # driver and every Ray process it started
         proc.wait(timeout=30)
     finally:
