@@ -337,9 +337,8 @@ class DeltaLog(TableLog):
         self.local = not self.uri.startswith(("s3://", "s3a://"))
         self._latest = None  # delta-rs's table at the latest version it read, brought up to date on demand
         self._head: int | None = None  # the newest log version this object knows of
-        # the live files: add actions as loaded at ``_base_v`` (Arrow), then this object's own commits
+        # the live files: add actions as delta-rs last loaded them (Arrow), then this object's own commits
         self._base: pa.Table | None = None
-        self._base_v: int | None = None
         self._own_head: int | None = None  # the version ``_base`` plus this object's own commits describe
         self._added: dict[str, dict] = {}
         self._removed: set[str] = set()
@@ -396,11 +395,11 @@ class DeltaLog(TableLog):
         return delta_log_files_before(self.fs, self.path, version)
 
     def _live(self) -> pa.Table:
-        """The add actions of ``_base_v``, reloaded when someone else moved the log since."""
+        """The add actions as last loaded, reloaded when someone else moved the log since."""
         if self._base is None or self.version() != self._own_head:
             table = self._table()
             self._base = pa.table(table.get_add_actions(flatten=True))
-            self._base_v = self._own_head = table.version()
+            self._own_head = table.version()
             self._added, self._removed = {}, set()
         return self._base
 
